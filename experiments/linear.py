@@ -1,0 +1,22 @@
+"""Stage 1, linear: one dense layer and a softmax, the codelab's keras_01.
+
+  [28x28] -> flatten 784 -> Dense 10 -> softmax          7,850 params
+  SGD lr 0.01, batch 128, 10 epochs.
+
+  python -m experiments.linear --data-dir ../shared/data/mnist
+
+Measured (2-core CPU): RESULT
+"""
+
+from mnist_jax import cli, config as config_lib
+
+
+def get_config():
+    c = config_lib.base()
+    c.model = dict(name="softmax")
+    c.opt = dict(name="sgd", lr=0.01, decay=1.0)
+    return c
+
+
+if __name__ == "__main__":
+    cli.run(get_config)

@@ -1,0 +1,69 @@
+"""The shared base config. Each stage in `experiments/` overrides what changes.
+
+A config is an `ml_collections.ConfigDict`: attribute access, type-checked assignment, JSON out.
+Every leaf becomes a command-line flag (see `cli.py`): `data.dir` -> `--data-dir`.
+"""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained with. The message names the flag."""
+
+
+MODELS = ("softmax", "mlp", "conv")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # the stage; default work directory is runs/<name>
+    c.workdir = ""  # "" -> runs/<name>
+    c.seed = 0
+    c.epochs = 10
+    c.batch_size = 128
+    c.data = ml_collections.ConfigDict(
+        dict(
+            dir="",  # IDX directory; "" -> $MNIST_DATA_DIR, else TFDS "mnist"
+            train_limit=0,  # use only the first N training images (0: all); for quick tries
+            test_limit=0,  # evaluate on the first N test images (0: all 10,000)
+        )
+    )
+    c.model = ml_collections.ConfigDict(dict(name="softmax"))
+    # lr = opt.lr * opt.decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
+    c.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0))
+    return c
+
+
+def flag_name(path: str) -> str:
+    """`data.train_limit` -> `--data-train-limit`: the flag users type for a config field."""
+    return "--" + path.replace(".", "-").replace("_", "-")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the flag for values no run can use."""
+
+    def check(ok: bool, path: str, what: str):
+        if not ok:
+            value = c
+            for part in path.split("."):
+                value = value[part]
+            raise ConfigError(f"{flag_name(path)}: {what}, got {value!r}")
+
+    check(c.epochs >= 1, "epochs", "must be at least 1")
+    check(c.batch_size >= 1, "batch_size", "must be at least 1")
+    check(c.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
+    check(c.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
+    check(c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}")
+    check(c.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
+    check(c.opt.lr > 0, "opt.lr", "must be positive")
+    check(0 < c.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
+    if "dropout" in c.model:
+        check(0 <= c.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    for key in ("features", "channels"):
+        if key in c.model:
+            check(
+                len(c.model[key]) > 0 and all(n >= 1 for n in c.model[key]),
+                f"model.{key}",
+                "must be positive sizes",
+            )

@@ -1,0 +1,58 @@
+"""Evaluate a checkpoint on the test set: `python -m mnist_jax.evaluate --workdir DIR`.
+
+Restores only the model variables (no optimizer state), prints accuracy and loss, and writes
+WORKDIR/eval.json. The accuracy equals the val_accuracy logged for that epoch: same data, same
+`train.evaluate`.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import optax
+
+from mnist_jax import checkpoint, cli, data, train
+
+
+def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: int | None = None):
+    """Metrics of checkpoint `step` (default latest) on the run's test images."""
+    restored = checkpoint.restore(workdir, step)
+    cfg = restored.config
+    ds = data.load(data_dir or cfg.data.dir or None)
+    test_x, test_y = ds.test_images, ds.test_labels
+    if cfg.data.test_limit:
+        test_x, test_y = test_x[: cfg.data.test_limit], test_y[: cfg.data.test_limit]
+    state = train.TrainState.create(
+        apply_fn=restored.model.apply,
+        params=restored.variables["params"],
+        batch_stats=restored.variables["batch_stats"],
+        tx=optax.identity(),
+    )
+    out = train.evaluate(state, *jax.device_put((test_x, test_y)))
+    return {
+        "step": restored.step,
+        "accuracy": float(out["accuracy"]),
+        "loss": float(out["loss"]),
+        "num_examples": len(test_y),
+    }
+
+
+def main(argv=None):
+    parser = cli.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="work directory of a training run")
+    parser.add_argument("--data-dir", default=None, help="IDX directory (default: the run's)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
+    except (FileNotFoundError, data.DataError) as e:
+        cli.fail(str(e))
+    print(
+        f"step {result['step']}: test accuracy {result['accuracy']:.2%}"
+        f" ({result['num_examples']} images), loss {result['loss']:.4f}"
+    )
+    (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+import gzip
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mnist_jax import data
+
+
+def test_real_files_load(mnist):
+    assert mnist.train_images.shape == (60_000, 28, 28, 1)
+    assert mnist.test_images.shape == (10_000, 28, 28, 1)
+    assert mnist.train_images.dtype == np.uint8 and mnist.train_labels.dtype == np.int32
+    for labels in (mnist.train_labels, mnist.test_labels):
+        assert set(np.unique(labels)) == set(range(10))
+    # The README of the data folder gives the mean intensity of the training images.
+    assert abs(mnist.train_images.mean() / 255 - 0.1307) < 5e-4
+
+
+def test_normalize_scales_by_256():
+    x = np.array([0, 128, 255], np.uint8)
+    np.testing.assert_allclose(data.normalize(x), [0, 0.5, 255 / 256])
+
+
+def test_raw_and_gzip_files_give_the_same_arrays(mnist_dir, tmp_path):
+    for name in data.FILES.values():
+        (tmp_path / name).write_bytes(gzip.decompress((mnist_dir / f"{name}.gz").read_bytes()))
+    raw, gz = data.load_idx(tmp_path), data.load_idx(mnist_dir)
+    for a, b in zip(raw, gz):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_uses_env_var(mnist_dir, monkeypatch):
+    monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_dir))
+    assert data.load().test_labels.shape == (10_000,)
+
+
+def _write_idx(path, magic, shape, payload: bytes, compress=True):
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape)
+    raw = header + payload
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.fixture
+def small_dir(tmp_path):
+    """A valid tiny IDX dataset: 20 train and 10 test examples."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", 2051, (n, 28, 28),
+                   rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", 2049, (n,),
+                   (np.arange(n) % 10).astype(np.uint8).tobytes())
+    return tmp_path
+
+
+def test_any_idx_dataset_loads(small_dir):
+    ds = data.load_idx(small_dir)
+    assert ds.train_images.shape == (20, 28, 28, 1) and ds.test_labels.shape == (10,)
+
+
+def _corrupt(small_dir, how):
+    images = small_dir / "train-images-idx3-ubyte.gz"
+    labels = small_dir / "train-labels-idx1-ubyte.gz"
+    if how == "bad magic":
+        _write_idx(images.with_suffix(""), 2049, (20, 28, 28), bytes(20 * 784))
+        return images, "bad magic number 2049, expected 2051"
+    if how == "truncated payload":
+        _write_idx(images.with_suffix(""), 2051, (20, 28, 28), bytes(19 * 784))
+        return images, "truncated"
+    if how == "truncated gzip":
+        images.write_bytes(images.read_bytes()[:200])
+        return images, "not a valid gzip file"
+    if how == "count mismatch":
+        _write_idx(labels.with_suffix(""), 2049, (19,), bytes(19))
+        return labels, "19 labels but train-images-idx3-ubyte.gz has 20 images"
+    if how == "label out of range":
+        _write_idx(labels.with_suffix(""), 2049, (20,), bytes([3] * 19 + [10]))
+        return labels, "label 10 at index 19 is not in 0..9"
+    if how == "wrong image size":
+        _write_idx(images.with_suffix(""), 2051, (20, 32, 32), bytes(20 * 1024))
+        return images, "images are 32x32, expected 28x28"
+    if how == "empty file":
+        images.write_bytes(b"")
+        return images, "file is empty"
+    if how == "directory in place of file":
+        images.unlink()
+        images.mkdir()
+        return images, "is a directory"
+    if how == "missing file":
+        labels.unlink()
+        return small_dir / "train-labels-idx1-ubyte", "file not found"
+    raise AssertionError(how)
+
+
+CORRUPTIONS = ["bad magic", "truncated payload", "truncated gzip", "count mismatch",
+               "label out of range", "wrong image size", "empty file",
+               "directory in place of file", "missing file"]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_broken_files_raise_one_line_naming_the_file(small_dir, how):
+    path, problem = _corrupt(small_dir, how)
+    with pytest.raises(data.DataError) as e:
+        data.load_idx(small_dir)
+    message = str(e.value)
+    assert "\n" not in message
+    assert str(path) in message and problem in message
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(data.DataError, match="directory not found"):
+        data.load_idx(tmp_path / "nope")
+
+
+def test_tfds_path_gives_the_same_layout():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=30):
+        ds = data.load_tfds()
+    assert ds.train_images.shape == (30, 28, 28, 1) and ds.train_images.dtype == np.uint8
+    assert ds.test_labels.shape == (30,) and ds.test_labels.dtype == np.int32
+    assert ds.train_labels.min() >= 0 and ds.train_labels.max() <= 9
+
+
+def test_epoch_batches_are_a_seeded_permutation():
+    rng = jax.random.PRNGKey(0)
+    a = np.asarray(data.epoch_batches(rng, 0, 1000, 64))
+    assert a.shape == (15, 64)  # remainder dropped, as the codelab's 60000 // BATCH_SIZE
+    assert len(np.unique(a)) == a.size and a.max() < 1000
+    np.testing.assert_array_equal(a, data.epoch_batches(rng, 0, 1000, 64))
+    assert not np.array_equal(a, data.epoch_batches(rng, 1, 1000, 64))
