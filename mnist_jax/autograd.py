@@ -1,0 +1,285 @@
+"""Autograd and backpropagation, the JAX way: the companion lesson, one function per section.
+
+PyTorch records a graph as tensors with `requires_grad=True` are used, `.backward()` fills each
+leaf's `.grad`, gradients accumulate until `zero_grad()`, and `optimizer.step()` reads them. In JAX
+differentiation is a function transformation: `jax.grad(f)` is a new function returning the
+gradient; nothing is recorded on the arrays and nothing accumulates. Each section returns a
+`Section` whose `values` the tests check and whose `lines` `experiments/autograd.py` prints.
+"""
+
+from typing import Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class Section(NamedTuple):
+    title: str
+    lines: list[str]
+    values: dict
+
+
+def gradient_of_a_sum() -> Section:
+    """1. PyTorch: `x.requires_grad_(); y.sum().backward(); x.grad`. JAX: `jax.grad(f)(x)`."""
+    x = jnp.array([1.0, 2.0, 3.0])
+    grad = jax.grad(lambda x: jnp.sum(x**2 + 2 * x + 1))(x)
+    return Section(
+        "Gradient of a sum",
+        [f"y = sum(x^2 + 2x + 1), x = {x}", f"jax.grad -> dy/dx = {grad}",
+         "why: dy/dx_i = 2 x_i + 2; grad needs a scalar output, hence the sum (as .backward())"],
+        {"grad": grad},
+    )
+
+
+def computation_graph() -> Section:
+    """2. The graph PyTorch records on the fly is, in JAX, a jaxpr traced from the function."""
+
+    def z(x, y):
+        return x * y + x**2
+
+    jaxpr = jax.make_jaxpr(z)(2.0, 3.0)
+    dzdx, dzdy = jax.grad(z, argnums=(0, 1))(2.0, 3.0)
+    return Section(
+        "The computation graph",
+        ["z = x*y + x^2 at x = 2, y = 3; the graph JAX records (jax.make_jaxpr):",
+         *("    " + line for line in str(jaxpr).splitlines()),
+         f"jax.grad(z, argnums=(0, 1)) -> dz/dx = {dzdx}, dz/dy = {dzdy}",
+         "why: dz/dx = y + 2x = 7, dz/dy = x = 2; each primitive in the jaxpr has a known derivative"],
+        {"jaxpr": str(jaxpr), "dz_dx": dzdx, "dz_dy": dzdy},
+    )
+
+
+def linear_model_loss(w, x, y):
+    """Mean squared error of y ~ x @ w, the model of the accumulation example."""
+    return jnp.mean((x @ w - y) ** 2)
+
+
+def no_zero_grad(micro_batches: int = 4) -> Section:
+    """3. No `zero_grad()`: gradients are returned, not accumulated. Accumulate when you mean to."""
+    g1 = jax.grad(lambda x: x**2 + 3 * x + 2)(2.0)
+    g2 = jax.grad(lambda x: x**3)(2.0)  # not 7 + 12: nothing was stored by the first call
+    # Explicit accumulation over micro-batches with optax.MultiSteps: it averages the k gradients
+    # and applies one update, which equals one step on the whole batch (equal micro-batch sizes).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 3)), jnp.float32)
+    y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.1
+    w0 = jnp.zeros(3)
+    sgd = optax.sgd(0.1)
+    full, _ = sgd.update(jax.grad(linear_model_loss)(w0, x, y), sgd.init(w0))
+    w_full = optax.apply_updates(w0, full)
+    acc = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=micro_batches)
+    w, state = w0, acc.init(w0)
+    for xb, yb in zip(jnp.split(x, micro_batches), jnp.split(y, micro_batches)):
+        updates, state = acc.update(jax.grad(linear_model_loss)(w, xb, yb), state, w)
+        w = optax.apply_updates(w, updates)  # zero updates until the k-th micro-batch
+    return Section(
+        "Gradients are returned, not accumulated",
+        [f"y = x^2 + 3x + 2 at x = 2: dy/dx = {g1}",
+         f"y = x^3 at x = 2: dy/dx = {g2}   (not {g1 + g2}: no .grad to zero between calls)",
+         f"to accumulate on purpose: optax.MultiSteps over {micro_batches} micro-batches -> w = {w}",
+         f"one SGD step on the whole batch                       -> w = {w_full}",
+         f"why: the mean of the {micro_batches} micro-batch gradients is the whole batch's gradient"],
+        {"grad_quadratic": g1, "grad_cube": g2, "w_accumulated": w, "w_full_batch": w_full},
+    )
+
+
+CHECKS: dict[str, tuple[Callable, Callable]] = {
+    "sin(x) * x": (lambda x: jnp.sin(x) * x, lambda x: jnp.cos(x) * x + jnp.sin(x)),
+    "exp(-x^2)": (lambda x: jnp.exp(-(x**2)), lambda x: -2 * x * jnp.exp(-(x**2))),
+    "log(1 + x^2)": (lambda x: jnp.log1p(x**2), lambda x: 2 * x / (1 + x**2)),
+    "tanh(x)^3": (lambda x: jnp.tanh(x) ** 3, lambda x: 3 * jnp.tanh(x) ** 2 / jnp.cosh(x) ** 2),
+}
+FD_STEP, FD_TOL, ANALYTIC_TOL = 1e-5, 1e-8, 1e-12
+
+
+def finite_differences() -> Section:
+    """4. jax.grad against central differences (f(x+h) - f(x-h)) / 2h and the analytic derivative."""
+    lines, errors = [], {}
+    with jax.enable_x64(True):  # float64 here only: differences of floats need the precision
+        xs = jnp.array([-1.5, 0.3, 2.0], jnp.float64)
+        for name, (f, df) in CHECKS.items():
+            grad = jax.vmap(jax.grad(f))(xs)
+            fd = (f(xs + FD_STEP) - f(xs - FD_STEP)) / (2 * FD_STEP)
+            errors[name] = (float(jnp.max(jnp.abs(grad - fd))), float(jnp.max(jnp.abs(grad - df(xs)))))
+            lines.append(f"{name:13s} max |grad - central diff| = {errors[name][0]:.1e}, "
+                         f"|grad - analytic| = {errors[name][1]:.1e}")
+    lines.append(f"why: float64, h = {FD_STEP}: differences err by O(h^2) ~ 1e-10 (tolerance "
+                 f"{FD_TOL}); grad is exact up to rounding (tolerance {ANALYTIC_TOL})")
+    return Section("jax.grad against finite differences", lines, {"errors": errors})
+
+
+def two_layer_forward(params, x):
+    h = jax.nn.sigmoid(x @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"], h
+
+
+def two_layer_loss(params, x, labels):
+    logits, _ = two_layer_forward(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def backprop_by_hand(params, x, labels):
+    """The chain rule written out for L = mean CE(softmax(sigmoid(x W1 + b1) W2 + b2), labels):
+
+        dL/dlogits = (softmax(logits) - onehot(labels)) / B
+        dL/dW2 = h^T dL/dlogits           dL/db2 = sum_batch dL/dlogits
+        dL/dh  = dL/dlogits W2^T
+        dL/dz1 = dL/dh * h * (1 - h)      (sigmoid' = s (1 - s))
+        dL/dW1 = x^T dL/dz1               dL/db1 = sum_batch dL/dz1
+    """
+    logits, h = two_layer_forward(params, x)
+    d_logits = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1])) / x.shape[0]
+    d_z1 = (d_logits @ params["w2"].T) * h * (1 - h)
+    return {"w1": x.T @ d_z1, "b1": d_z1.sum(0), "w2": h.T @ d_logits, "b2": d_logits.sum(0)}
+
+
+def hand_vs_grad() -> Section:
+    """5. What `.backward()` does for a two-layer net, by hand, against jax.grad."""
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {
+        "w1": jax.random.normal(k[0], (784, 64)) * 0.05, "b1": jnp.zeros(64),
+        "w2": jax.random.normal(k[1], (64, 10)) * 0.1, "b2": jnp.zeros(10),
+    }
+    x = jax.random.uniform(k[2], (32, 784))
+    labels = jax.random.randint(k[3], (32,), 0, 10)
+    by_hand = backprop_by_hand(params, x, labels)
+    auto = jax.grad(two_layer_loss)(params, x, labels)
+    diffs = {n: float(jnp.max(jnp.abs(by_hand[n] - auto[n]))) for n in params}
+    scale = {n: float(jnp.max(jnp.abs(auto[n]))) for n in params}
+    return Section(
+        "Backpropagation by hand vs jax.grad",
+        ["784 -> dense 64 sigmoid -> dense 10 -> softmax cross-entropy, batch 32",
+         *(f"d loss/d {n}: max |hand - jax.grad| = {diffs[n]:.1e} (largest entry {scale[n]:.1e})"
+           for n in params),
+         "why: jax.grad applies the same chain rule, primitive by primitive, in reverse order"],
+        {"by_hand": by_hand, "jax_grad": auto, "max_diff": diffs},
+    )
+
+
+def linear_regression(epochs: int = 100, seed: int = 0) -> Section:
+    """6. The training loop: `loss.backward(); optimizer.step()` becomes grad + optax update."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(2 * rng.normal(size=(100, 1)), jnp.float32)
+    y = 3 * x + jnp.asarray(rng.normal(size=(100, 1)), jnp.float32)
+    model = nn.Dense(1)
+    params = model.init(jax.random.PRNGKey(seed), x)
+    tx = optax.sgd(0.01)
+    opt_state = tx.init(params)
+
+    def mse(params):
+        return jnp.mean((model.apply(params, x) - y) ** 2)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(mse)(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    lines, losses = ["y = 3x + noise, 100 points, nn.Dense(1), MSE, optax.sgd(0.01), full batch"], []
+    for epoch in range(1, epochs + 1):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+        if epoch % 10 == 0:
+            lines.append(f"epoch {epoch:3d}  loss {float(loss):.4f}")
+    w = float(params["params"]["kernel"][0, 0])
+    lines.append(f"learned weight {w:.4f} (true 3), bias {float(params['params']['bias'][0]):.4f}")
+    return Section("Training with gradients: linear regression", lines, {"losses": losses, "weight": w})
+
+
+def nan_and_stable_loss() -> Section:
+    """7. The codelab's "NaN???": log(softmax(logits)) underflows; the fused loss does not."""
+    logits = jnp.array([[1000.0, 0.0, -1000.0]], jnp.float32)
+    labels = jnp.array([2])
+
+    def naive(logits):
+        return -jnp.log(jax.nn.softmax(logits))[0, labels[0]]
+
+    def fused(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)[0]
+
+    naive_loss, naive_grad = jax.value_and_grad(naive)(logits)
+    fused_loss, fused_grad = jax.value_and_grad(fused)(logits)
+    return Section(
+        'Why the loss becomes NaN (the codelab\'s "NaN???")',
+        [f"logits {logits[0]}, true class 2, float32",
+         f"naive -log(softmax(logits)): loss {naive_loss}, gradient {naive_grad[0]}",
+         f"optax.softmax_cross_entropy:  loss {fused_loss}, gradient {fused_grad[0]}",
+         "why: softmax gives exactly 0 for class 2, log(0) = -inf and its gradient inf * 0 = nan; "
+         "the fused loss computes log-softmax as logits - logsumexp(logits), never taking log(0)"],
+        {"naive_loss": naive_loss, "naive_grad": naive_grad,
+         "fused_loss": fused_loss, "fused_grad": fused_grad},
+    )
+
+
+@jax.custom_vjp
+def clip_gradient(x, limit):
+    """Identity on the way forward; on the way back the gradient is clipped to [-limit, limit]."""
+    return x
+
+
+def _clip_fwd(x, limit):
+    return x, limit
+
+
+def _clip_bwd(limit, g):
+    return jnp.clip(g, -limit, limit), None
+
+
+clip_gradient.defvjp(_clip_fwd, _clip_bwd)
+
+
+@jax.custom_vjp
+def round_ste(x):
+    """Round forward, identity backward: the straight-through estimator."""
+    return jnp.round(x)
+
+
+round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def custom_gradients() -> Section:
+    """8. PyTorch's `autograd.Function` with its own `backward` is `jax.custom_vjp` in JAX."""
+    x = jnp.array([0.5, 2.0, -3.0])
+    plain = jax.grad(lambda x: jnp.sum(10 * x))(x)
+    clipped = jax.grad(lambda x: jnp.sum(10 * clip_gradient(x, 1.0)))(x)
+    round_grad = jax.grad(lambda x: jnp.sum(jnp.round(x) * 4))(x)
+    ste_grad = jax.grad(lambda x: jnp.sum(round_ste(x) * 4))(x)
+    return Section(
+        "A custom backward rule with jax.custom_vjp",
+        [f"d/dx sum(10 x) = {plain}; d/dx sum(10 clip_gradient(x, 1)) = {clipped}",
+         f"d/dx sum(4 round(x)) = {round_grad}; with the straight-through round = {ste_grad}",
+         "why: custom_vjp replaces the derivative JAX would derive with the rule we wrote; "
+         "the forward values are unchanged"],
+        {"plain": plain, "clipped": clipped, "round_grad": round_grad, "ste_grad": ste_grad},
+    )
+
+
+def small_function(v):
+    return jnp.array([v[0] * v[1], jnp.sin(v[0]), v[1] ** 2])
+
+
+def jacobians() -> Section:
+    """9. Reverse mode (vjp: one row per call) and forward mode (jvp: one column per call)."""
+    v = jnp.array([1.0, 2.0])
+    out, vjp = jax.vjp(small_function, v)
+    rows = jnp.stack([vjp(e)[0] for e in jnp.eye(3)])
+    cols = jnp.stack([jax.jvp(small_function, (v,), (e,))[1] for e in jnp.eye(2)], axis=1)
+    analytic = jnp.array([[v[1], v[0]], [jnp.cos(v[0]), 0.0], [0.0, 2 * v[1]]])
+    return Section(
+        "Reverse and forward mode: vjp, jvp, jacobian",
+        [f"f(a, b) = (a b, sin a, b^2) at {v}",
+         f"rows from jax.vjp:\n{rows}", f"columns from jax.jvp:\n{cols}",
+         f"jax.jacrev == jax.jacfwd == analytic: "
+         f"{bool(jnp.allclose(jax.jacrev(small_function)(v), analytic) and jnp.allclose(jax.jacfwd(small_function)(v), analytic))}",
+         "why: reverse mode costs one pass per output, forward mode one per input; "
+         "grad is reverse mode for one scalar output"],
+        {"vjp_rows": rows, "jvp_cols": cols, "jacrev": jax.jacrev(small_function)(v),
+         "jacfwd": jax.jacfwd(small_function)(v), "analytic": analytic},
+    )
+
+
+SECTIONS = [gradient_of_a_sum, computation_graph, no_zero_grad, finite_differences, hand_vs_grad,
+            linear_regression, nan_and_stable_loss, custom_gradients, jacobians]
