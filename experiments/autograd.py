@@ -15,8 +15,13 @@ from mnist_jax import autograd, cli
 
 def main(argv=None):
     parser = cli.Parser(prog="python -m experiments.autograd", description=__doc__.splitlines()[0])
-    parser.add_argument("--section", type=int, choices=range(1, len(autograd.SECTIONS) + 1),
-                        metavar=f"1..{len(autograd.SECTIONS)}", help="run one section only")
+    parser.add_argument(
+        "--section",
+        type=int,
+        choices=range(1, len(autograd.SECTIONS) + 1),
+        metavar=f"1..{len(autograd.SECTIONS)}",
+        help="run one section only",
+    )
     args = parser.parse_args(argv)
     numbers = [args.section] if args.section else range(1, len(autograd.SECTIONS) + 1)
     for n in numbers:

@@ -28,8 +28,11 @@ def gradient_of_a_sum() -> Section:
     grad = jax.grad(lambda x: jnp.sum(x**2 + 2 * x + 1))(x)
     return Section(
         "Gradient of a sum",
-        [f"y = sum(x^2 + 2x + 1), x = {x}", f"jax.grad -> dy/dx = {grad}",
-         "why: dy/dx_i = 2 x_i + 2; grad needs a scalar output, hence the sum (as .backward())"],
+        [
+            f"y = sum(x^2 + 2x + 1), x = {x}",
+            f"jax.grad -> dy/dx = {grad}",
+            "why: dy/dx_i = 2 x_i + 2; grad needs a scalar output, hence the sum (as .backward())",
+        ],
         {"grad": grad},
     )
 
@@ -44,10 +47,12 @@ def computation_graph() -> Section:
     dzdx, dzdy = jax.grad(z, argnums=(0, 1))(2.0, 3.0)
     return Section(
         "The computation graph",
-        ["z = x*y + x^2 at x = 2, y = 3; the graph JAX records (jax.make_jaxpr):",
-         *("    " + line for line in str(jaxpr).splitlines()),
-         f"jax.grad(z, argnums=(0, 1)) -> dz/dx = {dzdx}, dz/dy = {dzdy}",
-         "why: dz/dx = y + 2x = 7, dz/dy = x = 2; each primitive in the jaxpr has a known derivative"],
+        [
+            "z = x*y + x^2 at x = 2, y = 3; the graph JAX records (jax.make_jaxpr):",
+            *("    " + line for line in str(jaxpr).splitlines()),
+            f"jax.grad(z, argnums=(0, 1)) -> dz/dx = {dzdx}, dz/dy = {dzdy}",
+            "why: dz/dx = y + 2x = 7, dz/dy = x = 2; each primitive in the jaxpr has a known derivative",
+        ],
         {"jaxpr": str(jaxpr), "dz_dx": dzdx, "dz_dy": dzdy},
     )
 
@@ -77,11 +82,13 @@ def no_zero_grad(micro_batches: int = 4) -> Section:
         w = optax.apply_updates(w, updates)  # zero updates until the k-th micro-batch
     return Section(
         "Gradients are returned, not accumulated",
-        [f"y = x^2 + 3x + 2 at x = 2: dy/dx = {g1}",
-         f"y = x^3 at x = 2: dy/dx = {g2}   (not {g1 + g2}: no .grad to zero between calls)",
-         f"to accumulate on purpose: optax.MultiSteps over {micro_batches} micro-batches -> w = {w}",
-         f"one SGD step on the whole batch                       -> w = {w_full}",
-         f"why: the mean of the {micro_batches} micro-batch gradients is the whole batch's gradient"],
+        [
+            f"y = x^2 + 3x + 2 at x = 2: dy/dx = {g1}",
+            f"y = x^3 at x = 2: dy/dx = {g2}   (not {g1 + g2}: no .grad to zero between calls)",
+            f"to accumulate on purpose: optax.MultiSteps over {micro_batches} micro-batches -> w = {w}",
+            f"one SGD step on the whole batch                       -> w = {w_full}",
+            f"why: the mean of the {micro_batches} micro-batch gradients is the whole batch's gradient",
+        ],
         {"grad_quadratic": g1, "grad_cube": g2, "w_accumulated": w, "w_full_batch": w_full},
     )
 
@@ -103,11 +110,18 @@ def finite_differences() -> Section:
         for name, (f, df) in CHECKS.items():
             grad = jax.vmap(jax.grad(f))(xs)
             fd = (f(xs + FD_STEP) - f(xs - FD_STEP)) / (2 * FD_STEP)
-            errors[name] = (float(jnp.max(jnp.abs(grad - fd))), float(jnp.max(jnp.abs(grad - df(xs)))))
-            lines.append(f"{name:13s} max |grad - central diff| = {errors[name][0]:.1e}, "
-                         f"|grad - analytic| = {errors[name][1]:.1e}")
-    lines.append(f"why: float64, h = {FD_STEP}: differences err by O(h^2) ~ 1e-10 (tolerance "
-                 f"{FD_TOL}); grad is exact up to rounding (tolerance {ANALYTIC_TOL})")
+            errors[name] = (
+                float(jnp.max(jnp.abs(grad - fd))),
+                float(jnp.max(jnp.abs(grad - df(xs)))),
+            )
+            lines.append(
+                f"{name:13s} max |grad - central diff| = {errors[name][0]:.1e}, "
+                f"|grad - analytic| = {errors[name][1]:.1e}"
+            )
+    lines.append(
+        f"why: float64, h = {FD_STEP}: differences err by O(h^2) ~ 1e-10 (tolerance "
+        f"{FD_TOL}); grad is exact up to rounding (tolerance {ANALYTIC_TOL})"
+    )
     return Section("jax.grad against finite differences", lines, {"errors": errors})
 
 
@@ -124,11 +138,11 @@ def two_layer_loss(params, x, labels):
 def backprop_by_hand(params, x, labels):
     """The chain rule written out for L = mean CE(softmax(sigmoid(x W1 + b1) W2 + b2), labels):
 
-        dL/dlogits = (softmax(logits) - onehot(labels)) / B
-        dL/dW2 = h^T dL/dlogits           dL/db2 = sum_batch dL/dlogits
-        dL/dh  = dL/dlogits W2^T
-        dL/dz1 = dL/dh * h * (1 - h)      (sigmoid' = s (1 - s))
-        dL/dW1 = x^T dL/dz1               dL/db1 = sum_batch dL/dz1
+    dL/dlogits = (softmax(logits) - onehot(labels)) / B
+    dL/dW2 = h^T dL/dlogits           dL/db2 = sum_batch dL/dlogits
+    dL/dh  = dL/dlogits W2^T
+    dL/dz1 = dL/dh * h * (1 - h)      (sigmoid' = s (1 - s))
+    dL/dW1 = x^T dL/dz1               dL/db1 = sum_batch dL/dz1
     """
     logits, h = two_layer_forward(params, x)
     d_logits = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1])) / x.shape[0]
@@ -140,8 +154,10 @@ def hand_vs_grad() -> Section:
     """5. What `.backward()` does for a two-layer net, by hand, against jax.grad."""
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     params = {
-        "w1": jax.random.normal(k[0], (784, 64)) * 0.05, "b1": jnp.zeros(64),
-        "w2": jax.random.normal(k[1], (64, 10)) * 0.1, "b2": jnp.zeros(10),
+        "w1": jax.random.normal(k[0], (784, 64)) * 0.05,
+        "b1": jnp.zeros(64),
+        "w2": jax.random.normal(k[1], (64, 10)) * 0.1,
+        "b2": jnp.zeros(10),
     }
     x = jax.random.uniform(k[2], (32, 784))
     labels = jax.random.randint(k[3], (32,), 0, 10)
@@ -151,10 +167,14 @@ def hand_vs_grad() -> Section:
     scale = {n: float(jnp.max(jnp.abs(auto[n]))) for n in params}
     return Section(
         "Backpropagation by hand vs jax.grad",
-        ["784 -> dense 64 sigmoid -> dense 10 -> softmax cross-entropy, batch 32",
-         *(f"d loss/d {n}: max |hand - jax.grad| = {diffs[n]:.1e} (largest entry {scale[n]:.1e})"
-           for n in params),
-         "why: jax.grad applies the same chain rule, primitive by primitive, in reverse order"],
+        [
+            "784 -> dense 64 sigmoid -> dense 10 -> softmax cross-entropy, batch 32",
+            *(
+                f"d loss/d {n}: max |hand - jax.grad| = {diffs[n]:.1e} (largest entry {scale[n]:.1e})"
+                for n in params
+            ),
+            "why: jax.grad applies the same chain rule, primitive by primitive, in reverse order",
+        ],
         {"by_hand": by_hand, "jax_grad": auto, "max_diff": diffs},
     )
 
@@ -178,7 +198,10 @@ def linear_regression(epochs: int = 100, seed: int = 0) -> Section:
         updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    lines, losses = ["y = 3x + noise, 100 points, nn.Dense(1), MSE, optax.sgd(0.01), full batch"], []
+    lines, losses = (
+        ["y = 3x + noise, 100 points, nn.Dense(1), MSE, optax.sgd(0.01), full batch"],
+        [],
+    )
     for epoch in range(1, epochs + 1):
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
@@ -186,7 +209,9 @@ def linear_regression(epochs: int = 100, seed: int = 0) -> Section:
             lines.append(f"epoch {epoch:3d}  loss {float(loss):.4f}")
     w = float(params["params"]["kernel"][0, 0])
     lines.append(f"learned weight {w:.4f} (true 3), bias {float(params['params']['bias'][0]):.4f}")
-    return Section("Training with gradients: linear regression", lines, {"losses": losses, "weight": w})
+    return Section(
+        "Training with gradients: linear regression", lines, {"losses": losses, "weight": w}
+    )
 
 
 def nan_and_stable_loss() -> Section:
@@ -204,13 +229,19 @@ def nan_and_stable_loss() -> Section:
     fused_loss, fused_grad = jax.value_and_grad(fused)(logits)
     return Section(
         'Why the loss becomes NaN (the codelab\'s "NaN???")',
-        [f"logits {logits[0]}, true class 2, float32",
-         f"naive -log(softmax(logits)): loss {naive_loss}, gradient {naive_grad[0]}",
-         f"optax.softmax_cross_entropy:  loss {fused_loss}, gradient {fused_grad[0]}",
-         "why: softmax gives exactly 0 for class 2, log(0) = -inf and its gradient inf * 0 = nan; "
-         "the fused loss computes log-softmax as logits - logsumexp(logits), never taking log(0)"],
-        {"naive_loss": naive_loss, "naive_grad": naive_grad,
-         "fused_loss": fused_loss, "fused_grad": fused_grad},
+        [
+            f"logits {logits[0]}, true class 2, float32",
+            f"naive -log(softmax(logits)): loss {naive_loss}, gradient {naive_grad[0]}",
+            f"optax.softmax_cross_entropy:  loss {fused_loss}, gradient {fused_grad[0]}",
+            "why: softmax gives exactly 0 for class 2, log(0) = -inf and its gradient inf * 0 = nan; "
+            "the fused loss computes log-softmax as logits - logsumexp(logits), never taking log(0)",
+        ],
+        {
+            "naive_loss": naive_loss,
+            "naive_grad": naive_grad,
+            "fused_loss": fused_loss,
+            "fused_grad": fused_grad,
+        },
     )
 
 
@@ -249,10 +280,12 @@ def custom_gradients() -> Section:
     ste_grad = jax.grad(lambda x: jnp.sum(round_ste(x) * 4))(x)
     return Section(
         "A custom backward rule with jax.custom_vjp",
-        [f"d/dx sum(10 x) = {plain}; d/dx sum(10 clip_gradient(x, 1)) = {clipped}",
-         f"d/dx sum(4 round(x)) = {round_grad}; with the straight-through round = {ste_grad}",
-         "why: custom_vjp replaces the derivative JAX would derive with the rule we wrote; "
-         "the forward values are unchanged"],
+        [
+            f"d/dx sum(10 x) = {plain}; d/dx sum(10 clip_gradient(x, 1)) = {clipped}",
+            f"d/dx sum(4 round(x)) = {round_grad}; with the straight-through round = {ste_grad}",
+            "why: custom_vjp replaces the derivative JAX would derive with the rule we wrote; "
+            "the forward values are unchanged",
+        ],
         {"plain": plain, "clipped": clipped, "round_grad": round_grad, "ste_grad": ste_grad},
     )
 
@@ -268,18 +301,36 @@ def jacobians() -> Section:
     rows = jnp.stack([vjp(e)[0] for e in jnp.eye(3)])
     cols = jnp.stack([jax.jvp(small_function, (v,), (e,))[1] for e in jnp.eye(2)], axis=1)
     analytic = jnp.array([[v[1], v[0]], [jnp.cos(v[0]), 0.0], [0.0, 2 * v[1]]])
+    jacrev, jacfwd = jax.jacrev(small_function)(v), jax.jacfwd(small_function)(v)
+    agree = bool(jnp.allclose(jacrev, analytic) and jnp.allclose(jacfwd, analytic))
     return Section(
         "Reverse and forward mode: vjp, jvp, jacobian",
-        [f"f(a, b) = (a b, sin a, b^2) at {v}",
-         f"rows from jax.vjp:\n{rows}", f"columns from jax.jvp:\n{cols}",
-         f"jax.jacrev == jax.jacfwd == analytic: "
-         f"{bool(jnp.allclose(jax.jacrev(small_function)(v), analytic) and jnp.allclose(jax.jacfwd(small_function)(v), analytic))}",
-         "why: reverse mode costs one pass per output, forward mode one per input; "
-         "grad is reverse mode for one scalar output"],
-        {"vjp_rows": rows, "jvp_cols": cols, "jacrev": jax.jacrev(small_function)(v),
-         "jacfwd": jax.jacfwd(small_function)(v), "analytic": analytic},
+        [
+            f"f(a, b) = (a b, sin a, b^2) at {v}",
+            f"rows from jax.vjp:\n{rows}",
+            f"columns from jax.jvp:\n{cols}",
+            f"jax.jacrev == jax.jacfwd == analytic: {agree}",
+            "why: reverse mode costs one pass per output, forward mode one per input; "
+            "grad is reverse mode for one scalar output",
+        ],
+        {
+            "vjp_rows": rows,
+            "jvp_cols": cols,
+            "jacrev": jacrev,
+            "jacfwd": jacfwd,
+            "analytic": analytic,
+        },
     )
 
 
-SECTIONS = [gradient_of_a_sum, computation_graph, no_zero_grad, finite_differences, hand_vs_grad,
-            linear_regression, nan_and_stable_loss, custom_gradients, jacobians]
+SECTIONS = [
+    gradient_of_a_sum,
+    computation_graph,
+    no_zero_grad,
+    finite_differences,
+    hand_vs_grad,
+    linear_regression,
+    nan_and_stable_loss,
+    custom_gradients,
+    jacobians,
+]

@@ -11,7 +11,8 @@ import ml_collections
 
 from mnist_jax.config import ConfigError, flag_name
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad flags, data or work directory
+EXIT_DIVERGED = 3  # the loss became NaN or infinite
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,8 +71,13 @@ def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, descri
         shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
         flag = flag_name(path)
         paths[flag[2:].replace("-", "_")] = path
+        flag_kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
         parser.add_argument(
-            flag, type=_parser_for(value), default=argparse.SUPPRESS, metavar=type(value).__name__.upper(),
+            flag,
+            **flag_kwargs,
+            type=_parser_for(value),
+            default=argparse.SUPPRESS,
+            metavar=type(value).__name__.upper(),
             help=f"config {path} (default: {shown!s})",
         )
     args = parser.parse_args(argv)
@@ -91,7 +97,7 @@ def fail(message: str, code: int = EXIT_USAGE):
 
 def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     """Entry point of a stage module: parse flags, then train and evaluate."""
-    from mnist_jax import train
+    from mnist_jax import loop
     from mnist_jax.data import DataError
 
     main = sys.modules.get(get_config.__module__)
@@ -103,6 +109,10 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     doc = (main.__doc__ or "").strip().splitlines()
     config = parse_config(config, argv, prog=prog, description=doc[0] if doc else None)
     try:
-        train.train_and_evaluate(config, config.workdir or f"runs/{stage}")
+        loop.train_and_evaluate(config, config.workdir or f"runs/{stage}")
     except (ConfigError, DataError) as e:
         fail(str(e))
+    except loop.Diverged as e:
+        fail(str(e), EXIT_DIVERGED)
+    except loop.Interrupted as e:
+        fail(str(e), e.exit_code)

@@ -32,6 +32,11 @@ def base() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(name="softmax"))
     # lr = opt.lr * opt.decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
     c.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0))
+    c.log_every = 50  # steps between training-metric samples (train_steps.jsonl, progress bar)
+    c.plots = True  # draw WORKDIR/plots/ at the end of a run
+    c.checkpoint_every = 0  # also checkpoint every N steps inside epochs (0: at epoch ends only)
+    c.restart = False  # start over: delete the work directory's checkpoints and metrics first
+    c.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
     return c
 
 
@@ -51,6 +56,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{flag_name(path)}: {what}, got {value!r}")
 
     check(c.epochs >= 1, "epochs", "must be at least 1")
+    check(c.log_every >= 1, "log_every", "must be at least 1")
+    check(c.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive")
     check(c.batch_size >= 1, "batch_size", "must be at least 1")
     check(c.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(c.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import jax
-import optax
 
 from mnist_jax import checkpoint, cli, data, train
 
@@ -22,13 +21,7 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
     test_x, test_y = ds.test_images, ds.test_labels
     if cfg.data.test_limit:
         test_x, test_y = test_x[: cfg.data.test_limit], test_y[: cfg.data.test_limit]
-    state = train.TrainState.create(
-        apply_fn=restored.model.apply,
-        params=restored.variables["params"],
-        batch_stats=restored.variables["batch_stats"],
-        tx=optax.identity(),
-    )
-    out = train.evaluate(state, *jax.device_put((test_x, test_y)))
+    out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return {
         "step": restored.step,
         "accuracy": float(out["accuracy"]),

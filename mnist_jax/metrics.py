@@ -1,10 +1,19 @@
-"""Metrics as JSON lines in WORKDIR/metrics.jsonl: one flat object of scalars per epoch.
+"""Metrics as JSON lines in the work directory, mirrored to TensorBoard.
+
+  metrics.jsonl      one flat object of scalars per epoch (epoch, step, train_/val_ loss and
+                     accuracy, learning_rate, seconds)
+  train_steps.jsonl  training loss, accuracy and learning rate sampled every `log_every` steps
+                     (each the mean over the steps since the last sample), as the codelab's
+                     PlotTraining draws them
+  tensorboard/       the same scalars: `tensorboard --logdir WORKDIR/tensorboard`
 
 Plots and reports read these files, never the live run, so they work on old runs too.
 """
 
 import json
 from pathlib import Path
+
+EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
 
 
 def read(path: str | Path) -> list[dict]:
@@ -25,3 +34,41 @@ def write(path: str | Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
+
+
+class Writer:
+    """Appends epoch and step rows to the JSON-lines files and to TensorBoard."""
+
+    def __init__(self, workdir: str | Path):
+        from tensorboardX import SummaryWriter
+
+        self.workdir = Path(workdir)
+        self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def truncate(self, last_epoch: dict | None, step: int) -> None:
+        """On (re)start at `step`, keep each epoch and step row once: drop rows written after
+        that checkpoint, and put back the last epoch's row if the run died before writing it."""
+        epochs = [m for m in read(self.workdir / EPOCHS_FILE) if m["step"] < step]
+        if last_epoch is not None:
+            epochs = [m for m in epochs if m["epoch"] < last_epoch["epoch"]] + [last_epoch]
+        write(self.workdir / EPOCHS_FILE, epochs)
+        write(
+            self.workdir / STEPS_FILE,
+            [m for m in read(self.workdir / STEPS_FILE) if m["step"] <= step],
+        )
+
+    def epoch(self, row: dict) -> None:
+        append(self.workdir / EPOCHS_FILE, row)
+        for key, value in row.items():
+            if key not in ("epoch", "step"):
+                self.tb.add_scalar(f"epoch/{key}", value, row["step"])
+        self.tb.flush()
+
+    def step(self, row: dict) -> None:
+        append(self.workdir / STEPS_FILE, row)
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.tb.close()

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 NUM_CLASSES = 10
@@ -81,3 +82,20 @@ def build(name: str, **kwargs) -> nn.Module:
     """A model from its config section: `build(**config.model)`."""
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}[name](**kwargs)
+
+
+def summary(model: nn.Module) -> str:
+    """Flax's layer table (output shapes, parameters per layer), then the trainable total."""
+    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    table = nn.tabulate(
+        model,
+        jax.random.PRNGKey(0),
+        compute_flops=False,
+        console_kwargs={"width": 120, "force_terminal": False, "color_system": None},
+    )(x, train=False)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    count = {k: sum(a.size for a in jax.tree.leaves(v)) for k, v in shapes.items()}
+    line = f"Trainable parameters: {count['params']:,}"
+    if count.get("batch_stats"):
+        line += f"  (plus {count['batch_stats']:,} batch-norm statistics, not trained)"
+    return table.rstrip() + "\n" + line

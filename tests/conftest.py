@@ -23,3 +23,16 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_dir) -> data.Dataset:
     return data.load_idx(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_conv_bn(mnist_dir, tmp_path_factory):
+    """conv_bn trained one full epoch on the real data (plots drawn): (workdir, final state)."""
+    from experiments import conv_bn
+    from mnist_jax import train
+
+    config = conv_bn.get_config()
+    config.data.dir = str(mnist_dir)
+    config.epochs = 1
+    workdir = tmp_path_factory.mktemp("conv_bn")
+    return workdir, train.train_and_evaluate(config, workdir)

@@ -76,8 +76,13 @@ def test_9_forward_and_reverse_mode_agree():
 
 
 def test_script_prints_every_section_and_one_on_request():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.autograd", *a],  # noqa: E731
-                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "experiments.autograd", *a],  # noqa: E731
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = run().stdout
     for n, section in enumerate(autograd.SECTIONS, 1):
         assert f"\n{n}. " in out

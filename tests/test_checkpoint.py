@@ -33,8 +33,12 @@ def test_restore_is_exact(two_epoch_run):
     restored = mnist_jax.restore(workdir)
     assert restored.step == int(state.step) == 20
     jax.tree.map(np.testing.assert_array_equal, restored.variables["params"], state.params)
-    jax.tree.map(np.testing.assert_array_equal, restored.variables["batch_stats"], state.batch_stats)
-    logits = restored.model.apply(restored.variables, np.zeros((2, 28, 28, 1), np.float32), train=False)
+    jax.tree.map(
+        np.testing.assert_array_equal, restored.variables["batch_stats"], state.batch_stats
+    )
+    logits = restored.model.apply(
+        restored.variables, np.zeros((2, 28, 28, 1), np.float32), train=False
+    )
     assert logits.shape == (2, 10)
 
 
@@ -42,7 +46,14 @@ def test_metrics_file_and_config(two_epoch_run):
     workdir, _ = two_epoch_run
     rows = metrics.read(workdir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [10, 20]
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "seconds",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert [r["learning_rate"] for r in rows] == pytest.approx([0.01, 0.00666])
     assert json.loads((workdir / "config.json").read_text())["model"]["batch_norm"] is True

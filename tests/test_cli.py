@@ -16,8 +16,17 @@ def run(*args, env_dir=None):
 
 def test_help_lists_every_config_field():
     out = run("experiments.conv_bn", "--help").stdout
-    for flag in ("--epochs", "--batch-size", "--seed", "--data-dir", "--workdir",
-                 "--model-dropout", "--model-channels", "--opt-lr", "--opt-decay"):
+    for flag in (
+        "--epochs",
+        "--batch-size",
+        "--seed",
+        "--data-dir",
+        "--workdir",
+        "--model-dropout",
+        "--model-channels",
+        "--opt-lr",
+        "--opt-decay",
+    ):
         assert flag in out
 
 
@@ -44,7 +53,9 @@ def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, args, message):
 
 def test_workdir_that_is_a_file(mnist_dir, tmp_path):
     (tmp_path / "f").write_text("")
-    result = run("experiments.linear", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "f"))
+    result = run(
+        "experiments.linear", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "f")
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --workdir {tmp_path / 'f'}: is a file, not a directory"
 
@@ -52,4 +63,15 @@ def test_workdir_that_is_a_file(mnist_dir, tmp_path):
 def test_evaluate_without_a_run(tmp_path):
     result = run("mnist_jax.evaluate", "--workdir", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'config.json'}: not found; is {tmp_path} a training work directory?"
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'config.json'}: not found; is {tmp_path} a training work directory?"
+    )
+
+
+def test_workdir_that_cannot_be_created(mnist_dir, tmp_path):
+    (tmp_path / "f").write_text("")
+    workdir = tmp_path / "f" / "run"  # a path through a regular file: no directory can be made
+    result = run("experiments.linear", "--data-dir", str(mnist_dir), "--workdir", str(workdir))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: --workdir {workdir}: cannot write there (")

@@ -1,5 +1,4 @@
 import gzip
-import shutil
 
 import jax
 import numpy as np
@@ -51,10 +50,18 @@ def small_dir(tmp_path):
     """A valid tiny IDX dataset: 20 train and 10 test examples."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 20), ("t10k", 10)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", 2051, (n, 28, 28),
-                   rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", 2049, (n,),
-                   (np.arange(n) % 10).astype(np.uint8).tobytes())
+        _write_idx(
+            tmp_path / f"{split}-images-idx3-ubyte",
+            2051,
+            (n, 28, 28),
+            rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes(),
+        )
+        _write_idx(
+            tmp_path / f"{split}-labels-idx1-ubyte",
+            2049,
+            (n,),
+            (np.arange(n) % 10).astype(np.uint8).tobytes(),
+        )
     return tmp_path
 
 
@@ -97,9 +104,17 @@ def _corrupt(small_dir, how):
     raise AssertionError(how)
 
 
-CORRUPTIONS = ["bad magic", "truncated payload", "truncated gzip", "count mismatch",
-               "label out of range", "wrong image size", "empty file",
-               "directory in place of file", "missing file"]
+CORRUPTIONS = [
+    "bad magic",
+    "truncated payload",
+    "truncated gzip",
+    "count mismatch",
+    "label out of range",
+    "wrong image size",
+    "empty file",
+    "directory in place of file",
+    "missing file",
+]
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)

@@ -33,14 +33,17 @@ def test_parameter_counts(name):
     assert count(state.params) == PARAMS[name]
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
-        np.zeros((3, 28, 28, 1), np.float32), train=False,
+        np.zeros((3, 28, 28, 1), np.float32),
+        train=False,
     )
     assert logits.shape == (3, 10)
 
 
 def test_conv_bn_has_no_biases_and_keeps_batch_statistics():
     state = train.create_train_state(stage_config("conv_bn"), jax.random.PRNGKey(0))
-    names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree.leaves_with_path(state.params)}
+    names = {
+        "/".join(str(k.key) for k in path) for path, _ in jax.tree.leaves_with_path(state.params)
+    }
     assert not any(n.startswith(("Conv", "Dense_0")) and n.endswith("bias") for n in names)
     assert not any(n.endswith("scale") for n in names)  # BatchNorm(center=True, scale=False)
     assert count(state.batch_stats) == 2 * (12 + 24 + 32 + 200)  # mean and var per channel

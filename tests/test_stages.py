@@ -12,8 +12,20 @@ from tests.test_models import PARAMS
 @pytest.mark.parametrize("name", PARAMS)
 def test_stage_runs_end_to_end(name, mnist_dir, tmp_path, capsys):
     stage = importlib.import_module(f"experiments.{name}")
-    args = ["--epochs", "2", "--data-train-limit", "512", "--data-test-limit", "500",
-            "--data-dir", str(mnist_dir), "--workdir", str(tmp_path)]
+    args = [
+        "--epochs",
+        "2",
+        "--data-train-limit",
+        "512",
+        "--data-test-limit",
+        "500",
+        "--plots",
+        "false",
+        "--data-dir",
+        str(mnist_dir),
+        "--workdir",
+        str(tmp_path),
+    ]
     cli.run(stage.get_config, args)
     rows = metrics.read(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -27,10 +39,26 @@ def test_report_tables_the_runs(mnist_dir, tmp_path):
 
     for stage in (dense_relu, linear):
         name = stage.__name__.rsplit(".", 1)[-1]
-        cli.run(stage.get_config, ["--epochs", "1", "--data-train-limit", "256", "--data-test-limit",
-                                   "200", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / name)])
+        cli.run(
+            stage.get_config,
+            [
+                "--epochs",
+                "1",
+                "--data-train-limit",
+                "256",
+                "--data-test-limit",
+                "200",
+                "--plots",
+                "false",
+                "--data-dir",
+                str(mnist_dir),
+                "--workdir",
+                str(tmp_path / name),
+            ],
+        )
     report.main(["--runs", str(tmp_path)])
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["`linear`", "`dense_relu`"]
     acc = metrics.read(tmp_path / "linear" / "metrics.jsonl")[0]["val_accuracy"]
     assert lines[2].split("|")[2].strip() == "7,850" and f"{acc:.2%}" in lines[2]
+    assert (tmp_path / "report.png").stat().st_size > 10_000

@@ -22,7 +22,9 @@ def test_train_step_changes_params_and_keeps_loss_finite(mnist):
     for old, updated in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
         assert not np.allclose(old, updated)
     # batch norm statistics move too
-    assert not np.allclose(state.batch_stats["BatchNorm_0"]["mean"], new.batch_stats["BatchNorm_0"]["mean"])
+    assert not np.allclose(
+        state.batch_stats["BatchNorm_0"]["mean"], new.batch_stats["BatchNorm_0"]["mean"]
+    )
 
 
 def test_sgd_step_equals_the_analytic_softmax_gradient(mnist):
@@ -48,7 +50,11 @@ def test_overfits_a_tiny_batch(mnist, stage):
     config.opt.lr = 0.001
     state = train.create_train_state(config, jax.random.PRNGKey(0))
     batch = real_batch(mnist, 32)
-    run = jax.jit(lambda s: jax.lax.fori_loop(0, 100, lambda i, s: step(s, batch, jax.random.PRNGKey(0))[0], s))
+    run = jax.jit(
+        lambda s: jax.lax.fori_loop(
+            0, 100, lambda i, s: step(s, batch, jax.random.PRNGKey(0))[0], s
+        )
+    )
     state = run(state)
     _, metrics = step(state, batch, jax.random.PRNGKey(0))
     assert metrics["accuracy"] == 1.0 and metrics["loss"] < 0.05
@@ -63,7 +69,9 @@ def test_learning_rate_follows_the_codelab_schedule(mnist, stage, decay):
     batch = real_batch(mnist, 16)
     for s in range(4 * steps_per_epoch):
         state, metrics = step(state, batch, jax.random.PRNGKey(0))
-        assert float(metrics["learning_rate"]) == pytest.approx(0.01 * decay ** (s // steps_per_epoch), rel=1e-6)
+        assert float(metrics["learning_rate"]) == pytest.approx(
+            0.01 * decay ** (s // steps_per_epoch), rel=1e-6
+        )
 
 
 def test_dropout_keys_depend_on_step_not_on_calls(mnist):

@@ -1,0 +1,122 @@
+"""What a run shows: summary, plots, TensorBoard logs, progress bar (issue: see training)."""
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mnist_jax import metrics, plots, train
+from tests.conftest import ROOT
+
+PLOTS = ["curves", "learning_rate", "font_digits", "test_digits", "confusion"]
+
+
+def test_every_plot_is_a_real_png(trained_conv_bn):
+    workdir, _ = trained_conv_bn
+    for name in PLOTS:
+        path = workdir / "plots" / f"{name}.png"
+        assert path.stat().st_size > 10_000, name  # an empty figure is a few KB
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width >= 500 and image.height >= 300
+
+
+def test_plots_command_redraws_from_the_work_directory(trained_conv_bn, tmp_path):
+    workdir, _ = trained_conv_bn
+    for name in PLOTS:
+        (workdir / "plots" / f"{name}.png").unlink()
+    plots.main(["--workdir", str(workdir)])
+    assert all((workdir / "plots" / f"{name}.png").exists() for name in PLOTS)
+
+
+def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist):
+    workdir, state = trained_conv_bn
+    out = train.evaluate(state, mnist.test_images, mnist.test_labels)
+    predictions = np.asarray(out["predictions"])
+    wrong = np.flatnonzero(predictions != mnist.test_labels)
+    assert 0 < len(wrong) == round((1 - float(out["accuracy"])) * 10_000)
+    shown = plots.test_digit_order(predictions, mnist.test_labels)
+    red = predictions[shown] != mnist.test_labels[shown]
+    k = min(len(wrong), len(shown))
+    assert red[:k].all() and not red[k:].any()  # all errors first, then only correct digits
+    np.testing.assert_array_equal(shown[:k], wrong[:k])
+    matrix = plots.confusion_matrix(predictions, mnist.test_labels)
+    assert matrix.sum() == 10_000 and matrix.sum() - np.trace(matrix) == len(wrong)
+
+
+def test_summary_totals_equal_the_parameter_count(trained_conv_bn):
+    workdir, state = trained_conv_bn
+    text = (workdir / "summary.txt").read_text()
+    count = sum(x.size for x in jax.tree.leaves(state.params))
+    assert f"Trainable parameters: {count:,}" in text and count == 354_002
+    assert "Conv_0" in text and "BatchNorm_3" in text and "float32[1,7,7,32]" in text
+
+
+def test_sampled_train_metrics_and_tensorboard(trained_conv_bn):
+    workdir, _ = trained_conv_bn
+    steps = metrics.read(workdir / "train_steps.jsonl")
+    assert [r["step"] for r in steps] == list(range(50, 937, 50)) + [937]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    import tensorflow as tf
+
+    (event_file,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    tags = {
+        v.tag for e in tf.compat.v1.train.summary_iterator(str(event_file)) for v in e.summary.value
+    }
+    assert {
+        "train/loss",
+        "train/learning_rate",
+        "epoch/val_accuracy",
+        "epoch/learning_rate",
+    } <= tags
+
+
+def _run_stage(tmp_path, mnist_dir, use_pty: bool) -> str:
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.linear",
+        "--epochs",
+        "1",
+        "--data-train-limit",
+        "2560",
+        "--log-every",
+        "2",
+        "--plots",
+        "false",
+        "--data-dir",
+        str(mnist_dir),
+        "--workdir",
+        str(tmp_path / ("tty" if use_pty else "pipe")),
+    ]
+    if not use_pty:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300).stderr
+    leader, follower = pty.openpty()
+    # A terminal 120 columns wide: a fresh pty has none, and tqdm draws nothing in 0 columns.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=300)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, mnist_dir):
+    bar = re.compile(r"epoch 1/1: +[0-9]+%\|.*img/s")  # tqdm's bar: percent, bar, rate
+    assert bar.search(_run_stage(tmp_path, mnist_dir, use_pty=True))
+    assert not bar.search(_run_stage(tmp_path, mnist_dir, use_pty=False))

@@ -1,0 +1,203 @@
+"""Interrupted runs end exactly as uninterrupted ones: SIGKILL, SIGTERM, damaged checkpoints."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import mnist_jax
+from mnist_jax import metrics
+from tests.conftest import ROOT
+
+
+def command(workdir, mnist_dir, *extra):
+    # conv_bn (batch norm, dropout), 10 steps an epoch, a checkpoint every 3 steps.
+    return [
+        sys.executable,
+        "-m",
+        "experiments.conv_bn",
+        "--epochs",
+        "3",
+        "--data-train-limit",
+        "640",
+        "--data-test-limit",
+        "500",
+        "--checkpoint-every",
+        "3",
+        "--log-every",
+        "4",
+        "--plots",
+        "false",
+        "--data-dir",
+        str(mnist_dir),
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+
+
+def run(workdir, mnist_dir, *extra):
+    return subprocess.run(
+        command(workdir, mnist_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_same_run(a, b):
+    """Same final parameters, batch statistics and logs (wall times aside), each epoch once."""
+    ra, rb = mnist_jax.restore(a), mnist_jax.restore(b)
+    assert ra.step == rb.step == 30
+    jax.tree.map(np.testing.assert_array_equal, ra.variables, rb.variables)
+    for name in ("metrics.jsonl", "train_steps.jsonl"):
+        rows_a = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(a / name)]
+        rows_b = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(b / name)]
+        assert rows_a == rows_b, name
+    assert [r["epoch"] for r in metrics.read(b / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run(workdir, mnist_dir)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def latest_checkpoint(workdir) -> int:
+    """Newest committed checkpoint step (Orbax writes into a temporary name, then renames)."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=0)
+
+
+def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
+    rng = random.Random(0)
+    kills = []
+    for _ in range(4):
+        before = latest_checkpoint(tmp_path)
+        proc = subprocess.Popen(
+            command(tmp_path, mnist_dir),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and latest_checkpoint(tmp_path) <= before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # Training has made progress: kill it a random moment later, mid-epoch or while the
+        # next checkpoint is being written.
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.kill()
+            kills.append(latest_checkpoint(tmp_path))
+        proc.wait()
+    assert len(kills) >= 3, kills  # the test must really interrupt the run, several times
+    final = run(tmp_path, mnist_dir)
+    assert final.returncode == 0, final.stderr
+    assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path):
+    proc = subprocess.Popen(
+        command(tmp_path, mnist_dir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("epoch   1/3"):  # inside epoch 2 now
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in err and f"--workdir {tmp_path}" in err
+    assert len(err.strip().splitlines()) == 1
+    resumed = run(tmp_path, mnist_dir)
+    assert resumed.returncode == 0 and "Resumed" in resumed.stdout
+    assert_same_run(reference, tmp_path)
+
+
+def _damage(step_dir, how):
+    if how == "truncated files":
+        for f in (p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "a file deleted":
+        next(
+            p for p in (step_dir / "model").rglob("*") if p.is_file() and "manifest" in p.name
+        ).unlink()
+    elif how == "metrics missing":
+        (step_dir / "metrics" / "metrics").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated files", "a file deleted", "metrics missing"])
+def test_damaged_latest_checkpoint_falls_back(reference, mnist_dir, tmp_path, how):
+    first = run(tmp_path, mnist_dir, "--epochs", "2")  # the last value of a flag wins
+    assert first.returncode == 0, first.stderr
+    _damage(tmp_path / "checkpoints" / "20", how)
+    result = run(tmp_path, mnist_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint {tmp_path / 'checkpoints' / '20'} is unreadable" in result.stderr
+    assert "Resumed" in result.stdout and "at step 18" in result.stdout
+    assert_same_run(reference, tmp_path)
+
+
+def test_no_readable_checkpoint_refuses_then_restart_works(mnist_dir, tmp_path):
+    args = ["--epochs", "1", "--checkpoint-every", "0"]
+    assert run(tmp_path, mnist_dir, *args).returncode == 0
+    _damage(tmp_path / "checkpoints" / "10", "truncated files")
+    refused = run(tmp_path, mnist_dir, *args)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith(
+        f"no readable checkpoint in {tmp_path / 'checkpoints'}; add --restart to start over"
+    )
+    # the metrics of the old run are still there, so a plain rerun still refuses to start over
+    again = run(tmp_path, mnist_dir, *args)
+    assert again.returncode == 2 and "add --restart" in again.stderr
+    assert run(tmp_path, mnist_dir, *args, "--restart").returncode == 0
+    assert [r["epoch"] for r in metrics.read(tmp_path / "metrics.jsonl")] == [1]
+
+
+def diverging_run(mnist_dir, workdir, *extra):
+    """dense_relu with plain SGD at lr 1e10: the weights overflow within a few steps."""
+    args = ["--opt-name", "sgd", "--opt-lr", "1e10", "--plots", "false"]
+    args += ["--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra]
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.dense_relu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(mnist_dir, tmp_path):
+    result = diverging_run(mnist_dir, tmp_path, "--checkpoint-every", "1")
+    assert result.returncode == 3
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: training loss became nan at epoch 1, step ")
+    step = int(line.split("step ")[1].split()[0])
+    kept = mnist_jax.restore(tmp_path)
+    assert kept.step == step - 1 and f"last good checkpoint: step {step - 1}" in line
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.variables))
+
+
+def test_debug_nans_run_still_stops_cleanly(mnist_dir, tmp_path):
+    """--debug-nans turns on jax_debug_nans; whichever check fires first, exit 3, one line."""
+    result = diverging_run(mnist_dir, tmp_path, "--debug-nans", "true")
+    assert result.returncode == 3
+    (line,) = result.stderr.strip().splitlines()
+    assert "nan" in line and "at epoch 1, step" in line
+
+
+def test_same_seed_same_run(reference, mnist_dir, tmp_path):
+    result = run(tmp_path, mnist_dir)
+    assert result.returncode == 0
+    assert_same_run(reference, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["seed"] == 0
