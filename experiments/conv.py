@@ -9,17 +9,24 @@ two of them have stride 2, shrinking 28x28 to 7x7 while the channels grow.
 
   python -m experiments.conv --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 98.87%, best 98.89% (epoch 7);
+  10 epochs in 616 s (training, compilation and evaluation).
 """
 
-from mnist_jax import cli, config as config_lib
+from mnist_jax import cli
+from mnist_jax import config as config_lib
 
 
 def get_config():
     c = config_lib.base()
     c.model = dict(
-        name="conv", channels=(12, 24, 32), kernels=(3, 6, 6), strides=(1, 2, 2), dense=200,
-        batch_norm=False, dropout=0.0,
+        name="conv",
+        channels=(12, 24, 32),
+        kernels=(3, 6, 6),
+        strides=(1, 2, 2),
+        dense=200,
+        batch_norm=False,
+        dropout=0.0,
     )
     c.opt = dict(name="adam", lr=0.01, decay=0.6)
     return c

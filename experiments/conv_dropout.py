@@ -9,7 +9,8 @@ ten of the network's; it narrows the train/test gap.
 
   python -m experiments.conv_dropout --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 98.95%, best 98.95% (epoch 9);
+  10 epochs in 659 s (training, compilation and evaluation).
 """
 
 from experiments import conv

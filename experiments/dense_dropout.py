@@ -10,10 +10,12 @@ dropout cannot give it back; accuracy stays near 98%.
 
   python -m experiments.dense_dropout --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 97.79%, best 97.79% (epoch 10);
+  10 epochs in 17 s (training, compilation and evaluation).
 """
 
-from mnist_jax import cli, config as config_lib
+from mnist_jax import cli
+from mnist_jax import config as config_lib
 
 
 def get_config():

@@ -8,10 +8,12 @@ early epochs move fast and late ones stop the noisy bouncing of the test accurac
 
   python -m experiments.dense_lr_decay --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 98.10%, best 98.16% (epoch 9);
+  10 epochs in 13 s (training, compilation and evaluation).
 """
 
-from mnist_jax import cli, config as config_lib
+from mnist_jax import cli
+from mnist_jax import config as config_lib
 
 
 def get_config():

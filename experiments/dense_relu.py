@@ -7,10 +7,12 @@ Changed from dense_sigmoid: relu activations (no saturation) and Adam at 0.001 i
 
   python -m experiments.dense_relu --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 97.82%, best 97.95% (epoch 7);
+  10 epochs in 13 s (training, compilation and evaluation).
 """
 
-from mnist_jax import cli, config as config_lib
+from mnist_jax import cli
+from mnist_jax import config as config_lib
 
 
 def get_config():

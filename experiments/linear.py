@@ -5,10 +5,12 @@
 
   python -m experiments.linear --data-dir ../shared/data/mnist
 
-Measured (2-core CPU): RESULT
+Measured (2-core CPU): final test accuracy 89.89%, best 89.89% (epoch 10);
+  10 epochs in 5 s (training, compilation and evaluation).
 """
 
-from mnist_jax import cli, config as config_lib
+from mnist_jax import cli
+from mnist_jax import config as config_lib
 
 
 def get_config():

@@ -1,6 +1,6 @@
-"""Results of all stages in one markdown table, read from their work directories.
+"""Results of all stages in one table and one figure, read from their work directories.
 
-  python -m experiments.report [--runs DIR]     # writes DIR/report.md and prints it
+  python -m experiments.report [--runs DIR]     # writes DIR/report.md, DIR/report.png
 
 Reads only RUNS/<stage>/config.json and metrics.jsonl, so it works on finished, interrupted or
 old runs. The README's results table comes from it.
@@ -14,30 +14,88 @@ import ml_collections
 
 from mnist_jax import cli, metrics, train
 
-STAGES = ["linear", "dense_sigmoid", "dense_relu", "dense_lr_decay", "dense_dropout",
-          "conv", "conv_dropout", "conv_bn"]
+STAGES = [
+    "linear",
+    "dense_sigmoid",
+    "dense_relu",
+    "dense_lr_decay",
+    "dense_dropout",
+    "conv",
+    "conv_dropout",
+    "conv_bn",
+]
 
 
-def table(runs: Path) -> str:
+def collect(runs: Path) -> list[dict]:
+    """One summary per stage work directory under `runs`, in the codelab's order."""
     found = [d for d in sorted(runs.iterdir()) if (d / "metrics.jsonl").exists()]
     order = {name: i for i, name in enumerate(STAGES)}
     found.sort(key=lambda d: (order.get(d.name, len(STAGES)), d.name))
-    lines = ["| stage | params | epochs | final test acc | best test acc (epoch) | time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    results = []
     for d in found:
         rows = metrics.read(d / "metrics.jsonl")
         if not rows:
             continue
         config = ml_collections.ConfigDict(json.loads((d / "config.json").read_text()))
         state = jax.eval_shape(lambda: train.create_train_state(config, jax.random.PRNGKey(0)))
-        params = sum(x.size for x in jax.tree.leaves(state.params))
         best = max(rows, key=lambda r: r["val_accuracy"])
-        seconds = sum(r["seconds"] for r in rows)
+        results.append(
+            {
+                "stage": d.name,
+                "params": sum(x.size for x in jax.tree.leaves(state.params)),
+                "epochs": rows[-1]["epoch"],
+                "final": rows[-1]["val_accuracy"],
+                "best": best["val_accuracy"],
+                "best_epoch": best["epoch"],
+                "seconds": sum(r["seconds"] for r in rows),
+            }
+        )
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| stage | params | epochs | final test acc | best test acc (epoch) | time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
         lines.append(
-            f"| `{d.name}` | {params:,} | {rows[-1]['epoch']} | {rows[-1]['val_accuracy']:.2%} "
-            f"| {best['val_accuracy']:.2%} ({best['epoch']}) | {seconds:.0f} s |"
+            f"| `{r['stage']}` | {r['params']:,} | {r['epochs']} | {r['final']:.2%} "
+            f"| {r['best']:.2%} ({r['best_epoch']}) | {r['seconds']:.0f} s |"
         )
     return "\n".join(lines) + "\n"
+
+
+def figure(results: list[dict], out: Path) -> None:
+    """Test error (log scale: 25% to 0.5% is the story) and training time per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["stage"] for r in results]
+    x = range(len(results))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
+    ax1.bar(
+        [i - 0.2 for i in x], [100 * (1 - r["final"]) for r in results], 0.4, label="final epoch"
+    )
+    ax1.bar([i + 0.2 for i in x], [100 * (1 - r["best"]) for r in results], 0.4, label="best epoch")
+    for i, r in enumerate(results):
+        top = 100 * (1 - min(r["final"], r["best"]))
+        ax1.text(i, top * 1.08, f"{r['final']:.2%}", ha="center", va="bottom", fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("test error, % (log scale)")
+    ax1.set_title("Test error per stage (label: final accuracy)")
+    ax1.legend()
+    ax2.bar(list(x), [r["seconds"] for r in results], color="#7f7f7f")
+    ax2.set_ylabel("seconds")
+    ax2.set_title("Training time (epochs + evaluation)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        ax.grid(alpha=0.3, axis="y", which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -47,9 +105,14 @@ def main(argv=None):
     runs = Path(args.runs)
     if not runs.is_dir():
         cli.fail(f"--runs {runs}: directory not found")
-    text = table(runs)
+    results = collect(runs)
+    if not results:
+        cli.fail(f"--runs {runs}: no work directory with a metrics.jsonl in it")
+    text = table(results)
     (runs / "report.md").write_text(text)
+    figure(results, runs / "report.png")
     print(text, end="")
+    print(f"Wrote {runs / 'report.md'} and {runs / 'report.png'}")
 
 
 if __name__ == "__main__":
