@@ -73,12 +73,13 @@ def no_zero_grad(micro_batches: int = 4) -> Section:
     y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.1
     w0 = jnp.zeros(3)
     sgd = optax.sgd(0.1)
-    full, _ = sgd.update(jax.grad(linear_model_loss)(w0, x, y), sgd.init(w0))
+    grad_fn = jax.jit(jax.grad(linear_model_loss))
+    full, _ = sgd.update(grad_fn(w0, x, y), sgd.init(w0))
     w_full = optax.apply_updates(w0, full)
     acc = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=micro_batches)
-    w, state = w0, acc.init(w0)
+    w, state, update = w0, acc.init(w0), jax.jit(acc.update)
     for xb, yb in zip(jnp.split(x, micro_batches), jnp.split(y, micro_batches)):
-        updates, state = acc.update(jax.grad(linear_model_loss)(w, xb, yb), state, w)
+        updates, state = update(grad_fn(w, xb, yb), state, w)
         w = optax.apply_updates(w, updates)  # zero updates until the k-th micro-batch
     return Section(
         "Gradients are returned, not accumulated",
@@ -152,19 +153,20 @@ def backprop_by_hand(params, x, labels):
 
 def hand_vs_grad() -> Section:
     """5. What `.backward()` does for a two-layer net, by hand, against jax.grad."""
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    rng = np.random.default_rng(0)  # numpy draws: no per-op compilation for a demo's inputs
     params = {
-        "w1": jax.random.normal(k[0], (784, 64)) * 0.05,
-        "b1": jnp.zeros(64),
-        "w2": jax.random.normal(k[1], (64, 10)) * 0.1,
-        "b2": jnp.zeros(10),
+        "w1": rng.normal(0, 0.05, (784, 64)).astype(np.float32),
+        "b1": np.zeros(64, np.float32),
+        "w2": rng.normal(0, 0.1, (64, 10)).astype(np.float32),
+        "b2": np.zeros(10, np.float32),
     }
-    x = jax.random.uniform(k[2], (32, 784))
-    labels = jax.random.randint(k[3], (32,), 0, 10)
-    by_hand = backprop_by_hand(params, x, labels)
-    auto = jax.grad(two_layer_loss)(params, x, labels)
-    diffs = {n: float(jnp.max(jnp.abs(by_hand[n] - auto[n]))) for n in params}
-    scale = {n: float(jnp.max(jnp.abs(auto[n]))) for n in params}
+    x = rng.uniform(size=(32, 784)).astype(np.float32)
+    labels = rng.integers(0, 10, 32)
+    # jit: one compilation for each function, rather than one per operation
+    by_hand = jax.device_get(jax.jit(backprop_by_hand)(params, x, labels))
+    auto = jax.device_get(jax.jit(jax.grad(two_layer_loss))(params, x, labels))
+    diffs = {n: float(np.abs(by_hand[n] - auto[n]).max()) for n in params}
+    scale = {n: float(np.abs(auto[n]).max()) for n in params}
     return Section(
         "Backpropagation by hand vs jax.grad",
         [
@@ -225,8 +227,8 @@ def nan_and_stable_loss() -> Section:
     def fused(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)[0]
 
-    naive_loss, naive_grad = jax.value_and_grad(naive)(logits)
-    fused_loss, fused_grad = jax.value_and_grad(fused)(logits)
+    naive_loss, naive_grad = jax.jit(jax.value_and_grad(naive))(logits)
+    fused_loss, fused_grad = jax.jit(jax.value_and_grad(fused))(logits)
     return Section(
         'Why the loss becomes NaN (the codelab\'s "NaN???")',
         [
@@ -296,12 +298,18 @@ def small_function(v):
 
 def jacobians() -> Section:
     """9. Reverse mode (vjp: one row per call) and forward mode (jvp: one column per call)."""
+
+    @jax.jit
+    def rows_and_columns(v):
+        _, vjp = jax.vjp(small_function, v)
+        rows = jnp.stack([vjp(e)[0] for e in jnp.eye(3)])  # one reverse pass per output
+        cols = [jax.jvp(small_function, (v,), (e,))[1] for e in jnp.eye(2)]  # one per input
+        return rows, jnp.stack(cols, axis=1)
+
     v = jnp.array([1.0, 2.0])
-    out, vjp = jax.vjp(small_function, v)
-    rows = jnp.stack([vjp(e)[0] for e in jnp.eye(3)])
-    cols = jnp.stack([jax.jvp(small_function, (v,), (e,))[1] for e in jnp.eye(2)], axis=1)
+    rows, cols = rows_and_columns(v)
     analytic = jnp.array([[v[1], v[0]], [jnp.cos(v[0]), 0.0], [0.0, 2 * v[1]]])
-    jacrev, jacfwd = jax.jacrev(small_function)(v), jax.jacfwd(small_function)(v)
+    jacrev, jacfwd = jax.jit(jax.jacrev(small_function))(v), jax.jit(jax.jacfwd(small_function))(v)
     agree = bool(jnp.allclose(jacrev, analytic) and jnp.allclose(jacfwd, analytic))
     return Section(
         "Reverse and forward mode: vjp, jvp, jacobian",

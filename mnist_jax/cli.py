@@ -116,3 +116,5 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
         fail(str(e), EXIT_DIVERGED)
     except loop.Interrupted as e:
         fail(str(e), e.exit_code)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        fail("interrupted; the latest checkpoint (if any) is kept, run again to resume", 130)

@@ -149,3 +149,19 @@ def test_epoch_batches_are_a_seeded_permutation():
     assert len(np.unique(a)) == a.size and a.max() < 1000
     np.testing.assert_array_equal(a, data.epoch_batches(rng, 0, 1000, 64))
     assert not np.array_equal(a, data.epoch_batches(rng, 1, 1000, 64))
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_broken_files_end_a_run_with_one_line_and_exit_2(small_dir, how, tmp_path, capsys):
+    from experiments import linear
+    from mnist_jax import cli
+
+    path, problem = _corrupt(small_dir, how)
+    args = ["--data-dir", str(small_dir), "--workdir", str(tmp_path / "run"), "--batch-size", "4"]
+    with pytest.raises(SystemExit) as e:
+        cli.run(linear.get_config, args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert str(path) in err and problem in err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start

@@ -102,7 +102,8 @@ def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
     assert_same_run(reference, tmp_path)
 
 
-def test_sigterm_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, signum):
     proc = subprocess.Popen(
         command(tmp_path, mnist_dir),
         cwd=ROOT,
@@ -112,11 +113,11 @@ def test_sigterm_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path):
     )
     for line in proc.stdout:
         if line.startswith("epoch   1/3"):  # inside epoch 2 now
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "interrupted (SIGTERM)" in err and f"--workdir {tmp_path}" in err
+    assert proc.returncode == 128 + signum
+    assert f"interrupted ({signal.Signals(signum).name})" in err and f"--workdir {tmp_path}" in err
     assert len(err.strip().splitlines()) == 1
     resumed = run(tmp_path, mnist_dir)
     assert resumed.returncode == 0 and "Resumed" in resumed.stdout
