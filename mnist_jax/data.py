@@ -126,7 +126,14 @@ def load_tfds(name: str = "mnist") -> Dataset:
         labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
         return images.reshape(-1, 28, 28, 1), labels
 
-    (tr_x, tr_y), (te_x, te_y) = split("train"), split("test")
+    try:
+        (tr_x, tr_y), (te_x, te_y) = split("train"), split("test")
+    except Exception as e:  # download, preparation or import failures all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); without internet, "
+            "pass --data-dir DIR (or set MNIST_DATA_DIR) to a directory with the four IDX files"
+        ) from None
     return Dataset(tr_x, tr_y, te_x, te_y)
 
 

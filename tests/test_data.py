@@ -165,3 +165,12 @@ def test_broken_files_end_a_run_with_one_line_and_exit_2(small_dir, how, tmp_pat
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert str(path) in err and problem in err
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_tfds_failure_is_one_line_pointing_at_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(data.DataError) as e:
+        data.load_tfds("no_such_dataset_here")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("TFDS could not load 'no_such_dataset_here'")
+    assert "--data-dir" in message and "MNIST_DATA_DIR" in message
