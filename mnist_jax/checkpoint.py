@@ -32,7 +32,7 @@ RUN_FILES = (
 )
 
 
-def lookup(config, path: str):
+def _lookup(config, path: str):
     for part in path.split("."):
         config = config.get(part) if config is not None else None
     return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
@@ -61,7 +61,7 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
     if old_path.exists() and has_checkpoints:
         old = ml_collections.ConfigDict(json.loads(old_path.read_text()))
         for path in RESUME_KEYS:
-            was, now = lookup(old, path), lookup(config, path)
+            was, now = _lookup(old, path), _lookup(config, path)
             if json.dumps(was, default=list) != json.dumps(now, default=list):
                 raise ConfigError(
                     f"--workdir {workdir}: holds a run with {path}={was}, not {now}; "

@@ -13,15 +13,20 @@ import jax
 from mnist_jax import checkpoint, cli, data, train
 
 
+def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
+    """(test images, labels, `train.evaluate` output) of a restored run on its own test images."""
+    cfg = restored.config
+    ds = data.load(data_dir or cfg.data.dir or None)
+    limit = cfg.data.test_limit or None
+    test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
+    out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
+    return test_x, test_y, out
+
+
 def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: int | None = None):
     """Metrics of checkpoint `step` (default latest) on the run's test images."""
     restored = checkpoint.restore(workdir, step)
-    cfg = restored.config
-    ds = data.load(data_dir or cfg.data.dir or None)
-    test_x, test_y = ds.test_images, ds.test_labels
-    if cfg.data.test_limit:
-        test_x, test_y = test_x[: cfg.data.test_limit], test_y[: cfg.data.test_limit]
-    out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
+    _, test_y, out = evaluate_restored(restored, data_dir)
     return {
         "step": restored.step,
         "accuracy": float(out["accuracy"]),

@@ -48,9 +48,10 @@ class Writer:
     def truncate(self, last_epoch: dict | None, step: int) -> None:
         """On (re)start at `step`, keep each epoch and step row once: drop rows written after
         that checkpoint, and put back the last epoch's row if the run died before writing it."""
-        epochs = [m for m in read(self.workdir / EPOCHS_FILE) if m["step"] < step]
+        epochs = []
         if last_epoch is not None:
-            epochs = [m for m in epochs if m["epoch"] < last_epoch["epoch"]] + [last_epoch]
+            rows = read(self.workdir / EPOCHS_FILE)
+            epochs = [m for m in rows if m["epoch"] < last_epoch["epoch"]] + [last_epoch]
         write(self.workdir / EPOCHS_FILE, epochs)
         write(
             self.workdir / STEPS_FILE,

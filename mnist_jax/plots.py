@@ -16,13 +16,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files, never a window
-import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import checkpoint, cli, data, metrics, predict, train  # noqa: E402
+from mnist_jax import checkpoint, cli, data, evaluate, metrics, predict  # noqa: E402
 
 FONTS = [
     "DejaVu Sans",
@@ -189,13 +188,8 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
         paths["font_digits"],
     )
 
-    ds = data.load(data_dir or restored.config.data.dir or None)
-    limit = restored.config.data.test_limit or None
-    test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
-    state = train.inference_state(restored)
-    predictions = np.asarray(
-        train.evaluate(state, *jax.device_put((test_x, test_y)))["predictions"]
-    )
+    test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir)
+    predictions = np.asarray(out["predictions"])
     errors = int((predictions != test_y).sum())
     shown = test_digit_order(predictions, test_y)
     _digit_grid(

@@ -3,7 +3,7 @@
 `train_step(state, batch, rng) -> (state, metrics)` is pure and importable; it is not jitted here,
 so research code can wrap it (`jax.jit(train_step, donate_argnums=0)`, `jax.vmap`, a scan...).
 `train_batch` and `evaluate` are the jitted forms the training loop uses, on device-resident
-arrays: batches are sliced on the device and metrics fetched only once per epoch.
+arrays: batches are sliced on the device; loop.py fetches metrics every `log_every` steps only.
 """
 
 from functools import partial
