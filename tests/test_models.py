@@ -55,3 +55,52 @@ def test_glorot_uniform_kernels_and_zero_biases():
     limit = np.sqrt(6 / (784 + 200))
     assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.95 * limit
     assert np.all(np.asarray(state.params["Dense_0"]["bias"]) == 0)
+
+
+@pytest.mark.parametrize(
+    "x_shape, k_shape",
+    [
+        ((4, 28, 28, 12), (6, 6, 12, 24)),
+        ((3, 14, 14, 24), (6, 6, 24, 32)),
+        ((2, 8, 6, 3), (2, 6, 3, 5)),
+    ],
+)
+def test_conv_stride2_matches_lax_with_gradients(x_shape, k_shape):
+    """The space-to-depth input gradient is the same function as lax's, only faster on CPU."""
+    from jax import lax
+
+    from mnist_jax import models
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(k_shape).astype(np.float32)
+
+    def plain(x, k):
+        return lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=models.NHWC)
+
+    def loss(conv):
+        return lambda x, k: (conv(x, k) ** 2 * np.arange(1, 1 + k_shape[-1])).sum()
+
+    np.testing.assert_allclose(models.conv_stride2(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss(models.conv_stride2), argnums=(0, 1))(x, k)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3 * np.abs(w).max())
+
+
+def test_conv_layers_take_the_stride2_path(monkeypatch):
+    from mnist_jax import models
+
+    calls = []
+    original = models.conv_stride2
+    monkeypatch.setattr(
+        models, "conv_stride2", lambda x, k: calls.append(x.shape) or original(x, k)
+    )
+    model = models.build(**stage_config("conv_bn").model)
+    model.init(jax.random.PRNGKey(0), np.zeros((2, 28, 28, 1), np.float32), train=False)
+    assert calls == [(2, 28, 28, 12), (2, 14, 14, 24)]
+    # A 4x4 kernel pads half a block: the plain lax path, same values.
+    x, k = np.ones((1, 8, 8, 1), np.float32), np.ones((4, 4, 1, 1), np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, models.NHWC)
+    out = models.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=dn)
+    assert len(calls) == 2 and out[0, 0, 0, 0] == 9 and out[0, 1, 1, 0] == 16
