@@ -28,7 +28,7 @@ def get_config():
         batch_norm=False,
         dropout=0.0,
     )
-    c.opt = dict(name="adam", lr=0.01, decay=0.6)
+    c.opt.update(name="adam", lr=0.01, decay=0.6)
     return c
 
 

@@ -21,7 +21,7 @@ from mnist_jax import config as config_lib
 def get_config():
     c = config_lib.base()
     c.model = dict(name="mlp", features=(200, 100, 60), activation="relu", dropout=0.25)
-    c.opt = dict(name="adam", lr=0.01, decay=0.6)
+    c.opt.update(name="adam", lr=0.01, decay=0.6)
     return c
 
 

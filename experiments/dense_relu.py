@@ -18,7 +18,7 @@ from mnist_jax import config as config_lib
 def get_config():
     c = config_lib.base()
     c.model = dict(name="mlp", features=(200, 60), activation="relu", dropout=0.0)
-    c.opt = dict(name="adam", lr=0.001, decay=1.0)
+    c.opt.update(name="adam", lr=0.001, decay=1.0)
     return c
 
 

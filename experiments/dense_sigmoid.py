@@ -19,7 +19,7 @@ from mnist_jax import config as config_lib
 def get_config():
     c = config_lib.base()
     c.model = dict(name="mlp", features=(200, 60), activation="sigmoid", dropout=0.0)
-    c.opt = dict(name="sgd", lr=0.01, decay=1.0)
+    c.opt.update(name="sgd", lr=0.01, decay=1.0)
     return c
 
 

@@ -16,7 +16,7 @@ from mnist_jax import config as config_lib
 def get_config():
     c = config_lib.base()
     c.model = dict(name="softmax")
-    c.opt = dict(name="sgd", lr=0.01, decay=1.0)
+    c.opt.update(name="sgd", lr=0.01, decay=1.0)
     return c
 
 

@@ -114,10 +114,10 @@ def _train_item(state) -> dict:
     return {"opt_state": state.opt_state, "step": state.step}
 
 
-def save(mngr: ocp.CheckpointManager, state, metrics: dict) -> None:
+def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int) -> None:
     """Save asynchronously; Orbax copies the arrays before returning, so `state` may be donated."""
     mngr.save(
-        int(state.step),
+        step,
         args=ocp.args.Composite(
             model=ocp.args.StandardSave(_model_item(state)),
             train=ocp.args.StandardSave(_train_item(state)),
@@ -197,6 +197,16 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
         raise FileNotFoundError(
             f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(steps)})"
         )
-    item = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))["model"]
-    variables = {"params": item["params"], "batch_stats": item.get("batch_stats") or {}}
-    return Restored(models.build(**config.model), variables, config, step)
+    # Restore onto this process's first device, whatever devices or processes saved it.
+    model = models.build(**config.model)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 1)), train=False)
+    )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
+    )
+    item = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    variables = {"params": item["model"]["params"], "batch_stats": item["model"]["batch_stats"]}
+    return Restored(model, variables, config, step)

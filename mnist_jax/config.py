@@ -13,6 +13,7 @@ class ConfigError(ValueError):
 
 MODELS = ("softmax", "mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("exponential", "onecycle")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -31,12 +32,24 @@ def base() -> ml_collections.ConfigDict:
     )
     c.model = ml_collections.ConfigDict(dict(name="softmax"))
     # lr = opt.lr * opt.decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
-    c.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0))
+    # schedule "onecycle": warm up to lr, then cosine down over the run (train.make_optimizer).
+    c.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0, schedule="exponential"))
     c.log_every = 50  # steps between training-metric samples (train_steps.jsonl, progress bar)
     c.plots = True  # draw WORKDIR/plots/ at the end of a run
     c.checkpoint_every = 0  # also checkpoint every N steps inside epochs (0: at epoch ends only)
     c.restart = False  # start over: delete the work directory's checkpoints and metrics first
     c.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
+    c.dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (for GPUs); params float32
+    c.devices = 0  # data-parallel over this many devices (0: all); see parallel.py
+    # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            auto=False,  # let JAX find the cluster (SLURM, Open MPI, Kubernetes)
+            coordinator="",  # host:port of process 0, e.g. 10.0.0.1:1234
+            num_processes=0,
+            process_id=-1,
+        )
+    )
     return c
 
 
@@ -59,11 +72,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.log_every >= 1, "log_every", "must be at least 1")
     check(c.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive")
     check(c.batch_size >= 1, "batch_size", "must be at least 1")
+    check(c.devices >= 0, "devices", "must be 0 (all) or positive")
+    check(c.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
     check(c.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(c.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}")
     check(c.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(c.opt.lr > 0, "opt.lr", "must be positive")
+    check(c.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}")
     check(0 < c.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
     if "dropout" in c.model:
         check(0 <= c.model.dropout < 1, "model.dropout", "must be in [0, 1)")

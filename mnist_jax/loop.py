@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, metrics, models, train
+from mnist_jax import checkpoint, data, metrics, models, parallel, train
 from mnist_jax.config import ConfigError, validate
 
 STEP_KEYS = ("loss", "accuracy", "learning_rate")
@@ -75,22 +75,45 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         validate(config)
         self.config, self.workdir = config, Path(workdir)
+        self.mesh = parallel.make_mesh(config.devices)
+        parallel.check_batch(config.batch_size, self.mesh)
+        # None on one device: the single-device program, untouched.
+        self.sharding = parallel.batch_sharding(self.mesh) if self.mesh.size > 1 else None
+        self.eval_batch = train.eval_batch_size(self.mesh.size)
+        self.primary = parallel.is_primary()
         arrays = split_data(data.load(config.data.dir or None), config)
-        checkpoint.prepare_workdir(self.workdir, config)
+        if self.primary:
+            checkpoint.prepare_workdir(self.workdir, config)
+        parallel.sync("workdir ready")
         self.steps_per_epoch = len(arrays[0]) // config.batch_size
         init_rng, self.data_rng, self.dropout_rng = jax.random.split(
             jax.random.PRNGKey(config.seed), 3
         )
-        self.state = train.create_train_state(config, init_rng, self.steps_per_epoch)
-        summary = models.summary(models.build(**config.model))
-        (self.workdir / "summary.txt").write_text(summary + "\n")
-        print(summary)
-        self.mngr = checkpoint.manager(self.workdir, keep_period=self.steps_per_epoch, repair=True)
-        self.writer = metrics.Writer(self.workdir)
+        state = train.create_train_state(config, init_rng, self.steps_per_epoch)
+        self.state = parallel.put_replicated(state, self.mesh)
+        if self.primary:
+            summary = models.summary(models.build(**config.model))
+            (self.workdir / "summary.txt").write_text(summary + "\n")
+            print(summary)
+            if self.mesh.size > 1:
+                print(
+                    f"Data-parallel over {self.mesh.size} {self.mesh.devices.flat[0].platform} "
+                    f"devices in {jax.process_count()} process(es): "
+                    f"{config.batch_size // self.mesh.size} images per device per step"
+                )
+        self.mngr = checkpoint.manager(
+            self.workdir, keep_period=self.steps_per_epoch, repair=self.primary
+        )
+        self.writer = metrics.Writer(self.workdir) if self.primary else metrics.NullWriter()
         self.partial = {k: np.zeros(0, np.float32) for k in STEP_KEYS}
         self.last_epoch = None
         self._resume()
-        self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
+        self.train_x, self.train_y, self.test_x, self.test_y = parallel.put_replicated(
+            arrays, self.mesh
+        )
+
+    def step_count(self) -> int:
+        return int(parallel.to_host(self.state.step))
 
     def _resume(self) -> None:
         found = checkpoint.restore_latest(self.mngr, self.state, self.workdir)
@@ -101,23 +124,30 @@ class Run:
         self.last_epoch = saved["last_epoch"]
         if saved["partial"]:
             self.partial = {k: np.asarray(v, np.float32) for k, v in saved["partial"].items()}
-        self.writer.truncate(self.last_epoch, int(self.state.step))
-        step = int(self.state.step)
-        print(
-            f"Resumed {self.workdir} at step {step} "
-            f"(epoch {step // self.steps_per_epoch + 1}, step {step % self.steps_per_epoch} of it)"
-        )
+        self.writer.truncate(self.last_epoch, self.step_count())
+        step = self.step_count()
+        if self.primary:
+            print(
+                f"Resumed {self.workdir} at step {step} "
+                f"(epoch {step // self.steps_per_epoch + 1}, "
+                f"step {step % self.steps_per_epoch} of it)"
+            )
 
     def _save(self) -> None:
         self.mngr.wait_until_finished()  # one save in flight at a time
         partial = (
             {k: v.tolist() for k, v in self.partial.items()} if len(self.partial["loss"]) else None
         )
-        checkpoint.save(self.mngr, self.state, {"last_epoch": self.last_epoch, "partial": partial})
+        checkpoint.save(
+            self.mngr,
+            self.state,
+            {"last_epoch": self.last_epoch, "partial": partial},
+            self.step_count(),
+        )
 
     def _fetch(self, window: list, epoch: int, step: int) -> None:
         """Bring the step metrics of a window ending at `step` to the host; stop on NaN or inf."""
-        w = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
+        w = parallel.to_host(jax.tree.map(lambda *x: jnp.stack(x), *window))
         first = step - len(window) + 1
         bad = np.flatnonzero(~np.isfinite(w["loss"]))
         if len(bad):
@@ -149,12 +179,17 @@ class Run:
             data.epoch_batches(self.data_rng, epoch, len(self.train_x), c.batch_size)
         )
         window = []
-        step = int(self.state.step)  # counted on the host: reading state.step would wait per step
+        step = self.step_count()  # then counted on the host: reading state.step waits per step
         for i in range(step % self.steps_per_epoch, self.steps_per_epoch):
             step += 1
             try:
                 self.state, m = train.train_batch(
-                    self.state, self.train_x, self.train_y, batch_idx[i], self.dropout_rng
+                    self.state,
+                    self.train_x,
+                    self.train_y,
+                    batch_idx[i],
+                    self.dropout_rng,
+                    sharding=self.sharding,
                 )
             except FloatingPointError as e:  # raised under --debug-nans
                 raise Diverged(
@@ -188,9 +223,9 @@ class Run:
         c = self.config
         start = time.perf_counter()
         with _Signals() as signals:
-            for epoch in range(int(self.state.step) // self.steps_per_epoch, c.epochs):
+            for epoch in range(self.step_count() // self.steps_per_epoch, c.epochs):
                 t0 = time.perf_counter()
-                resumed_at = int(self.state.step) % self.steps_per_epoch
+                resumed_at = self.step_count() % self.steps_per_epoch
                 # disable=None: no bar when not on a terminal (CI logs keep a line per epoch).
                 with tqdm(
                     total=self.steps_per_epoch * c.batch_size,
@@ -199,7 +234,7 @@ class Run:
                     unit_scale=True,
                     desc=f"epoch {epoch + 1}/{c.epochs}",
                     leave=False,
-                    disable=None,
+                    disable=None if self.primary else True,
                 ) as bar:
                     self._train_epoch(epoch, signals, bar)
                 if signals.received and len(self.partial["loss"]) < self.steps_per_epoch:
@@ -208,6 +243,8 @@ class Run:
                 if signals.received:
                     self._stop(signals.received)
         self._close()
+        if not self.primary:
+            return self.state
         print(f"Done in {time.perf_counter() - start:.1f}s; work directory {self.workdir}")
         if c.plots:
             from mnist_jax import plots  # matplotlib only when drawing
@@ -217,11 +254,14 @@ class Run:
         return self.state
 
     def _end_epoch(self, epoch: int, t0: float) -> None:
-        ev = train.evaluate(self.state, self.test_x, self.test_y)
+        ev = train.evaluate(
+            self.state, self.test_x, self.test_y, batch_size=self.eval_batch, sharding=self.sharding
+        )
+        ev = parallel.to_host({"loss": ev["loss"], "accuracy": ev["accuracy"]})
         p = self.partial
         row = {
             "epoch": epoch + 1,
-            "step": int(self.state.step),
+            "step": self.step_count(),
             "train_loss": float(p["loss"].mean()),
             "train_accuracy": float(p["accuracy"].mean()),
             "val_loss": float(ev["loss"]),
@@ -233,20 +273,21 @@ class Run:
         self.partial = {k: np.zeros(0, np.float32) for k in STEP_KEYS}
         self._save()
         self.writer.epoch(row)
-        print(
-            f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['train_loss']:.4f}"
-            f"  acc {row['train_accuracy']:.2%}  val_loss {row['val_loss']:.4f}"
-            f"  val_acc {row['val_accuracy']:.2%}  lr {row['learning_rate']:.3g}"
-            f"  {row['seconds']:.1f}s",
-            flush=True,
-        )
+        if self.primary:
+            print(
+                f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['train_loss']:.4f}"
+                f"  acc {row['train_accuracy']:.2%}  val_loss {row['val_loss']:.4f}"
+                f"  val_acc {row['val_accuracy']:.2%}  lr {row['learning_rate']:.3g}"
+                f"  {row['seconds']:.1f}s",
+                flush=True,
+            )
 
     def _stop(self, signum: int) -> None:
         self._close()
         raise Interrupted(
             signum,
             (
-                f"interrupted ({signal.Signals(signum).name}) at step {int(self.state.step)}; "
+                f"interrupted ({signal.Signals(signum).name}) at step {self.step_count()}; "
                 f"checkpoint saved in {self.workdir / 'checkpoints'}. Resume by running the same "
                 f"command again with --workdir {self.workdir}"
             ),
@@ -265,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_steps.jsonl and tensorboard/ (sampled during training), checkpoints/ and plots/.
     """
     jax.config.update("jax_debug_nans", bool(config.debug_nans))
+    parallel.initialize(config.distributed)
     run = Run(config, workdir)
     try:
         return run.train()

@@ -73,3 +73,19 @@ class Writer:
 
     def close(self) -> None:
         self.tb.close()
+
+
+class NullWriter:
+    """The Writer of processes other than the first: they train, process 0 writes."""
+
+    def truncate(self, last_epoch, step):
+        pass
+
+    def epoch(self, row):
+        pass
+
+    def step(self, row):
+        pass
+
+    def close(self):
+        pass

@@ -117,9 +117,12 @@ ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 class Softmax(nn.Module):
     """Stage 1: one dense layer, 784 -> 10."""
 
+    dtype: str = "float32"  # of the matmuls and convolutions; parameters stay float32
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:  # [B,28,28,1] -> [B,10]
-        return Dense(NUM_CLASSES)(x.reshape((x.shape[0], -1)))
+        logits = Dense(NUM_CLASSES, dtype=self.dtype)(x.reshape((x.shape[0], -1)))
+        return logits.astype(jnp.float32)
 
 
 class MLP(nn.Module):
@@ -128,15 +131,16 @@ class MLP(nn.Module):
     features: Sequence[int] = (200, 60)
     activation: str = "relu"
     dropout: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = x.reshape((x.shape[0], -1))
         for n in self.features:
-            x = ACTIVATIONS[self.activation](Dense(n)(x))
+            x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return Dense(NUM_CLASSES)(x)
+        return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class ConvNet(nn.Module):
@@ -152,6 +156,7 @@ class ConvNet(nn.Module):
     dense: int = 200
     batch_norm: bool = False
     dropout: float = 0.0
+    dtype: str = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs), params float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -162,16 +167,17 @@ class ConvNet(nn.Module):
             momentum=0.99,
             epsilon=1e-3,
             use_scale=False,
+            dtype=self.dtype,  # statistics are still reduced in float32
         )
         for c, k, s in zip(self.channels, self.kernels, self.strides, strict=True):
-            x = Conv(c, (k, k), strides=s, use_bias=not bn)(x)
+            x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
         x = x.reshape((x.shape[0], -1))
-        x = Dense(self.dense, use_bias=not bn)(x)
+        x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)
         x = nn.relu(norm()(x) if bn else x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return Dense(NUM_CLASSES)(x)
+        return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 def build(name: str, **kwargs) -> nn.Module:

@@ -28,14 +28,28 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int = 1):
     """Optax optimizer with lr = opt.lr * opt.decay ** epoch, as Keras's LearningRateScheduler.
 
+    opt.schedule "onecycle" instead warms up to opt.lr for the first 20% of the run, then anneals
+    (cosine) to opt.lr / 1000 at its end (optax.cosine_onecycle_schedule): the speedrun's.
     `inject_hyperparams` keeps the learning rate actually used in the optimizer state, for logging.
     """
-    schedule = optax.exponential_decay(
-        init_value=opt.lr, transition_steps=steps_per_epoch, decay_rate=opt.decay, staircase=True
-    )
+    if opt.get("schedule", "exponential") == "onecycle":
+        schedule = optax.cosine_onecycle_schedule(
+            transition_steps=epochs * steps_per_epoch,
+            peak_value=opt.lr,
+            pct_start=0.2,
+            div_factor=25,
+            final_div_factor=40,
+        )
+    else:
+        schedule = optax.exponential_decay(
+            init_value=opt.lr,
+            transition_steps=steps_per_epoch,
+            decay_rate=opt.decay,
+            staircase=True,
+        )
     if opt.name == "sgd":
         return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
     return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, eps=ADAM_EPS)
@@ -47,13 +61,13 @@ def create_train_state(
     """Initialise the model and optimizer of `config`. steps_per_epoch sizes the lr schedule."""
     if steps_per_epoch is None:
         steps_per_epoch = (config.data.train_limit or NUM_TRAIN) // config.batch_size
-    model = models.build(**config.model)
+    model = models.build(**config.model, dtype=config.get("dtype", "float32"))
     variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=make_optimizer(config.opt, steps_per_epoch),
+        tx=make_optimizer(config.opt, steps_per_epoch, config.epochs),
     )
 
 
@@ -121,19 +135,33 @@ def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict[str
     }
 
 
-@partial(jax.jit, donate_argnums=0)
-def train_batch(state, images, labels, idx, rng):
+def _split(x, sharding):
+    """Constrain x's leading (batch) dimension to `sharding` (parallel.py); None: leave it."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+@partial(jax.jit, donate_argnums=0, static_argnames="sharding")
+def train_batch(state, images, labels, idx, rng, sharding=None):
     """train_step on images[idx], labels[idx]: device-resident uint8 data, sliced on the device.
+
+    With `sharding` (a NamedSharding splitting the batch over a mesh), each device computes its
+    part of the batch; gradients and batch-norm statistics are those of the whole batch.
 
     One call per step. A lax.scan over many steps would save the dispatches, but XLA:CPU runs
     convolutions inside loop bodies several times slower (jax-ml/jax#12868): measured here,
     460 ms/step in a scan against 51 ms/step called one by one.
     """
-    return train_step(state, (data.normalize(images[idx]), labels[idx]), rng)
+    batch = (_split(data.normalize(images[idx]), sharding), _split(labels[idx], sharding))
+    return train_step(state, batch, rng)
 
 
-@partial(jax.jit, static_argnames="batch_size")
-def evaluate(state, images, labels, batch_size: int = 1000) -> dict[str, jax.Array]:
+def eval_batch_size(devices: int = 1, target: int = 1000) -> int:
+    """About `target`, and a multiple of the device count so that batches split evenly."""
+    return -(-target // devices) * devices
+
+
+@partial(jax.jit, static_argnames=("batch_size", "sharding"))
+def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> dict[str, jax.Array]:
     """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call."""
     n = images.shape[0]
     pad = -n % batch_size
@@ -143,7 +171,11 @@ def evaluate(state, images, labels, batch_size: int = 1000) -> dict[str, jax.Arr
         data.normalize(images).reshape(-1, batch_size, *images.shape[1:]),
         labels.reshape(-1, batch_size),
     )
-    out = jax.lax.map(partial(eval_step, state), batches)
+
+    def one(batch):
+        return eval_step(state, jax.tree.map(lambda x: _split(x, sharding), batch))
+
+    out = jax.lax.map(one, batches)
     out = jax.tree.map(lambda x: x.reshape(-1)[:n], out)
     return {
         "loss": out["loss"].mean(),

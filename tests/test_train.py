@@ -94,3 +94,39 @@ def test_evaluate_matches_a_direct_computation(mnist):
     assert float(out["accuracy"]) == pytest.approx(np.mean(np.argmax(logits, -1) == y))
     logp = jax.nn.log_softmax(logits)
     assert float(out["loss"]) == pytest.approx(float(-logp[np.arange(2500), y].mean()), rel=1e-5)
+
+
+def test_onecycle_schedule_warms_up_then_anneals():
+    from mnist_jax import config as config_lib
+
+    opt = config_lib.base().opt
+    opt.update(name="adam", lr=0.01, schedule="onecycle")
+    tx = train.make_optimizer(opt, steps_per_epoch=100, epochs=3)
+    params = {"w": jax.numpy.zeros(3)}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(300):
+        _, state = tx.update({"w": jax.numpy.ones(3)}, state, params)
+        lrs.append(float(state.hyperparams["learning_rate"]))
+    assert lrs[0] == pytest.approx(0.01 / 25, rel=1e-3)  # first update: the start of the warm-up
+    assert max(lrs) == pytest.approx(0.01, rel=1e-3) and 55 <= int(np.argmax(lrs)) <= 60
+    assert lrs[-1] == pytest.approx(0.01 / 1000, rel=0.05)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_parameters(mnist):
+    config = conv_bn.get_config()
+    x = data.normalize(mnist.train_images[:64])
+    y = mnist.train_labels[:64]
+    states, losses = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config.dtype = dtype
+        states[dtype] = train.create_train_state(config, jax.random.PRNGKey(0), 937)
+        step = jax.jit(train_step)
+        s, m = step(states[dtype], (x, y), jax.random.PRNGKey(1))
+        losses[dtype] = float(m["loss"])
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(s.params))
+    jaxpr = str(jax.make_jaxpr(train_step)(states["bfloat16"], (x, y), jax.random.PRNGKey(1)))
+    assert "conv_general_dilated" in jaxpr and "bf16[64,28,28,12]" in jaxpr
+    assert "bf16" not in str(jax.make_jaxpr(train_step)(states["float32"], (x, y), jax.random.PRNGKey(1)))  # fmt: skip
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)

@@ -1,0 +1,112 @@
+"""Data parallelism with jax.sharding: one 1-D mesh, batches split over it, the rest replicated.
+
+Training is one `jit` program over a Mesh with axis "data". The dataset and the train state are
+replicated on every device; inside the step, the gathered batch is constrained to
+`P("data")`, so each device computes its slice of the global batch and XLA inserts the
+all-reduces (gradients, batch-norm means and variances, metrics). Batch-norm statistics are
+therefore those of the global batch: results do not depend on the number of devices, up to
+float summation order (tests/test_parallel.py).
+
+Several processes (hosts) join through `jax.distributed.initialize()`, JAX's own runtime; the
+mesh then spans every process's devices and each process runs the same program on its own
+devices, which compute its part of each global batch.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mnist_jax.config import ConfigError
+
+AXIS = "data"
+
+
+def initialize(dist: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize() when asked: by flags, or --distributed-auto (SLURM, MPI...)."""
+    if not (dist.auto or dist.coordinator):
+        return
+    if dist.coordinator and (
+        dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes
+    ):
+        raise ConfigError(
+            "--distributed-coordinator needs --distributed-num-processes N and "
+            f"--distributed-process-id in 0..N-1, got {dist.num_processes} and {dist.process_id}"
+        )
+    if dist.coordinator:
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    else:
+        jax.distributed.initialize()  # the cluster (SLURM, Open MPI, Kubernetes) says who is who
+
+
+def make_mesh(devices: int = 0) -> Mesh:
+    """A 1-D mesh over the first `devices` devices (0: all, of every process)."""
+    available = jax.devices()
+    if devices:
+        if jax.process_count() > 1 and devices != len(available):
+            raise ConfigError(
+                f"--devices: with {jax.process_count()} processes, use all {len(available)} "
+                f"devices (0), got {devices}"
+            )
+        if devices > len(available):
+            raise ConfigError(
+                f"--devices: {devices} asked, {len(available)} available "
+                f"({available[0].platform}); on a CPU, XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={devices} makes more"
+            )
+        available = available[:devices]
+    return Mesh(np.array(available), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the devices."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+def put_replicated(tree, mesh: Mesh):
+    """Host arrays -> global arrays with a full copy on every device of the mesh.
+
+    Works with several processes: each process supplies the copies of its own devices.
+    """
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
+        jax.device_get(tree),
+    )
+
+
+def to_host(tree):
+    """Global arrays -> numpy, also when they span other processes' devices."""
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise ConfigError(
+            f"--batch-size: {batch_size} does not split over {mesh.size} devices; "
+            f"use a multiple of {mesh.size}"
+        )
+
+
+def is_primary() -> bool:
+    """Process 0 writes the files of a run (metrics, plots); every process checkpoints."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,130 @@
+"""Data parallelism over a device mesh, and two processes joined by jax.distributed.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=N gives N CPU devices; it must be set before
+JAX starts, so each case runs in a subprocess.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+SMALL = ["--data-train-limit", "2048", "--data-test-limit", "1000", "--epochs", "2", "--plots", "false"]  # fmt: skip
+
+
+def python(*args, devices=1, data_dir=None, wait=True):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if data_dir:
+        env["MNIST_DATA_DIR"] = str(data_dir)
+    cmd = [sys.executable, "-m", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def steps(mnist_dir):
+    """10 conv_bn steps on 1 and on 4 devices, same batches, under SGD and under Adam."""
+    out = python("tests.helpers.dp_steps", "4", "10", str(mnist_dir), "sgd,adam", devices=4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_match_one_device(steps):
+    """Same global batches and seed: SGD parameters agree to float rounding (8e-7 seen)."""
+    r = steps["sgd"]
+    assert steps["devices"] == 4 and r["param_copies"] == 4
+    # Batch-norm over a 16-image device shard instead of the 64-image batch would change the
+    # very first loss; it is equal to float rounding.
+    np.testing.assert_allclose(r["loss_n"], r["loss_1"], rtol=1e-5)
+    assert r["params_rel_diff"] < 1e-5
+    assert r["batch_stats_rel_diff"] < 1e-5
+    assert r["eval_acc_n"] == r["eval_acc_1"]
+
+
+def test_four_devices_adam_tracks_one_device(steps):
+    """Adam's early steps are lr * sign(g), which float noise can flip: losses within 2%."""
+    r = steps["adam"]
+    assert r["loss_n"][0] == pytest.approx(r["loss_1"][0], rel=1e-6)
+    np.testing.assert_allclose(r["loss_n"], r["loss_1"], rtol=2e-2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together(mnist_dir, tmp_path):
+    """Two processes (one CPU device each, Gloo collectives) = one process with two devices."""
+    port = free_port()
+    workdir = tmp_path / "two"
+    procs = [
+        python(
+            "experiments.conv_bn",
+            *SMALL,
+            "--workdir",
+            str(workdir),
+            "--distributed-coordinator",
+            f"localhost:{port}",
+            "--distributed-num-processes",
+            "2",
+            "--distributed-process-id",
+            str(i),
+            data_dir=mnist_dir,
+            wait=False,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "Data-parallel over 2 cpu devices in 2 process(es)" in outs[0]
+    assert "epoch" not in outs[1]  # process 1 trains; process 0 reports
+
+    single = python("experiments.conv_bn", *SMALL, "--workdir", str(tmp_path / "one"), devices=2, data_dir=mnist_dir)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("two", "one")]  # fmt: skip
+    assert len(rows[0]) == len(rows[1]) == 2
+    for a, b in zip(*rows):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+
+    # The checkpoint written by two processes restores in one, on one device.
+    ev = python("mnist_jax.evaluate", "--workdir", str(workdir), data_dir=mnist_dir)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    saved = json.loads((workdir / "eval.json").read_text())
+    assert saved["accuracy"] == pytest.approx(rows[0][-1]["val_accuracy"], abs=1e-6)
+
+
+def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path):
+    """A 4-device run's checkpoint resumes on 1 device; the finished run evaluates the same."""
+    workdir = str(tmp_path / "dp")
+    first = python("experiments.conv_bn", *SMALL[:-4], "--epochs", "1", "--plots", "false", "--devices", "4", "--workdir", workdir, devices=4, data_dir=mnist_dir)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Data-parallel over 4 cpu devices" in first.stdout
+    second = python("experiments.conv_bn", *SMALL, "--workdir", workdir, data_dir=mnist_dir)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resumed" in second.stdout
+    rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args, devices, message",
+    [
+        (["--devices", "3"], 4, "--batch-size: 64 does not split over 3 devices; use a multiple of 3"),
+        (["--devices", "8"], 4, "--devices: 8 asked, 4 available (cpu)"),
+        (["--devices", "-1"], 1, "--devices: must be 0 (all) or positive, got -1"),
+        (["--distributed-coordinator", "localhost:1"], 1, "--distributed-coordinator needs --distributed-num-processes N"),
+    ],
+)  # fmt: skip
+def test_bad_parallel_flags_are_one_line(args, devices, message, mnist_dir, tmp_path):
+    out = python("experiments.conv_bn", *SMALL, "--workdir", str(tmp_path / "w"), *args, devices=devices, data_dir=mnist_dir)  # fmt: skip
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
