@@ -4,7 +4,9 @@ User mistakes (bad flags, bad data, unusable work directory) print one line and 
 """
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 import ml_collections
@@ -88,6 +90,17 @@ def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, descri
             node = node[part]
         node[key] = value
     return config
+
+
+def write_json(path: str, obj) -> None:
+    """Write results to --json PATH, or fail with one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        fail(f"--json {path}: cannot write ({e.strerror})")
+    print(f"Results in {path}")
 
 
 def fail(message: str, code: int = EXIT_USAGE):

@@ -1,0 +1,254 @@
+"""Training speed of conv_bn here and in Keras 3 (JAX backend) and PyTorch; time to accuracy.
+
+Each `measure_*` function trains the codelab's conv_bn recipe (same layers, Keras's batch-norm
+and Adam settings, Glorot kernels, real MNIST /256) on batches drawn from the training set and
+returns one dict: first-step (compile) seconds apart, then the median images/s over several
+timed windows, seconds per 60,000-image epoch, and the process's peak resident memory.
+`experiments/benchmark.py` runs each in its own process, so memory and threads do not mix.
+"""
+
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from mnist_jax import data, train
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _summary(name, version, batch, first_step_s, window_seconds, window_steps) -> dict:
+    ips = [window_steps * batch / s for s in window_seconds]
+    median = statistics.median(ips)
+    return {
+        "framework": name,
+        "version": version,
+        "batch_size": batch,
+        "first_step_s": round(first_step_s, 3),
+        "images_per_s": round(median, 1),
+        "window_images_per_s": [round(x, 1) for x in ips],
+        "epoch_s": round(60_000 // batch * batch / median, 2),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def window_steps_for(batch: int, window_images: int) -> int:
+    return max(2, round(window_images / batch))
+
+
+def _train_arrays(data_dir: str | None):
+    ds = data.load(data_dir)
+    return ds.train_images, ds.train_labels
+
+
+def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
+    """Batch indices for `steps` steps: shuffled epochs, as training draws them."""
+    rng = np.random.default_rng(seed)
+    per_epoch = n // batch
+    epochs = -(-steps // per_epoch)
+    idx = np.concatenate([rng.permutation(n)[: per_epoch * batch] for _ in range(epochs)])
+    return idx[: steps * batch].reshape(steps, batch).astype(np.int32)
+
+
+def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
+    """Our training loop's work per step: train.train_batch on device-resident uint8 data."""
+    images, labels = _train_arrays(data_dir)
+    b = config.batch_size
+    steps = window_steps_for(b, window_images)
+    idx = _indices(len(images), b, 3 + windows * steps)
+    state = train.create_train_state(config, jax.random.PRNGKey(config.seed), len(images) // b)
+    x, y = jax.device_put((images, labels))
+    rng = jax.random.PRNGKey(1)
+    t = time.perf_counter()
+    step = train.train_batch.lower(state, x, y, idx[0], rng).compile()
+    compile_s = time.perf_counter() - t
+    for i in range(3):  # warm-up: first calls allocate
+        state, m = step(state, x, y, idx[i], rng)
+    jax.block_until_ready(m)
+    seconds = []
+    for w in range(windows):
+        t = time.perf_counter()
+        for i in range(3 + w * steps, 3 + (w + 1) * steps):
+            state, m = step(state, x, y, idx[i], rng)
+        jax.block_until_ready((state, m))
+        seconds.append(time.perf_counter() - t)
+    return _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
+
+
+def measure_keras(batch: int, data_dir, windows: int, window_images: int) -> dict:
+    """The codelab's keras_05 model, trained by Keras 3's `fit` on the JAX backend."""
+    import os
+
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras
+    from keras import layers as l
+
+    def bn():
+        return l.BatchNormalization(center=True, scale=False, momentum=0.99, epsilon=1e-3)
+
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            l.Conv2D(12, 3, padding="same", use_bias=False),
+            bn(),
+            l.Activation("relu"),
+            l.Conv2D(24, 6, strides=2, padding="same", use_bias=False),
+            bn(),
+            l.Activation("relu"),
+            l.Conv2D(32, 6, strides=2, padding="same", use_bias=False),
+            bn(),
+            l.Activation("relu"),
+            l.Flatten(),
+            l.Dense(200, use_bias=False),
+            bn(),
+            l.Activation("relu"),
+            l.Dropout(0.3),
+            l.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01, epsilon=1e-7),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    images, labels = _train_arrays(data_dir)
+    x = data.normalize(images)
+    steps = window_steps_for(batch, window_images)
+    total = 4 + windows * steps
+    stamps = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            stamps.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    model.fit(
+        np.asarray(x), labels.astype(np.int32), batch_size=batch, epochs=-(-total * batch // len(x)),
+        steps_per_epoch=min(total, len(x) // batch), verbose=0, callbacks=[Clock()],
+    )  # fmt: skip
+    first = stamps[0] - t0
+    seconds = [stamps[3 + (w + 1) * steps] - stamps[3 + w * steps] for w in range(windows)]
+    summary = _summary("keras", f"keras {keras.__version__} (jax)", batch, first, seconds, steps)
+    summary["trainable_params"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+    return summary
+
+
+def torch_model():
+    """conv_bn in PyTorch: explicit padding for SAME strided convs; BN scale fixed at 1."""
+    import torch
+    from torch import nn
+
+    def bn(n, cls=nn.BatchNorm2d):  # Keras momentum 0.99 is PyTorch's 0.01
+        norm = cls(n, eps=1e-3, momentum=0.01)
+        norm.weight.requires_grad_(False)  # center, no scale
+        return norm
+
+    def conv(cin, cout, k, stride):
+        lo, hi = (k - stride) // 2, (k - stride + 1) // 2  # SAME, as TF pads: extra on the right
+        return [nn.ZeroPad2d((lo, hi, lo, hi)), nn.Conv2d(cin, cout, k, stride, bias=False)]
+
+    model = nn.Sequential(
+        *conv(1, 12, 3, 1), bn(12), nn.ReLU(),
+        *conv(12, 24, 6, 2), bn(24), nn.ReLU(),
+        *conv(24, 32, 6, 2), bn(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(7 * 7 * 32, 200, bias=False), bn(200, nn.BatchNorm1d), nn.ReLU(),
+        nn.Dropout(0.3), nn.Linear(200, 10),
+    )  # fmt: skip
+    for m in model.modules():  # Keras's initialisation
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model, torch
+
+
+def measure_torch(batch: int, data_dir, windows: int, window_images: int) -> dict:
+    """The same model in PyTorch (CPU), a plain eager training loop over in-memory tensors."""
+    model, torch = torch_model()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 0.01, eps=1e-7)
+    images, labels = _train_arrays(data_dir)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+    y = torch.from_numpy(labels.astype(np.int64))
+    steps = window_steps_for(batch, window_images)
+    idx = torch.from_numpy(_indices(len(images), batch, 4 + windows * steps))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+
+    def step(i):
+        xb = x[idx[i]].float() / 256
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), y[idx[i]])
+        loss.backward()
+        opt.step()
+        return loss
+
+    t = time.perf_counter()
+    step(0)
+    first = time.perf_counter() - t
+    for i in range(1, 4):
+        step(i)
+    seconds = []
+    for w in range(windows):
+        t = time.perf_counter()
+        for i in range(4 + w * steps, 4 + (w + 1) * steps):
+            loss = step(i)
+        loss.item()
+        seconds.append(time.perf_counter() - t)
+    summary = _summary("pytorch", f"torch {torch.__version__}", batch, first, seconds, steps)
+    summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary["threads"] = torch.get_num_threads()
+    return summary
+
+
+def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop=True) -> dict:
+    """Train `config` (its seed, schedule and batch) until the test accuracy reaches `target`.
+
+    Evaluates on all 10,000 test images after each epoch. `seconds` counts training and
+    evaluation; compilation (both functions, ahead of time) is reported apart as `compile_s`.
+    With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
+    reached the target as `reached_epoch`.
+    """
+    ds = data.load(data_dir or config.data.dir or None)
+    train_x, train_y = ds.train_images, ds.train_labels
+    if config.data.train_limit:
+        train_x, train_y = train_x[: config.data.train_limit], train_y[: config.data.train_limit]
+    n, b = len(train_x), config.batch_size
+    steps_per_epoch = n // b
+    init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    state = train.create_train_state(config, init_rng, steps_per_epoch)
+    x, y, tx, ty = jax.device_put((train_x, train_y, ds.test_images, ds.test_labels))
+    t = time.perf_counter()
+    idx0 = np.zeros(b, np.int32)
+    step = train.train_batch.lower(state, x, y, idx0, dropout_rng).compile()
+    evaluate = train.evaluate.lower(state, tx, ty).compile()
+    compile_s = time.perf_counter() - t
+    history, start = [], time.perf_counter()
+    for epoch in range(max_epochs):
+        batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
+        for i in range(steps_per_epoch):
+            state, _ = step(state, x, y, batches[i], dropout_rng)
+        accuracy = float(evaluate(state, tx, ty)["accuracy"])
+        history.append(
+            {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}
+        )
+        if stop and accuracy >= target:
+            break
+    first = next((h for h in history if h["val_accuracy"] >= target), None)
+    reached = history[-1]["val_accuracy"] >= target
+    return {
+        "stage": config.name,
+        "seed": config.seed,
+        "target": target,
+        "reached": reached,
+        "epochs": history[-1]["epoch"],
+        "seconds": round(history[-1]["seconds"], 2),
+        "compile_s": round(compile_s, 2),
+        "val_accuracy": history[-1]["val_accuracy"],
+        "reached_epoch": first["epoch"] if first else None,
+        "reached_seconds": round(first["seconds"], 2) if first else None,
+        "history": history,
+    }

@@ -1,0 +1,88 @@
+"""experiments.benchmark: the side-by-side speed table, skipping, and time to accuracy."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark
+from tests.conftest import ROOT
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_side_by_side_table_and_json(tmp_path):
+    """All three frameworks train the same model (354,002 trainable parameters each)."""
+    out = run("--batch-sizes", "32", "--windows", "2", "--window-images", "64", "--json", str(tmp_path / "b.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    by_name = {r["framework"]: r for r in result["results"]}
+    assert set(by_name) == {"mnist_jax", "keras", "pytorch"}, result["skipped"]
+    for r in by_name.values():
+        assert r["batch_size"] == 32 and len(r["window_images_per_s"]) == 2
+        assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0
+        assert r["epoch_s"] == pytest.approx(60_000 // 32 * 32 / r["images_per_s"], rel=1e-3)
+    assert by_name["keras"]["trainable_params"] == 354_002
+    assert by_name["pytorch"]["trainable_params"] == 354_002
+    ours = by_name["mnist_jax"]["images_per_s"]
+    assert result["ratios"]["mnist_jax/pytorch@32"] == pytest.approx(ours / by_name["pytorch"]["images_per_s"], abs=0.01)  # fmt: skip
+    assert "images/s mnist_jax/keras@32" in out.stdout
+
+
+def test_missing_framework_is_skipped_with_a_message(monkeypatch, capsys):
+    real = benchmark.importlib.util.find_spec
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--worker", "pytorch", "--batch", "8"])
+    assert e.value.code == benchmark.EXIT_MISSING
+    assert "pytorch: skipped, torch is not installed (pip install -e '.[bench]')" in capsys.readouterr().out  # fmt: skip
+
+
+def test_time_to_accuracy(tmp_path):
+    out = run("--time-to-accuracy", "dense_relu", "--target", "0.95", "--max-epochs", "3", "--json", str(tmp_path / "t.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "t.json").read_text())
+    assert r["reached"] and r["val_accuracy"] >= 0.95
+    assert r["epochs"] == len(r["history"]) and r["compile_s"] > 0
+    assert all(h["val_accuracy"] < 0.95 for h in r["history"][:-1])
+    assert "dense_relu seed 0: 95.00% reached" in out.stdout
+
+    out = run("--time-to-accuracy", "linear", "--target", "0.99", "--max-epochs", "1", "--json", str(tmp_path / "t.json"))  # fmt: skip
+    assert out.returncode == 0 and "99.00% not reached in 1 epochs" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-sizes", "big"], "--batch-sizes: expected integers like 64,1024, got 'big'"),
+        (["--frameworks", "jax,tf"], "--frameworks: unknown 'jax'"),
+        (["--time-to-accuracy", "resnet"], "--time-to-accuracy: no stage named 'resnet'"),
+        (["--target", "99"], "--target: a test accuracy in (0, 1], got 99.0"),
+    ],
+)
+def test_bad_flags_are_one_line(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.speedrun", "--seeds", "2", "--epochs", "1",
+         "--train-limit", "4096", "--data-dir", str(mnist_dir), "--json", str(tmp_path / "s.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert [run["seed"] for run in r["runs"]] == [0, 1]
+    accs = [run["val_accuracy"] for run in r["runs"]]
+    assert accs[0] != accs[1]  # seeds differ
+    assert r["mean_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert 0.5 < r["mean_accuracy"] < 0.995  # 4,096 images, one epoch: learning, not there yet
+    assert "seed 1: final" in out.stdout and "mean over 2 seeds" in out.stdout
