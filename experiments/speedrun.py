@@ -1,15 +1,21 @@
 """Speedrun: 99.5% test accuracy in the least wall time; five seeds, every one reported.
 
-Changed from conv_bn: the same network (the codelab's best), trained 5 epochs instead of 10,
+Changed from conv_bn: the same network (the codelab's best), trained 6 epochs instead of 10,
 with a one-cycle schedule (Adam, warm up to 0.01 over the first 20% of the steps, then cosine
-down to 0.01/1000) in place of the per-epoch exponential decay. Each seed trains the fixed
-budget and is evaluated on all 10,000 test images after each epoch; the time counts training and
-evaluation, compilation apart.
+down to 0.01/1000) in place of the per-epoch exponential decay, and each training image shifted
+randomly by up to 2 pixels (on the device, inside the jitted step). Each seed trains the fixed
+budget and is evaluated on all 10,000 test images after each epoch; the time counts training
+and evaluation, compilation apart.
+
+What got here (2-core CPU, final test accuracy):
+  - one-cycle, 3 epochs, no shifts: seeds 0, 1: 99.44%, 99.39% (about 125 s each);
+  - one-cycle, 5 epochs, no shifts: seeds 0, 1, 2: 99.52%, 99.47%, 99.38% (about 200 s);
+  - one-cycle, 6 epochs, shifts of up to 2 pixels: seed 2: 99.59% (247 s): kept.
 
   python -m experiments.speedrun --data-dir ../shared/data/mnist            # 5 seeds
   python -m experiments.speedrun --seeds 1 --epochs 2                       # a quick try
 
-Measured (2-core CPU): see the README's speedrun section (the figures of the last run).
+Measured: the README's speedrun section has the figures of the last 5-seed run.
 """
 
 import statistics
@@ -22,7 +28,8 @@ TARGET = 0.995
 
 def get_config():
     c = conv_bn.get_config()
-    c.epochs = 5
+    c.epochs = 6
+    c.data.augment_shift = 2
     c.opt.update(name="adam", lr=0.01, schedule="onecycle")
     return c
 

@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
             dir="",  # IDX directory; "" -> $MNIST_DATA_DIR, else TFDS "mnist"
             train_limit=0,  # use only the first N training images (0: all); for quick tries
             test_limit=0,  # evaluate on the first N test images (0: all 10,000)
+            augment_shift=0,  # translate training images randomly by up to N pixels (0: off)
         )
     )
     c.model = ml_collections.ConfigDict(dict(name="softmax"))
@@ -76,6 +77,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
     check(c.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(c.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
+    check(0 <= c.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")
     check(c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}")
     check(c.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(c.opt.lr > 0, "opt.lr", "must be positive")

@@ -190,6 +190,7 @@ class Run:
                     batch_idx[i],
                     self.dropout_rng,
                     sharding=self.sharding,
+                    shift=c.data.augment_shift,
                 )
             except FloatingPointError as e:  # raised under --debug-nans
                 raise Diverged(

@@ -140,18 +140,32 @@ def _split(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames="sharding")
-def train_batch(state, images, labels, idx, rng, sharding=None):
+def random_shift(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
+    """Translate each image by up to max_shift pixels each way (zero fill): pad, random crop."""
+    n, h, w, c = images.shape
+    m = max_shift
+    padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)))
+    offsets = jax.random.randint(rng, (n, 2), 0, 2 * m + 1)
+    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
+    return jax.vmap(crop)(padded, offsets)
+
+
+@partial(jax.jit, donate_argnums=0, static_argnames=("sharding", "shift"))
+def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     """train_step on images[idx], labels[idx]: device-resident uint8 data, sliced on the device.
 
     With `sharding` (a NamedSharding splitting the batch over a mesh), each device computes its
     part of the batch; gradients and batch-norm statistics are those of the whole batch.
+    `shift` > 0 translates each image randomly by up to that many pixels (augmentation).
 
     One call per step. A lax.scan over many steps would save the dispatches, but XLA:CPU runs
     convolutions inside loop bodies several times slower (jax-ml/jax#12868): measured here,
     460 ms/step in a scan against 51 ms/step called one by one.
     """
-    batch = (_split(data.normalize(images[idx]), sharding), _split(labels[idx], sharding))
+    x = data.normalize(images[idx])
+    if shift:  # augmentation: its own key stream, a function of (rng, step) as dropout's
+        x = random_shift(x, jax.random.fold_in(jax.random.fold_in(rng, 1), state.step), shift)
+    batch = (_split(x, sharding), _split(labels[idx], sharding))
     return train_step(state, batch, rng)
 
 

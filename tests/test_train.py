@@ -130,3 +130,18 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters(mnist):
     assert "bf16" not in str(jax.make_jaxpr(train_step)(states["float32"], (x, y), jax.random.PRNGKey(1)))  # fmt: skip
     assert np.isfinite(losses["bfloat16"])
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_random_shift_translates_each_image_within_bounds(mnist):
+    x = data.normalize(mnist.train_images[:256])
+    out = train.random_shift(x, jax.random.PRNGKey(0), 2)
+    assert out.shape == x.shape
+    # MNIST digits sit inside a 4-pixel empty border: a shift of up to 2 keeps every stroke.
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), x.sum(axis=(1, 2, 3)), rtol=1e-5)
+    moved = [
+        next((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+             if np.array_equal(np.roll(x[i], (dy, dx), axis=(0, 1)), out[i]))
+        for i in range(len(x))
+    ]  # fmt: skip
+    assert len(set(moved)) == 25  # all 25 offsets drawn among 256 images
+    np.testing.assert_array_equal(out, train.random_shift(x, jax.random.PRNGKey(0), 2))
