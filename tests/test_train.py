@@ -145,3 +145,18 @@ def test_random_shift_translates_each_image_within_bounds(mnist):
     ]  # fmt: skip
     assert len(set(moved)) == 25  # all 25 offsets drawn among 256 images
     np.testing.assert_array_equal(out, train.random_shift(x, jax.random.PRNGKey(0), 2))
+
+
+def test_evaluate_counts_accuracy_exactly():
+    """9,950 right of 10,000 is 99.5%, not 99.49999%: a float32 mean would miss the target."""
+    import optax
+
+    def always_zero(variables, images, train):
+        return jnp.zeros((images.shape[0], 10)).at[:, 0].set(1.0)
+
+    state = train.TrainState.create(apply_fn=always_zero, params={}, batch_stats={}, tx=optax.identity())  # fmt: skip
+    labels = np.r_[np.zeros(9950, np.int32), np.ones(50, np.int32)]
+    images = np.zeros((10_000, 28, 28, 1), np.uint8)
+    out = train.evaluate(state, images, labels)
+    assert float(out["accuracy"]) >= 0.995
+    assert int((out["predictions"] == labels).sum()) == 9950
