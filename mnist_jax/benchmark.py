@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from mnist_jax import data, train
+from mnist_jax import data, loop, train
 
 
 def _peak_rss_mib() -> float:
@@ -212,15 +212,12 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
     With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
     reached the target as `reached_epoch`.
     """
-    ds = data.load(data_dir or config.data.dir or None)
-    train_x, train_y = ds.train_images, ds.train_labels
-    if config.data.train_limit:
-        train_x, train_y = train_x[: config.data.train_limit], train_y[: config.data.train_limit]
-    n, b = len(train_x), config.batch_size
+    arrays = loop.split_data(data.load(data_dir or config.data.dir or None), config)
+    n, b = len(arrays[0]), config.batch_size
     steps_per_epoch = n // b
     init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     state = train.create_train_state(config, init_rng, steps_per_epoch)
-    x, y, tx, ty = jax.device_put((train_x, train_y, ds.test_images, ds.test_labels))
+    x, y, tx, ty = jax.device_put(arrays)
     t = time.perf_counter()
     idx0 = np.zeros(b, np.int32)
     shift = config.data.augment_shift

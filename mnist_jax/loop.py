@@ -79,7 +79,6 @@ class Run:
         parallel.check_batch(config.batch_size, self.mesh)
         # None on one device: the single-device program, untouched.
         self.sharding = parallel.batch_sharding(self.mesh) if self.mesh.size > 1 else None
-        self.eval_batch = train.eval_batch_size(self.mesh.size)
         self.primary = parallel.is_primary()
         arrays = split_data(data.load(config.data.dir or None), config)
         if self.primary:
@@ -124,8 +123,8 @@ class Run:
         self.last_epoch = saved["last_epoch"]
         if saved["partial"]:
             self.partial = {k: np.asarray(v, np.float32) for k, v in saved["partial"].items()}
-        self.writer.truncate(self.last_epoch, self.step_count())
         step = self.step_count()
+        self.writer.truncate(self.last_epoch, step)
         if self.primary:
             print(
                 f"Resumed {self.workdir} at step {step} "
@@ -255,9 +254,7 @@ class Run:
         return self.state
 
     def _end_epoch(self, epoch: int, t0: float) -> None:
-        ev = train.evaluate(
-            self.state, self.test_x, self.test_y, batch_size=self.eval_batch, sharding=self.sharding
-        )
+        ev = train.evaluate(self.state, self.test_x, self.test_y, sharding=self.sharding)
         ev = parallel.to_host({"loss": ev["loss"], "accuracy": ev["accuracy"]})
         p = self.partial
         row = {

@@ -35,6 +35,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, epochs:
     (cosine) to opt.lr / 1000 at its end (optax.cosine_onecycle_schedule): the speedrun's.
     `inject_hyperparams` keeps the learning rate actually used in the optimizer state, for logging.
     """
+    # .get: config.json of runs from before these fields (experiments/report.py reads them)
     if opt.get("schedule", "exponential") == "onecycle":
         schedule = optax.cosine_onecycle_schedule(
             transition_steps=epochs * steps_per_epoch,
@@ -169,14 +170,14 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     return train_step(state, batch, rng)
 
 
-def eval_batch_size(devices: int = 1, target: int = 1000) -> int:
-    """About `target`, and a multiple of the device count so that batches split evenly."""
-    return -(-target // devices) * devices
-
-
 @partial(jax.jit, static_argnames=("batch_size", "sharding"))
 def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> dict[str, jax.Array]:
-    """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call."""
+    """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call.
+
+    With `sharding`, batch_size is rounded up to a multiple of the device count.
+    """
+    if sharding is not None:
+        batch_size = -(-batch_size // sharding.mesh.size) * sharding.mesh.size
     n = images.shape[0]
     pad = -n % batch_size
     images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
