@@ -88,13 +88,14 @@ def worker(args) -> None:
               "(pip install -e '.[bench]')")  # fmt: skip
         raise SystemExit(EXIT_MISSING)
     data_dir = args.data_dir or None
+    config = conv_bn.get_config()
+    config.batch_size, config.seed = args.batch, args.seed
     if args.worker == "mnist_jax":
-        config = conv_bn.get_config()
-        config.batch_size, config.seed = args.batch, args.seed
         result = benchmark.measure_ours(config, data_dir, args.windows, args.window_images)
+    elif args.worker == "keras":
+        result = benchmark.measure_keras(config, data_dir, args.windows, args.window_images)
     else:
-        measure = getattr(benchmark, f"measure_{'torch' if args.worker == 'pytorch' else 'keras'}")
-        result = measure(args.batch, data_dir, args.windows, args.window_images)
+        result = benchmark.measure_torch(args.batch, data_dir, args.windows, args.window_images)
     print(json.dumps(result))
 
 

@@ -18,6 +18,8 @@ Measured (2-core CPU, commit 826e91b): final test accuracy 99.47%, best 99.52% (
 from experiments import conv
 from mnist_jax import cli
 
+TARGET = 0.994  # final test accuracy after 10 epochs (issue #2); best epoch >= 99.5% too
+
 
 def get_config():
     c = conv.get_config()

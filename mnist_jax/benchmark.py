@@ -76,45 +76,121 @@ def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
             state, m = step(state, x, y, idx[i], rng)
         jax.block_until_ready((state, m))
         seconds.append(time.perf_counter() - t)
-    return _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
+    summary = _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
+    summary["device"] = jax.default_backend()
+    return summary
 
 
-def measure_keras(batch: int, data_dir, windows: int, window_images: int) -> dict:
-    """The codelab's keras_05 model, trained by Keras 3's `fit` on the JAX backend."""
+def _keras():
     import os
 
-    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
+
+    return keras
+
+
+def keras_model(model: dict):
+    """A stage's model (its config.model) in Keras 3, layer for layer as the codelab builds it."""
+    keras = _keras()
     from keras import layers as l
 
     def bn():
         return l.BatchNormalization(center=True, scale=False, momentum=0.99, epsilon=1e-3)
 
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            l.Conv2D(12, 3, padding="same", use_bias=False),
-            bn(),
-            l.Activation("relu"),
-            l.Conv2D(24, 6, strides=2, padding="same", use_bias=False),
-            bn(),
-            l.Activation("relu"),
-            l.Conv2D(32, 6, strides=2, padding="same", use_bias=False),
-            bn(),
-            l.Activation("relu"),
-            l.Flatten(),
-            l.Dense(200, use_bias=False),
-            bn(),
-            l.Activation("relu"),
-            l.Dropout(0.3),
-            l.Dense(10, activation="softmax"),
-        ]
+    layers = [keras.Input((28, 28, 1))]
+    if model["name"] == "conv":
+        norm = model["batch_norm"]
+        act = "linear" if norm else "relu"
+        for c, k, s in zip(model["channels"], model["kernels"], model["strides"], strict=True):
+            layers.append(l.Conv2D(c, k, strides=s, padding="same", use_bias=not norm, activation=act))  # fmt: skip
+            layers += [bn(), l.Activation("relu")] if norm else []
+        layers += [l.Flatten(), l.Dense(model["dense"], use_bias=not norm, activation=act)]
+        layers += [bn(), l.Activation("relu")] if norm else []
+        layers += [l.Dropout(model["dropout"])] if model["dropout"] else []
+    else:
+        layers.append(l.Flatten())
+        for n in model.get("features", ()):
+            layers.append(l.Dense(n, activation=model["activation"]))
+            layers += [l.Dropout(model["dropout"])] if model["dropout"] else []
+    layers.append(l.Dense(10))  # logits: the loss applies the softmax (see _keras_compiled)
+    return keras.Sequential(layers)
+
+
+def keras_variables(model) -> dict:
+    """A keras_model's weights as our model's variables ({"params", "batch_stats"}), by layer order."""
+    params, stats, seen = {}, {}, {}
+    flax_name = {"Conv2D": "Conv", "Dense": "Dense", "BatchNormalization": "BatchNorm"}
+    for layer in model.layers:
+        kind = flax_name.get(type(layer).__name__)
+        if kind is None:
+            continue
+        name = f"{kind}_{seen.setdefault(kind, 0)}"
+        seen[kind] += 1
+        w = {v.path.rsplit("/", 1)[-1]: np.asarray(v.value) for v in layer.weights}
+        if kind == "BatchNorm":
+            params[name] = {"bias": w["beta"]}
+            stats[name] = {"mean": w["moving_mean"], "var": w["moving_variance"]}
+        else:
+            params[name] = {k: w[k] for k in ("kernel", "bias") if k in w}
+    return {"params": params, "batch_stats": stats}
+
+
+def _keras_compiled(config):
+    keras = _keras()
+    keras.utils.set_random_seed(config.seed)
+    model = keras_model(config.model.to_dict())
+    opt = (
+        keras.optimizers.Adam(config.opt.lr, epsilon=train.ADAM_EPS)
+        if config.opt.name == "adam"
+        else keras.optimizers.SGD(config.opt.lr)
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(0.01, epsilon=1e-7),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    # The codelab's softmax layer + categorical_crossentropy: TF-Keras 2, which it ran, computed
+    # that loss from the logits under the softmax. Keras 3 on JAX would clip probabilities to
+    # [1e-7, 1 - 1e-7] instead, and confident examples would stop giving gradients.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(opt, loss=loss, metrics=["accuracy"])
+    return keras, model
+
+
+def keras_train(config, data_dir=None) -> dict:
+    """Train `config`'s stage with Keras 3 (JAX backend) the codelab's way; the reference.
+
+    `model.fit` on the same /256 pixels, batch size, epochs, optimizer and per-epoch
+    `LearningRateScheduler` (lr * decay^epoch), with Keras's own initialisers and shuffling, and
+    its seed from config.seed. One difference from the notebooks: they batch a tf.data pipeline
+    with drop_remainder (468 steps of 128); `fit` on arrays also trains the last 96 images.
+    Returns the test accuracy after each epoch, in time_to_accuracy's format.
+    """
+    keras, model = _keras_compiled(config)
+    x, y, tx, ty = loop.split_data(data.load(data_dir or config.data.dir or None), config)
+    lr, decay = config.opt.lr, config.opt.decay
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
+    start = time.perf_counter()
+    fit = model.fit(
+        np.asarray(data.normalize(x)), y.astype(np.int32), batch_size=config.batch_size,
+        epochs=config.epochs, shuffle=True, verbose=0, callbacks=[schedule],
+        validation_data=(np.asarray(data.normalize(tx)), ty.astype(np.int32)),
+        validation_batch_size=1000,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    accs = [float(a) for a in fit.history["val_accuracy"]]
+    return {
+        "stage": config.name,
+        "framework": f"keras {keras.__version__} ({keras.backend.backend()})",
+        "seed": config.seed,
+        "epochs": len(accs),
+        "seconds": round(seconds, 2),  # compilation included: fit compiles on its first step
+        "val_accuracy": accs[-1],
+        "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
+        "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+    }
+
+
+def measure_keras(config, data_dir, windows: int, window_images: int) -> dict:
+    """The same model (keras_model), trained by Keras 3's `fit` on the JAX backend."""
+    keras, model = _keras_compiled(config)
+    batch = config.batch_size
     images, labels = _train_arrays(data_dir)
     x = data.normalize(images)
     steps = window_steps_for(batch, window_images)
@@ -134,6 +210,7 @@ def measure_keras(batch: int, data_dir, windows: int, window_images: int) -> dic
     seconds = [stamps[3 + (w + 1) * steps] - stamps[3 + w * steps] for w in range(windows)]
     summary = _summary("keras", f"keras {keras.__version__} (jax)", batch, first, seconds, steps)
     summary["trainable_params"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+    summary["device"] = jax.default_backend()
     return summary
 
 
@@ -167,14 +244,16 @@ def torch_model():
 
 
 def measure_torch(batch: int, data_dir, windows: int, window_images: int) -> dict:
-    """The same model in PyTorch (CPU), a plain eager training loop over in-memory tensors."""
+    """The same model in PyTorch, a plain eager loop over tensors on its device (GPU if any)."""
     model, torch = torch_model()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 0.01, eps=1e-7)
     images, labels = _train_arrays(data_dir)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
-    y = torch.from_numpy(labels.astype(np.int64))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 NCHW
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
     steps = window_steps_for(batch, window_images)
-    idx = torch.from_numpy(_indices(len(images), batch, 4 + windows * steps))
+    idx = torch.from_numpy(_indices(len(images), batch, 4 + windows * steps)).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
 
@@ -187,10 +266,11 @@ def measure_torch(batch: int, data_dir, windows: int, window_images: int) -> dic
         return loss
 
     t = time.perf_counter()
-    step(0)
+    step(0).item()  # .item() waits for the device
     first = time.perf_counter() - t
     for i in range(1, 4):
-        step(i)
+        loss = step(i)
+    loss.item()
     seconds = []
     for w in range(windows):
         t = time.perf_counter()
@@ -201,6 +281,7 @@ def measure_torch(batch: int, data_dir, windows: int, window_images: int) -> dic
     summary = _summary("pytorch", f"torch {torch.__version__}", batch, first, seconds, steps)
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["threads"] = torch.get_num_threads()
+    summary["device"] = device
     return summary
 
 

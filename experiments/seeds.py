@@ -1,0 +1,122 @@
+"""Seed study: a stage trained with several seeds; each seed's result, the mean and the spread.
+
+A seed is one draw of initial weights, data order and dropout masks. On MNIST a stage's final
+test accuracy moves by a few tenths of a percent from seed to seed: as much as many changes a
+researcher wants to measure, so compare means over seeds, not single runs.
+
+  python -m experiments.seeds conv --seeds 10 --data-dir ../shared/data/mnist
+  python -m experiments.seeds conv --seeds 10 --framework keras     # the recipe in Keras 3
+
+Seed S trains exactly what `python -m experiments.<stage> --seed S` trains (same weights, batch
+order and dropout keys), without checkpoints or logs, and is evaluated on all 10,000 test images
+after every epoch. `--framework keras` trains the stage's model and recipe with Keras 3's `fit`
+(mnist_jax.benchmark.keras_train): the reference for whether this port trains as well as the
+codelab's own code. The target is the stage's TARGET (final test accuracy), or --target.
+Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
+"""
+
+import importlib
+import importlib.util
+import statistics
+
+from mnist_jax import cli
+
+FRAMEWORKS = ("mnist_jax", "keras")
+
+
+def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
+          data_dir=None, train_limit=0) -> dict:  # fmt: skip
+    """Train `get_config()` once per seed; print a line per seed; return every run and summary."""
+    from mnist_jax import benchmark
+    from mnist_jax.config import validate
+
+    runs = []
+    for seed in seeds:
+        config = get_config()
+        config.name, config.seed = name, seed
+        if epochs is not None:
+            config.epochs = epochs
+        config.data.train_limit = train_limit
+        validate(config)
+        if framework == "keras":
+            r = benchmark.keras_train(config, data_dir)
+        else:
+            r = benchmark.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
+        best = max(r["history"], key=lambda h: h["val_accuracy"])
+        r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]
+        runs.append(r)
+        line = (f"seed {seed}: final {r['val_accuracy']:.2%}, best {best['val_accuracy']:.2%} "
+                f"(epoch {best['epoch']}), {r['epochs']} epochs in {r['seconds']:.1f}s")  # fmt: skip
+        if target:
+            first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)
+            line += f"; {target:.2%} first at epoch {first}" if first else f"; {target:.2%} not reached"  # fmt: skip
+        print(line, flush=True)
+    final = [r["val_accuracy"] for r in runs]
+    summary = {
+        "stage": name,
+        "framework": framework,
+        "seeds": list(seeds),
+        "epochs": runs[0]["epochs"],
+        "target": target,
+        "mean_accuracy": statistics.mean(final),
+        "std_accuracy": statistics.stdev(final) if len(final) > 1 else 0.0,
+        "min_accuracy": min(final),
+        "max_accuracy": max(final),
+        "mean_best_accuracy": statistics.mean(r["best_accuracy"] for r in runs),
+        "reached": sum(a >= target for a in final) if target else None,
+        "mean_seconds": statistics.mean(r["seconds"] for r in runs),
+        "runs": runs,
+    }
+    s = summary
+    line = (f"{name} ({framework}) over {len(runs)} seeds: final {s['mean_accuracy']:.2%} mean, "
+            f"{s['std_accuracy']:.2%} std, {s['min_accuracy']:.2%} to {s['max_accuracy']:.2%}; "
+            f"best epoch {s['mean_best_accuracy']:.2%} mean")  # fmt: skip
+    if target:
+        line += f"; {s['reached']} of {len(runs)} final at or above {target:.2%}"
+    print(line + f"; {s['mean_seconds']:.1f}s each")
+    return summary
+
+
+def main(argv=None):
+    from mnist_jax.config import ConfigError
+    from mnist_jax.data import DataError
+
+    p = cli.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
+    p.add_argument("stage", help="a module in experiments/, e.g. conv")
+    p.add_argument("--seeds", type=int, default=5, help="how many seeds (default 5)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds start here (default 0)")
+    p.add_argument("--epochs", type=int, help="default: the stage's")
+    p.add_argument("--target", type=float, default=0.0, help="default: the stage's TARGET")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax")
+    p.add_argument("--data-dir", default="", help="IDX directory (default $MNIST_DATA_DIR)")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images")
+    p.add_argument("--json", default="", help="default runs/seeds_<stage>[_keras].json")
+    args = p.parse_args(argv)
+    try:
+        stage = importlib.import_module(f"experiments.{args.stage}")
+        stage.get_config
+    except (ImportError, AttributeError):
+        p.error(f"stage: no stage named {args.stage!r} in experiments/")
+    if args.seeds < 1:
+        p.error(f"--seeds: must be at least 1, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs: must be at least 1, got {args.epochs}")
+    if args.train_limit < 0:
+        p.error(f"--train-limit: must be 0 (all) or positive, got {args.train_limit}")
+    if not 0 <= args.target <= 1:
+        p.error(f"--target: a test accuracy in (0, 1], got {args.target}")
+    if args.framework == "keras" and importlib.util.find_spec("keras") is None:
+        p.error("--framework keras: keras is not installed (pip install -e '.[bench]')")
+    target = args.target or getattr(stage, "TARGET", None)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    try:
+        summary = study(stage.get_config, args.stage, seeds, args.epochs, target,
+                        args.framework, args.data_dir or None, args.train_limit)  # fmt: skip
+    except (ConfigError, DataError) as e:
+        cli.fail(str(e))
+    suffix = "_keras" if args.framework == "keras" else ""
+    cli.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
+
+
+if __name__ == "__main__":
+    main()

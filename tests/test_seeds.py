@@ -1,0 +1,61 @@
+"""experiments.seeds: a stage over several seeds, each the run the stage's own command trains."""
+
+import json
+
+import pytest
+
+from experiments import dense_relu, seeds
+from mnist_jax import cli, metrics
+
+LIMIT = ["--train-limit", "4096"]
+
+
+def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "seeds.json"
+    seeds.main(["dense_relu", "--seeds", "3", "--first-seed", "1", "--epochs", "2", *LIMIT,
+                "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert [run["seed"] for run in r["runs"]] == [1, 2, 3] and r["epochs"] == 2
+    final = [run["val_accuracy"] for run in r["runs"]]
+    assert len(set(final)) == 3  # the seeds differ
+    assert r["mean_accuracy"] == pytest.approx(sum(final) / 3)
+    assert r["min_accuracy"] == min(final) and r["max_accuracy"] == max(final)
+    assert r["target"] == dense_relu.TARGET and r["reached"] == sum(a >= 0.975 for a in final)
+    for run in r["runs"]:
+        assert run["best_accuracy"] == max(h["val_accuracy"] for h in run["history"])
+    printed = capsys.readouterr().out
+    assert "seed 2: final" in printed and "dense_relu (mnist_jax) over 3 seeds" in printed
+
+    # Seed 2 by the stage's own command: the same epochs, to the last bit.
+    work = tmp_path / "stage"
+    cli.run(dense_relu.get_config, ["--seed", "2", "--epochs", "2", "--data-train-limit", "4096",
+            "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(work)])  # fmt: skip
+    rows = metrics.read(work / "metrics.jsonl")
+    assert [row["val_accuracy"] for row in rows] == [h["val_accuracy"] for h in r["runs"][1]["history"]]  # fmt: skip
+
+
+def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
+    out = tmp_path / "keras.json"
+    seeds.main(["conv", "--seeds", "1", "--epochs", "1", "--framework", "keras", *LIMIT,
+                "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["framework"].startswith("keras 3") and run["trainable_params"] == 354_002
+    assert 0.8 < run["val_accuracy"] < 0.99  # 32 steps: learning, not there yet
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnet"], "stage: no stage named 'resnet' in experiments/"),
+        (["conv", "--seeds", "0"], "--seeds: must be at least 1, got 0"),
+        (["conv", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["conv", "--target", "99"], "--target: a test accuracy in (0, 1], got 99.0"),
+        (["conv", "--train-limit", "-5"], "--train-limit: must be 0 (all) or positive, got -5"),
+    ],
+)
+def test_bad_flags_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        seeds.main(args)
+    assert e.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
