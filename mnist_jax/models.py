@@ -167,6 +167,9 @@ class ConvNet(nn.Module):
             momentum=0.99,
             epsilon=1e-3,
             use_scale=False,
+            # Variance as mean((x - mean)^2), as Keras and TensorFlow compute it, not flax's
+            # one-pass mean(x^2) - mean^2, which loses digits when |mean| >> std.
+            use_fast_variance=False,
             dtype=self.dtype,  # statistics are still reduced in float32
         )
         for c, k, s in zip(self.channels, self.kernels, self.strides, strict=True):
