@@ -82,11 +82,18 @@ def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
 
 
 def _keras():
+    """Keras 3 on its JAX backend. Keras fixes its backend when first imported (TensorFlow, when
+    installed, is the default), so a process that imported it earlier must set KERAS_BACKEND=jax."""
     import os
 
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            f"keras was imported with its {keras.backend.backend()!r} backend before "
+            "mnist_jax.benchmark could choose JAX; set KERAS_BACKEND=jax"
+        )
     return keras
 
 

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Keras picks its backend when first imported, and TensorFlow (installed for TFDS) would be the
+# default: the Keras reference tests compare against Keras on JAX.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 from mnist_jax import data
 
 ROOT = Path(__file__).resolve().parents[1]
