@@ -42,8 +42,8 @@ def scale_by_keras_adam(
     """
 
     def init(params):
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+        zeros = optax.tree.zeros_like
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
 
     def update(updates, state, params=None):
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
