@@ -13,13 +13,18 @@ after every epoch. `--framework keras` trains the stage's model and recipe with 
 (mnist_jax.benchmark.keras_train): the reference for whether this port trains as well as the
 codelab's own code. The target is the stage's TARGET (final test accuracy), or --target.
 Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
+
+Each seed's line also says if the run collapsed (one class predicted for every test image, as
+about 1 conv run in 8 does) and, for mnist_jax runs, how many ReLU units of each hidden layer are
+0 on every test image (train.dead_units). The summary adds the median and, apart, the mean and
+spread of the runs that did not collapse.
 """
 
 import importlib
 import importlib.util
 import statistics
 
-from mnist_jax import cli
+from mnist_jax import cli, loop
 
 FRAMEWORKS = ("mnist_jax", "keras")
 
@@ -47,11 +52,18 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         runs.append(r)
         line = (f"seed {seed}: final {r['val_accuracy']:.2%}, best {best['val_accuracy']:.2%} "
                 f"(epoch {best['epoch']}), {r['epochs']} epochs in {r['seconds']:.1f}s")  # fmt: skip
+        if r["collapsed_to"] is not None:
+            line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
+        if r.get("dead_units"):  # Keras runs do not count them
+            line += f"; dead units: {loop.format_dead(r['dead_units'])}"
         if target:
             first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)
             line += f"; {target:.2%} first at epoch {first}" if first else f"; {target:.2%} not reached"  # fmt: skip
         print(line, flush=True)
     final = [r["val_accuracy"] for r in runs]
+    # A collapsed run (one class for every image) drags a mean down by 9 points: the median, and
+    # the mean and spread of the others, say more of what the recipe usually gives.
+    kept = [r["val_accuracy"] for r in runs if r["collapsed_to"] is None]
     summary = {
         "stage": name,
         "framework": framework,
@@ -60,6 +72,10 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         "target": target,
         "mean_accuracy": statistics.mean(final),
         "std_accuracy": statistics.stdev(final) if len(final) > 1 else 0.0,
+        "median_accuracy": statistics.median(final),
+        "collapsed": len(final) - len(kept),
+        "mean_accuracy_not_collapsed": statistics.mean(kept) if kept else None,
+        "std_accuracy_not_collapsed": statistics.stdev(kept) if len(kept) > 1 else None,
         "min_accuracy": min(final),
         "max_accuracy": max(final),
         "mean_best_accuracy": statistics.mean(r["best_accuracy"] for r in runs),
@@ -71,6 +87,11 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
     line = (f"{name} ({framework}) over {len(runs)} seeds: final {s['mean_accuracy']:.2%} mean, "
             f"{s['std_accuracy']:.2%} std, {s['min_accuracy']:.2%} to {s['max_accuracy']:.2%}; "
             f"best epoch {s['mean_best_accuracy']:.2%} mean")  # fmt: skip
+    line += f"; median {s['median_accuracy']:.2%}"
+    if s["collapsed"]:
+        line += f"; {s['collapsed']} collapsed"
+        if kept:
+            line += f", the others {s['mean_accuracy_not_collapsed']:.2%} mean"
     if target:
         line += f"; {s['reached']} of {len(runs)} final at or above {target:.2%}"
     print(line + f"; {s['mean_seconds']:.1f}s each")

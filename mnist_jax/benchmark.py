@@ -182,6 +182,7 @@ def keras_train(config, data_dir=None) -> dict:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     accs = [float(a) for a in fit.history["val_accuracy"]]
+    predictions = model.predict(np.asarray(data.normalize(tx)), batch_size=1000, verbose=0)
     return {
         "stage": config.name,
         "framework": f"keras {keras.__version__} ({keras.backend.backend()})",
@@ -191,6 +192,7 @@ def keras_train(config, data_dir=None) -> dict:
         "val_accuracy": accs[-1],
         "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        "collapsed_to": loop.collapsed_to(np.argmax(predictions, -1)),
     }
 
 
@@ -317,7 +319,8 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
         batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
         for i in range(steps_per_epoch):
             state, _ = step(state, x, y, batches[i], dropout_rng)  # shift is compiled in
-        accuracy = float(evaluate(state, tx, ty)["accuracy"])
+        out = evaluate(state, tx, ty)
+        accuracy = float(out["accuracy"])
         history.append(
             {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}
         )
@@ -336,5 +339,7 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
         "val_accuracy": history[-1]["val_accuracy"],
         "reached_epoch": first["epoch"] if first else None,
         "reached_seconds": round(first["seconds"], 2) if first else None,
+        "collapsed_to": loop.collapsed_to(out["predictions"]),  # the one class predicted, if so
+        "dead_units": train.dead_units(state, tx),  # relu units 0 on every test image, per layer
         "history": history,
     }

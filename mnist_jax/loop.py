@@ -7,6 +7,7 @@ included, ends bit for bit as the uninterrupted run (tests/test_resume.py kills 
 """
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,28 @@ from mnist_jax import checkpoint, data, metrics, models, parallel, train
 from mnist_jax.config import ConfigError, validate
 
 STEP_KEYS = ("loss", "accuracy", "learning_rate")
+
+
+def collapsed_to(predictions) -> int | None:
+    """The class predicted for every example when a model has collapsed to one; else None."""
+    counts = np.bincount(np.asarray(predictions).ravel())
+    return int(counts.argmax()) if counts.max() == counts.sum() else None
+
+
+def format_dead(dead: dict[str, tuple[int, int]]) -> str:
+    """train.dead_units' counts as 'hidden_0 0/12, hidden_1 21/24, ...'."""
+    return ", ".join(f"{k} {d}/{n}" for k, (d, n) in dead.items())
+
+
+def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict) -> str:
+    # Seen in the conv stages: Adam's first steps at lr 0.01 move every weight by about 0.01 at
+    # once and kill ReLUs wholesale; in about 1 seed in 8 a whole layer dies. None recovered.
+    return (
+        f"warning: epoch {epoch}: the model predicts class {label} for every test image "
+        f"(val_acc {accuracy:.2%}); dead ReLU units (0 on every test image): "
+        f"{format_dead(dead) or 'none'}. A layer all dead passes neither signal nor gradient: "
+        "try another --seed or a smaller --opt-lr"
+    )
 
 
 class Diverged(Exception):
@@ -106,6 +129,7 @@ class Run:
         self.writer = metrics.Writer(self.workdir) if self.primary else metrics.NullWriter()
         self.partial = {k: np.zeros(0, np.float32) for k in STEP_KEYS}
         self.last_epoch = None
+        self.warned_collapse = False
         self._resume()
         self.train_x, self.train_y, self.test_x, self.test_y = parallel.put_replicated(
             arrays, self.mesh
@@ -255,7 +279,7 @@ class Run:
 
     def _end_epoch(self, epoch: int, t0: float) -> None:
         ev = train.evaluate(self.state, self.test_x, self.test_y, sharding=self.sharding)
-        ev = parallel.to_host({"loss": ev["loss"], "accuracy": ev["accuracy"]})
+        ev = parallel.to_host(ev)
         p = self.partial
         row = {
             "epoch": epoch + 1,
@@ -279,6 +303,13 @@ class Run:
                 f"  {row['seconds']:.1f}s",
                 flush=True,
             )
+            label = collapsed_to(ev["predictions"])
+            if label is not None and not self.warned_collapse:
+                dead = train.dead_units(self.state, self.test_x)
+                print(
+                    collapse_warning(epoch + 1, label, row["val_accuracy"], dead), file=sys.stderr
+                )
+                self.warned_collapse = True
 
     def _stop(self, signum: int) -> None:
         self._close()

@@ -114,6 +114,16 @@ Conv = partial(
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 
 
+def _sow_hidden(module: nn.Module, i: int, x: jnp.ndarray) -> None:
+    """Keep hidden layer i's activations as intermediates/hidden_<i>, when asked for.
+
+    A no-op unless `apply` is given mutable=["intermediates"] (train.dead_units does), and skipped
+    at init so that the initial variables hold only params and batch_stats.
+    """
+    if not module.is_initializing():
+        module.sow("intermediates", f"hidden_{i}", x)
+
+
 class Softmax(nn.Module):
     """Stage 1: one dense layer, 784 -> 10."""
 
@@ -136,8 +146,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = x.reshape((x.shape[0], -1))
-        for n in self.features:
+        for i, n in enumerate(self.features):
             x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
+            _sow_hidden(self, i, x)
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
@@ -172,12 +183,14 @@ class ConvNet(nn.Module):
             use_fast_variance=False,
             dtype=self.dtype,  # statistics are still reduced in float32
         )
-        for c, k, s in zip(self.channels, self.kernels, self.strides, strict=True):
+        for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
             x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
+            _sow_hidden(self, i, x)
         x = x.reshape((x.shape[0], -1))
         x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)
         x = nn.relu(norm()(x) if bn else x)
+        _sow_hidden(self, len(self.channels), x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)

@@ -237,6 +237,28 @@ def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> di
     }
 
 
+@jax.jit
+def _alive(state, images):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, out = state.apply_fn(
+        variables, data.normalize(images), train=False, mutable=["intermediates"]
+    )
+    return {k: (a.reshape(-1, a.shape[-1]) > 0).any(0) for k, (a,) in out["intermediates"].items()}
+
+
+def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
+    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image.
+
+    A dead ReLU passes no gradient, so it stays dead; a layer all dead passes nothing on, and the
+    net predicts one class for every image: the collapse the training loop warns of.
+    """
+    alive = None
+    for start in range(0, len(images), batch_size):
+        a = _alive(state, images[start : start + batch_size])
+        alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
+    return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Train and evaluate `config` in `workdir`, resuming from its checkpoints (see loop.py)."""
     from mnist_jax import loop

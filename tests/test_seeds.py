@@ -59,3 +59,21 @@ def test_bad_flags_are_one_line(args, message, capsys):
     assert e.value.code == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_collapsed_runs_are_counted_apart(mnist_dir, tmp_path, capsys):
+    # On 2,560 images conv's seed 21 collapses at its second step (see test_loop_warns_of_a_collapse).
+    out = tmp_path / "seeds.json"
+    seeds.main(["conv", "--seeds", "2", "--first-seed", "20", "--epochs", "1", "--train-limit",
+                "2560", "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    ok, collapsed = r["runs"]
+    assert ok["collapsed_to"] is None and ok["val_accuracy"] > 0.8
+    assert collapsed["collapsed_to"] == 1 and collapsed["val_accuracy"] == pytest.approx(0.1135)
+    assert any(d == n for d, n in collapsed["dead_units"].values())  # a whole layer died
+    assert all(d < n for d, n in ok["dead_units"].values())
+    assert r["collapsed"] == 1 and r["mean_accuracy_not_collapsed"] == ok["val_accuracy"]
+    assert r["median_accuracy"] == pytest.approx((ok["val_accuracy"] + 0.1135) / 2)
+    printed = capsys.readouterr().out
+    assert "seed 21: final 11.35%" in printed and "predicts class 1 for every test image" in printed
+    assert "; 1 collapsed, the others" in printed
