@@ -243,7 +243,8 @@ def _alive(state, images):
     _, out = state.apply_fn(
         variables, data.normalize(images), train=False, mutable=["intermediates"]
     )
-    return {k: (a.reshape(-1, a.shape[-1]) > 0).any(0) for k, (a,) in out["intermediates"].items()}
+    hidden = out.get("intermediates", {})  # none in the one-layer softmax
+    return {k: (a.reshape(-1, a.shape[-1]) > 0).any(0) for k, (a,) in hidden.items()}
 
 
 def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:

@@ -72,7 +72,10 @@ def test_evaluate_command_writes_eval_json(two_epoch_run, capsys):
     workdir, _ = two_epoch_run
     evaluate.main(["--workdir", str(workdir), "--step", "20"])
     saved = json.loads((workdir / "eval.json").read_text())
-    assert saved["step"] == 20 and f"{saved['accuracy']:.2%}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert saved["step"] == 20 and f"{saved['accuracy']:.2%}" in out
+    assert [n for _, n in saved["dead_units"].values()] == [12, 24, 32, 200]
+    assert f"hidden_1 {saved['dead_units']['hidden_1'][0]}/24" in out
 
 
 def test_resumed_run_equals_uninterrupted_run(mnist_dir, two_epoch_run, tmp_path):
