@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on the test set: `python -m mnist_jax.evaluate --workdir DIR`.
 
-Restores only the model variables (no optimizer state), prints accuracy and loss, and how many
-ReLU units of each hidden layer are dead (0 on every test image), and writes WORKDIR/eval.json. The accuracy equals the val_accuracy logged for that epoch: same data, same
-`train.evaluate`.
+Restores only the model variables (no optimizer state), prints accuracy, loss and how many ReLU
+units of each hidden layer are dead (0 on every test image), and writes WORKDIR/eval.json. The
+accuracy equals the val_accuracy logged for that epoch: same data, same `train.evaluate`.
 """
 
 import json
@@ -13,16 +13,12 @@ import jax
 from mnist_jax import checkpoint, cli, data, loop, train
 
 
-def _test_set(restored: checkpoint.Restored, data_dir: str | None):
+def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
+    """(test images, labels, `train.evaluate` output) of a restored run on its own test images."""
     cfg = restored.config
     ds = data.load(data_dir or cfg.data.dir or None)
     limit = cfg.data.test_limit or None
-    return ds.test_images[:limit], ds.test_labels[:limit]
-
-
-def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
-    """(test images, labels, `train.evaluate` output) of a restored run on its own test images."""
-    test_x, test_y = _test_set(restored, data_dir)
+    test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
     out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return test_x, test_y, out
 
@@ -30,15 +26,14 @@ def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None
 def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: int | None = None):
     """Metrics of checkpoint `step` (default latest) on the run's test images."""
     restored = checkpoint.restore(workdir, step)
-    test_x, test_y = jax.device_put(_test_set(restored, data_dir))
-    state = train.inference_state(restored)
-    out = train.evaluate(state, test_x, test_y)
+    test_x, test_y, out = evaluate_restored(restored, data_dir)
     return {
         "step": restored.step,
         "accuracy": float(out["accuracy"]),
         "loss": float(out["loss"]),
         "num_examples": len(test_y),
-        "dead_units": train.dead_units(state, test_x),  # {hidden layer: [dead, units]}
+        # {hidden layer: [dead, units]}
+        "dead_units": train.dead_units(train.inference_state(restored), test_x),
     }
 
 

@@ -303,13 +303,15 @@ class Run:
                 f"  {row['seconds']:.1f}s",
                 flush=True,
             )
-            label = collapsed_to(ev["predictions"])
-            if label is not None and not self.warned_collapse:
-                dead = train.dead_units(self.state, self.test_x)
+        label = collapsed_to(ev["predictions"])
+        if label is not None and not self.warned_collapse:
+            # Every process: dead_units runs a jitted program over the (global) test arrays.
+            dead = train.dead_units(self.state, self.test_x)
+            if self.primary:
                 print(
                     collapse_warning(epoch + 1, label, row["val_accuracy"], dead), file=sys.stderr
                 )
-                self.warned_collapse = True
+            self.warned_collapse = True
 
     def _stop(self, signum: int) -> None:
         self._close()

@@ -114,16 +114,6 @@ Conv = partial(
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 
 
-def _sow_hidden(module: nn.Module, i: int, x: jnp.ndarray) -> None:
-    """Keep hidden layer i's activations as intermediates/hidden_<i>, when asked for.
-
-    A no-op unless `apply` is given mutable=["intermediates"] (train.dead_units does), and skipped
-    at init so that the initial variables hold only params and batch_stats.
-    """
-    if not module.is_initializing():
-        module.sow("intermediates", f"hidden_{i}", x)
-
-
 class Softmax(nn.Module):
     """Stage 1: one dense layer, 784 -> 10."""
 
@@ -148,7 +138,7 @@ class MLP(nn.Module):
         x = x.reshape((x.shape[0], -1))
         for i, n in enumerate(self.features):
             x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
-            _sow_hidden(self, i, x)
+            self.sow("intermediates", f"hidden_{i}", x)  # for train.dead_units
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
@@ -186,11 +176,13 @@ class ConvNet(nn.Module):
         for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
             x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
-            _sow_hidden(self, i, x)
+            # Kept only when apply asks for mutable=["intermediates"] (train.dead_units does);
+            # flax's init leaves that collection out.
+            self.sow("intermediates", f"hidden_{i}", x)
         x = x.reshape((x.shape[0], -1))
         x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)
         x = nn.relu(norm()(x) if bn else x)
-        _sow_hidden(self, len(self.channels), x)
+        self.sow("intermediates", f"hidden_{len(self.channels)}", x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)

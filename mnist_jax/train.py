@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoint, data, models
+from mnist_jax import checkpoint, data, models, parallel
 
 ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
 NUM_TRAIN = 60_000  # MNIST's training set size: the default for sizing the lr schedule
@@ -257,6 +257,7 @@ def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, in
     for start in range(0, len(images), batch_size):
         a = _alive(state, images[start : start + batch_size])
         alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
+    alive = parallel.to_host(alive)  # also when the arrays span other processes' devices
     return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
 
 
