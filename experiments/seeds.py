@@ -15,9 +15,9 @@ codelab's own code. The target is the stage's TARGET (final test accuracy), or -
 Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
 
 Each seed's line also says if the run collapsed (one class predicted for every test image, as
-about 1 conv run in 8 does) and, for mnist_jax runs, how many ReLU units of each hidden layer are
-0 on every test image (train.dead_units). The summary adds the median and, apart, the mean and
-spread of the runs that did not collapse.
+about 1 conv run in 8 does) and how many ReLU units of each hidden layer are 0 on every test image
+(train.dead_units; benchmark.keras_dead_units for Keras runs). The summary adds the median and,
+apart, the mean and spread of the runs that did not collapse.
 """
 
 import importlib
@@ -54,7 +54,7 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
                 f"(epoch {best['epoch']}), {r['epochs']} epochs in {r['seconds']:.1f}s")  # fmt: skip
         if r["collapsed_to"] is not None:
             line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
-        if r.get("dead_units"):  # Keras runs do not count them
+        if r.get("dead_units"):  # none in the one-layer softmax
             line += f"; dead units: {loop.format_dead(r['dead_units'])}"
         if target:
             first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)

@@ -160,6 +160,26 @@ def _keras_compiled(config):
     return keras, model
 
 
+def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
+    """train.dead_units for a keras_model: per hidden activation, units 0 on every image.
+
+    Hidden activations are the outputs of the layers with a nonlinearity (a Conv2D or Dense with
+    activation="relu", or an Activation after batch norm), named hidden_0, hidden_1, ... in order,
+    as our models sow them.
+    """
+    keras = _keras()
+    linear = keras.activations.get("linear")
+    hidden = [layer.output for layer in model.layers if getattr(layer, "activation", linear) is not linear]  # fmt: skip
+    if not hidden:
+        return {}
+    acts = keras.Model(model.inputs, hidden).predict(
+        np.asarray(data.normalize(images)), batch_size=batch_size, verbose=0
+    )
+    acts = acts if isinstance(acts, list) else [acts]
+    alive = [(a.reshape(-1, a.shape[-1]) > 0).any(0) for a in acts]
+    return {f"hidden_{i}": (int((~a).sum()), int(a.size)) for i, a in enumerate(alive)}
+
+
 def keras_train(config, data_dir=None) -> dict:
     """Train `config`'s stage with Keras 3 (JAX backend) the codelab's way; the reference.
 
@@ -193,6 +213,7 @@ def keras_train(config, data_dir=None) -> dict:
         "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
         "collapsed_to": loop.collapsed_to(np.argmax(predictions, -1)),
+        "dead_units": keras_dead_units(model, tx),  # as time_to_accuracy's, on the test images
     }
 
 

@@ -73,3 +73,23 @@ def test_same_steps_as_keras_fit(get_config, loss_rtol, weight_rtol, mnist):
     for name, s in state.batch_stats.items():
         for k in ("mean", "var"):  # momentum 0.99 and the variance's formula
             np.testing.assert_allclose(s[k], keras_after["batch_stats"][name][k], rtol=5e-2, atol=1e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("get_config", [conv.get_config, conv_bn_without_dropout])
+def test_keras_dead_units_match_ours_on_the_same_weights(get_config, mnist):
+    # 10 Keras steps at lr 0.01 kill some ReLUs (conv) or none (batch norm); both counters must
+    # see the same units, layer by layer, on the same images.
+    config = get_config()
+    keras, model = benchmark._keras_compiled(config)
+    x, y = mnist.train_images[:1280], mnist.train_labels[:1280]
+    model.fit(np.asarray(data.normalize(x)), y.astype(np.int32), batch_size=128, epochs=1,
+              shuffle=False, verbose=0)  # fmt: skip
+    state = train.create_train_state(config, jax.random.PRNGKey(0), 10)
+    variables = jax.tree.map(jax.numpy.asarray, benchmark.keras_variables(model))
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    images = mnist.test_images[:2000]
+    theirs = benchmark.keras_dead_units(model, images)
+    assert theirs == train.dead_units(state, images)
+    assert [n for _, n in theirs.values()] == [12, 24, 32, 200]
+    if not config.model.batch_norm:
+        assert sum(d for d, _ in theirs.values()) > 0  # some died: the comparison is not 0 == 0

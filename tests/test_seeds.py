@@ -41,6 +41,7 @@ def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
     run = json.loads(out.read_text())["runs"][0]
     assert run["framework"].startswith("keras 3") and run["trainable_params"] == 354_002
     assert 0.8 < run["val_accuracy"] < 0.99  # 32 steps: learning, not there yet
+    assert [n for _, n in run["dead_units"].values()] == [12, 24, 32, 200]
 
 
 @pytest.mark.parametrize(
