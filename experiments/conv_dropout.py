@@ -14,8 +14,8 @@ Measured (2-core CPU, commit 50e8fd9): final test accuracy 98.99%, best 99.00% (
   Seeds 0-9 (CPU, `python -m experiments.seeds conv_dropout --seeds 10`; seeds 0-5 ran at commit
   70d8bb9, 6-9 at b80e7c2, the same training code): 99.11% mean, 0.21% std, 99.17% median, 6 of 10
   at or over 99.1%. Seed 0 lost 19 of its second convolution's 24 channels, seed 6 (98.62%) 23
-  (README, "One seed is one draw"). Over 26 seeds on an H100 before
-  Keras's Adam: 3 collapsed to 11.35%, the others 99.11% mean; Keras's own fit: 99.10%.
+  (README, "One seed is one draw"). Over 26 seeds on an H100 before Keras's Adam: 3 collapsed to
+  11.35%, the others 99.11% mean; Keras's own fit: 99.10%.
 """
 
 from experiments import conv
