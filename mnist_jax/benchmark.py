@@ -176,8 +176,7 @@ def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[i
         np.asarray(data.normalize(images)), batch_size=batch_size, verbose=0
     )
     acts = acts if isinstance(acts, list) else [acts]
-    alive = [(a.reshape(-1, a.shape[-1]) > 0).any(0) for a in acts]
-    return {f"hidden_{i}": (int((~a).sum()), int(a.size)) for i, a in enumerate(alive)}
+    return train.dead_counts({f"hidden_{i}": train.fired(a) for i, a in enumerate(acts)})
 
 
 def keras_train(config, data_dir=None) -> dict:

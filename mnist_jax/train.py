@@ -244,7 +244,12 @@ def _alive(state, images):
         variables, data.normalize(images), train=False, mutable=["intermediates"]
     )
     hidden = out.get("intermediates", {})  # none in the one-layer softmax
-    return {k: (a.reshape(-1, a.shape[-1]) > 0).any(0) for k, (a,) in hidden.items()}
+    return {k: fired(a) for k, (a,) in hidden.items()}
+
+
+def fired(activations):
+    """Per unit (last axis), whether it is > 0 for any image or position: numpy or jax arrays."""
+    return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
 
 
 def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
@@ -257,7 +262,11 @@ def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, in
     for start in range(0, len(images), batch_size):
         a = _alive(state, images[start : start + batch_size])
         alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
-    alive = parallel.to_host(alive)  # also when the arrays span other processes' devices
+    return dead_counts(parallel.to_host(alive))  # to_host: arrays may span other processes
+
+
+def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
+    """{layer: (dead, units)} from {layer: bool array, True where a unit fired on some image}."""
     return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
 
 

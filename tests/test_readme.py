@@ -1,6 +1,5 @@
 """The README's Python examples run as written, on the real data: a user copies them first."""
 
-import json
 import math
 import re
 
@@ -8,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from mnist_jax import metrics
 from tests.conftest import ROOT
 
 README_DATA_DIR = '"../shared/data/mnist"'
@@ -50,6 +50,6 @@ def test_restore_example_predicts_what_training_logged(trained_conv_bn, mnist):
     logits = namespace["logits"]
     assert logits.shape == (len(mnist.test_labels), 10)
     correct = int(np.sum(np.argmax(jax.device_get(logits), -1) == mnist.test_labels))
-    logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = metrics.read(workdir / metrics.EPOCHS_FILE)[-1]
     assert correct / len(mnist.test_labels) == pytest.approx(logged["val_accuracy"], abs=1e-6)
     assert namespace["step"] == logged["step"]
