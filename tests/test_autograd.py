@@ -1,14 +1,11 @@
 """Every value the autograd lesson prints, checked against math derived by hand."""
 
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
+from experiments import autograd as script
 from mnist_jax import autograd
-from tests.conftest import ROOT
 
 
 def test_1_gradient_of_a_sum():
@@ -75,19 +72,15 @@ def test_9_forward_and_reverse_mode_agree():
         np.testing.assert_allclose(v[key], v["analytic"], rtol=1e-6)
 
 
-def test_script_prints_every_section_and_one_on_request():
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "experiments.autograd", *a],  # noqa: E731
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = run().stdout
+def test_script_prints_every_section_and_one_on_request(capsys):
+    script.main([])
+    out = capsys.readouterr().out
     for n, section in enumerate(autograd.SECTIONS, 1):
         assert f"\n{n}. " in out
     assert "dy/dx = [4. 6. 8.]" in out and "dz/dx = 7.0, dz/dy = 2.0" in out
-    one = run("--section", "5")
-    assert one.returncode == 0 and "5. Backpropagation" in one.stdout and "\n1. " not in one.stdout
-    bad = run("--section", "12")
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    script.main(["--section", "5"])
+    one = capsys.readouterr().out
+    assert "5. Backpropagation" in one and "\n1. " not in one
+    with pytest.raises(SystemExit) as bad:
+        script.main(["--section", "12"])
+    assert bad.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import benchmark
+from experiments import benchmark, speedrun
 from tests.conftest import ROOT
 
 
@@ -44,17 +44,24 @@ def test_missing_framework_is_skipped_with_a_message(monkeypatch, capsys):
     assert "pytorch: skipped, torch is not installed (pip install -e '.[bench]')" in capsys.readouterr().out  # fmt: skip
 
 
-def test_time_to_accuracy(tmp_path):
-    out = run("--time-to-accuracy", "dense_relu", "--target", "0.95", "--max-epochs", "3", "--json", str(tmp_path / "t.json"))  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+def here(main, argv, capsys) -> str:
+    """stdout of a command run in this process (no process boundary needed)."""
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_time_to_accuracy(mnist_dir, tmp_path, capsys):
+    data = ["--data-dir", str(mnist_dir), "--json", str(tmp_path / "t.json")]
+    stdout = here(benchmark.main, ["--time-to-accuracy", "dense_relu", "--target", "0.95", "--max-epochs", "3", *data], capsys)  # fmt: skip
     r = json.loads((tmp_path / "t.json").read_text())
     assert r["reached"] and r["val_accuracy"] >= 0.95
     assert r["epochs"] == len(r["history"]) and r["compile_s"] > 0
     assert all(h["val_accuracy"] < 0.95 for h in r["history"][:-1])
-    assert "dense_relu seed 0: 95.00% reached" in out.stdout
+    assert "dense_relu seed 0: 95.00% reached" in stdout
 
-    out = run("--time-to-accuracy", "linear", "--target", "0.99", "--max-epochs", "1", "--json", str(tmp_path / "t.json"))  # fmt: skip
-    assert out.returncode == 0 and "99.00% not reached in 1 epochs" in out.stdout
+    stdout = here(benchmark.main, ["--time-to-accuracy", "linear", "--target", "0.99", "--max-epochs", "1", *data], capsys)  # fmt: skip
+    assert "99.00% not reached in 1 epochs" in stdout
 
 
 @pytest.mark.parametrize(
@@ -66,23 +73,24 @@ def test_time_to_accuracy(tmp_path):
         (["--target", "99"], "--target: a test accuracy in (0, 1], got 99.0"),
     ],
 )
-def test_bad_flags_are_one_line(args, message):
-    out = run(*args)
-    assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_flags_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.speedrun", "--seeds", "2", "--epochs", "1",
-         "--train-limit", "4096", "--data-dir", str(mnist_dir), "--json", str(tmp_path / "s.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
+    stdout = here(speedrun.main, ["--seeds", "2", "--epochs", "1", "--train-limit", "4096",
+                  "--data-dir", str(mnist_dir), "--json", str(tmp_path / "s.json")], capsys)  # fmt: skip
     r = json.loads((tmp_path / "s.json").read_text())
     assert [run["seed"] for run in r["runs"]] == [0, 1]
     accs = [run["val_accuracy"] for run in r["runs"]]
     assert accs[0] != accs[1]  # seeds differ
     assert r["mean_accuracy"] == pytest.approx(sum(accs) / 2)
-    assert 0.5 < r["mean_accuracy"] < 0.995  # 4,096 images, one epoch: learning, not there yet
-    assert "seed 1: final" in out.stdout and "mean over 2 seeds" in out.stdout
+    # 4,096 images, one epoch (64 steps): learning, not there yet, and far from settled: the
+    # batch-norm averages still trail the weights. Seeds 0-9 gave 26.40-85.55% (`python -m
+    # experiments.speedrun --seeds 10 --epochs 1 --train-limit 4096`); chance is 10%.
+    assert all(0.15 < acc < 0.995 for acc in accs), accs
+    assert "seed 1: final" in stdout and "mean over 2 seeds" in stdout

@@ -1,21 +1,31 @@
-"""The command line: flags from the config, one-line errors with exit status 2."""
+"""The command line: flags from the config, one-line errors with exit status 2.
 
-import subprocess
-import sys
+Each command runs in this process (`cli.run`, `evaluate.main`): what it prints and the status it
+exits with are the same as from a shell, without a Python start-up per case.
+"""
 
 import pytest
 
-from tests.conftest import ROOT
+from experiments import conv_bn, dense_dropout, linear
+from mnist_jax import cli, evaluate
 
 
-def run(*args, env_dir=None):
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+def exits(capsys, command, argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of command(argv), which must exit."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        command(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
 
 
-def test_help_lists_every_config_field():
-    out = run("experiments.conv_bn", "--help").stdout
+def stage(get_config):
+    return lambda argv: cli.run(get_config, argv)
+
+
+def test_help_lists_every_config_field(capsys):
+    code, out, _ = exits(capsys, stage(conv_bn.get_config), ["--help"])
+    assert code == 0
     for flag in (
         "--epochs",
         "--batch-size",
@@ -43,35 +53,35 @@ def test_help_lists_every_config_field():
         (["--data-dir", "/nonexistent"], "/nonexistent: directory not found"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, args, message, capsys):
     argv = ["--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "w"), *args]
-    result = run("experiments.dense_dropout", *argv)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    code, _, err = exits(capsys, stage(dense_dropout.get_config), argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
 
 
-def test_workdir_that_is_a_file(mnist_dir, tmp_path):
+def test_workdir_that_is_a_file(mnist_dir, tmp_path, capsys):
     (tmp_path / "f").write_text("")
-    result = run(
-        "experiments.linear", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "f")
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: --workdir {tmp_path / 'f'}: is a file, not a directory"
+    argv = ["--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "f")]
+    code, _, err = exits(capsys, stage(linear.get_config), argv)
+    assert code == 2
+    assert err.strip() == f"error: --workdir {tmp_path / 'f'}: is a file, not a directory"
 
 
-def test_evaluate_without_a_run(tmp_path):
-    result = run("mnist_jax.evaluate", "--workdir", str(tmp_path))
-    assert result.returncode == 2
+def test_evaluate_without_a_run(tmp_path, capsys):
+    code, _, err = exits(capsys, evaluate.main, ["--workdir", str(tmp_path)])
+    assert code == 2
     assert (
-        result.stderr.strip()
+        err.strip()
         == f"error: {tmp_path / 'config.json'}: not found; is {tmp_path} a training work directory?"
     )
 
 
-def test_workdir_that_cannot_be_created(mnist_dir, tmp_path):
+def test_workdir_that_cannot_be_created(mnist_dir, tmp_path, capsys):
     (tmp_path / "f").write_text("")
     workdir = tmp_path / "f" / "run"  # a path through a regular file: no directory can be made
-    result = run("experiments.linear", "--data-dir", str(mnist_dir), "--workdir", str(workdir))
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: --workdir {workdir}: cannot write there (")
+    argv = ["--data-dir", str(mnist_dir), "--workdir", str(workdir)]
+    code, _, err = exits(capsys, stage(linear.get_config), argv)
+    assert code == 2
+    assert err.strip().startswith(f"error: --workdir {workdir}: cannot write there (")

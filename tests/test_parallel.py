@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import conv_bn
+from mnist_jax import cli, evaluate
 from tests.conftest import ROOT
 
 SMALL = ["--data-train-limit", "2048", "--data-test-limit", "1000", "--epochs", "2", "--plots", "false"]  # fmt: skip
@@ -95,22 +97,21 @@ def test_two_processes_train_together(mnist_dir, tmp_path):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
-    # The checkpoint written by two processes restores in one, on one device.
-    ev = python("mnist_jax.evaluate", "--workdir", str(workdir), data_dir=mnist_dir)
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    # The checkpoint written by two processes restores in one, on one device (this one).
+    evaluate.main(["--workdir", str(workdir), "--data-dir", str(mnist_dir)])
     saved = json.loads((workdir / "eval.json").read_text())
     assert saved["accuracy"] == pytest.approx(rows[0][-1]["val_accuracy"], abs=1e-6)
 
 
-def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path):
-    """A 4-device run's checkpoint resumes on 1 device; the finished run evaluates the same."""
+def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path, capsys):
+    """A 4-device run's checkpoint resumes on 1 device (this process's); then runs on."""
     workdir = str(tmp_path / "dp")
     first = python("experiments.conv_bn", *SMALL[:-4], "--epochs", "1", "--plots", "false", "--devices", "4", "--workdir", workdir, devices=4, data_dir=mnist_dir)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Data-parallel over 4 cpu devices" in first.stdout
-    second = python("experiments.conv_bn", *SMALL, "--workdir", workdir, data_dir=mnist_dir)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "Resumed" in second.stdout
+    capsys.readouterr()
+    cli.run(conv_bn.get_config, [*SMALL, "--workdir", workdir, "--data-dir", str(mnist_dir)])
+    assert "Resumed" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert [r["epoch"] for r in rows] == [1, 2]
 
@@ -124,7 +125,14 @@ def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path):
         (["--distributed-coordinator", "localhost:1"], 1, "--distributed-coordinator needs --distributed-num-processes N"),
     ],
 )  # fmt: skip
-def test_bad_parallel_flags_are_one_line(args, devices, message, mnist_dir, tmp_path):
-    out = python("experiments.conv_bn", *SMALL, "--workdir", str(tmp_path / "w"), *args, devices=devices, data_dir=mnist_dir)  # fmt: skip
-    assert out.returncode == 2
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_parallel_flags_are_one_line(args, devices, message, mnist_dir, tmp_path, capsys):
+    argv = [*SMALL, "--workdir", str(tmp_path / "w"), "--data-dir", str(mnist_dir), *args]
+    if devices == 1:  # this process has one device: no process needed
+        with pytest.raises(SystemExit) as e:
+            cli.run(conv_bn.get_config, argv)
+        code, err = e.value.code, capsys.readouterr().err
+    else:
+        out = python("experiments.conv_bn", *argv, devices=devices)
+        code, err = out.returncode, out.stderr
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mnist_jax import metrics, plots, train
+from experiments import linear
+from mnist_jax import cli, metrics, plots, train
 from tests.conftest import ROOT
 
 PLOTS = ["curves", "learning_rate", "font_digits", "test_digits", "confusion"]
@@ -78,7 +79,7 @@ def test_sampled_train_metrics_and_tensorboard(trained_conv_bn):
     } <= tags
 
 
-def _run_stage(tmp_path, mnist_dir, use_pty: bool) -> str:
+def _run_stage(tmp_path, mnist_dir, use_pty: bool, capsys=None) -> str:
     cmd = [
         sys.executable,
         "-m",
@@ -96,8 +97,10 @@ def _run_stage(tmp_path, mnist_dir, use_pty: bool) -> str:
         "--workdir",
         str(tmp_path / ("tty" if use_pty else "pipe")),
     ]
-    if not use_pty:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300).stderr
+    if not use_pty:  # here, in this process: its stderr is a pipe (pytest's capture), no terminal
+        capsys.readouterr()
+        cli.run(linear.get_config, cmd[3:])
+        return capsys.readouterr().err
     leader, follower = pty.openpty()
     # A terminal 120 columns wide: a fresh pty has none, and tqdm draws nothing in 0 columns.
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -116,7 +119,7 @@ def _run_stage(tmp_path, mnist_dir, use_pty: bool) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_progress_bar_only_on_a_terminal(tmp_path, mnist_dir):
+def test_progress_bar_only_on_a_terminal(tmp_path, mnist_dir, capsys):
     bar = re.compile(r"epoch 1/1: +[0-9]+%\|.*img/s")  # tqdm's bar: percent, bar, rate
     assert bar.search(_run_stage(tmp_path, mnist_dir, use_pty=True))
-    assert not bar.search(_run_stage(tmp_path, mnist_dir, use_pty=False))
+    assert not bar.search(_run_stage(tmp_path, mnist_dir, use_pty=False, capsys=capsys))

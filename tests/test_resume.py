@@ -2,17 +2,20 @@
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import pytest
 
 import mnist_jax
-from mnist_jax import metrics
+from experiments import conv_bn, dense_relu
+from mnist_jax import cli, metrics
 from tests.conftest import ROOT
 
 
@@ -42,10 +45,24 @@ def command(workdir, mnist_dir, *extra):
     ]
 
 
-def run(workdir, mnist_dir, *extra):
-    return subprocess.run(
-        command(workdir, mnist_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(workdir, mnist_dir, *extra, capsys=None):
+    """The command, run in this process: a process boundary matters only to kills and signals,
+    and each Python start costs seconds (imports, Orbax, a compile-cache read)."""
+    if capsys:
+        capsys.readouterr()  # only this run's output
+    try:
+        cli.run(conv_bn.get_config, command(workdir, mnist_dir, *extra)[3:])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr() if capsys else None
+    return Result(code, out.out if out else "", out.err if out else "")
 
 
 def assert_same_run(a, b):
@@ -103,7 +120,7 @@ def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, signum):
+def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, signum, capsys):
     proc = subprocess.Popen(
         command(tmp_path, mnist_dir),
         cwd=ROOT,
@@ -119,7 +136,7 @@ def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, sig
     assert proc.returncode == 128 + signum
     assert f"interrupted ({signal.Signals(signum).name})" in err and f"--workdir {tmp_path}" in err
     assert len(err.strip().splitlines()) == 1
-    resumed = run(tmp_path, mnist_dir)
+    resumed = run(tmp_path, mnist_dir, capsys=capsys)
     assert resumed.returncode == 0 and "Resumed" in resumed.stdout
     assert_same_run(reference, tmp_path)
 
@@ -136,49 +153,53 @@ def _damage(step_dir, how):
         (step_dir / "metrics" / "metrics").unlink()
 
 
+@pytest.fixture(scope="module")
+def two_epochs(mnist_dir, tmp_path_factory):
+    """The reference command stopped after 2 of its 3 epochs: each damage case gets a copy."""
+    workdir = tmp_path_factory.mktemp("two_epochs")
+    assert run(workdir, mnist_dir, "--epochs", "2").returncode == 0  # the last value of a flag wins
+    return workdir
+
+
 @pytest.mark.parametrize("how", ["truncated files", "a file deleted", "metrics missing"])
-def test_damaged_latest_checkpoint_falls_back(reference, mnist_dir, tmp_path, how):
-    first = run(tmp_path, mnist_dir, "--epochs", "2")  # the last value of a flag wins
-    assert first.returncode == 0, first.stderr
+def test_damaged_latest_checkpoint_falls_back(reference, two_epochs, mnist_dir, tmp_path, how, capsys):  # fmt: skip
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
     _damage(tmp_path / "checkpoints" / "20", how)
-    result = run(tmp_path, mnist_dir)
+    result = run(tmp_path, mnist_dir, capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert f"checkpoint {tmp_path / 'checkpoints' / '20'} is unreadable" in result.stderr
     assert "Resumed" in result.stdout and "at step 18" in result.stdout
     assert_same_run(reference, tmp_path)
 
 
-def test_no_readable_checkpoint_refuses_then_restart_works(mnist_dir, tmp_path):
+def test_no_readable_checkpoint_refuses_then_restart_works(mnist_dir, tmp_path, capsys):
     args = ["--epochs", "1", "--checkpoint-every", "0"]
     assert run(tmp_path, mnist_dir, *args).returncode == 0
     _damage(tmp_path / "checkpoints" / "10", "truncated files")
-    refused = run(tmp_path, mnist_dir, *args)
+    refused = run(tmp_path, mnist_dir, *args, capsys=capsys)
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith(
         f"no readable checkpoint in {tmp_path / 'checkpoints'}; add --restart to start over"
     )
     # the metrics of the old run are still there, so a plain rerun still refuses to start over
-    again = run(tmp_path, mnist_dir, *args)
+    again = run(tmp_path, mnist_dir, *args, capsys=capsys)
     assert again.returncode == 2 and "add --restart" in again.stderr
     assert run(tmp_path, mnist_dir, *args, "--restart").returncode == 0
     assert [r["epoch"] for r in metrics.read(tmp_path / "metrics.jsonl")] == [1]
 
 
-def diverging_run(mnist_dir, workdir, *extra):
+def diverging_run(mnist_dir, workdir, capsys, *extra):
     """dense_relu with plain SGD at lr 1e10: the weights overflow within a few steps."""
     args = ["--opt-name", "sgd", "--opt-lr", "1e10", "--plots", "false"]
     args += ["--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra]
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.dense_relu", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(dense_relu.get_config, args)
+    return Result(e.value.code, *capsys.readouterr())
 
 
-def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(mnist_dir, tmp_path):
-    result = diverging_run(mnist_dir, tmp_path, "--checkpoint-every", "1")
+def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(mnist_dir, tmp_path, capsys):
+    result = diverging_run(mnist_dir, tmp_path, capsys, "--checkpoint-every", "1")
     assert result.returncode == 3
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: training loss became nan at epoch 1, step ")
@@ -188,9 +209,9 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(mnist_dir, tmp
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.variables))
 
 
-def test_debug_nans_run_still_stops_cleanly(mnist_dir, tmp_path):
+def test_debug_nans_run_still_stops_cleanly(mnist_dir, tmp_path, capsys):
     """--debug-nans turns on jax_debug_nans; whichever check fires first, exit 3, one line."""
-    result = diverging_run(mnist_dir, tmp_path, "--debug-nans", "true")
+    result = diverging_run(mnist_dir, tmp_path, capsys, "--debug-nans", "true")
     assert result.returncode == 3
     (line,) = result.stderr.strip().splitlines()
     assert "nan" in line and "at epoch 1, step" in line

@@ -40,7 +40,13 @@ def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
                 "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
     run = json.loads(out.read_text())["runs"][0]
     assert run["framework"].startswith("keras 3") and run["trainable_params"] == 354_002
-    assert 0.8 < run["val_accuracy"] < 0.99  # 32 steps: learning, not there yet
+    # 32 steps: learning, not there yet. Keras's seeds 0-9 here gave 85.07-92.92% (`python -m
+    # experiments.seeds conv --seeds 10 --epochs 1 --framework keras --train-limit 4096`). About 1
+    # Keras run in 20 collapses in its first steps (docs/results.md): then it predicts one class.
+    if run["collapsed_to"] is None:
+        assert 0.8 < run["val_accuracy"] < 0.99
+    else:
+        assert run["val_accuracy"] < 0.2 and any(d == n for d, n in run["dead_units"].values())
     assert [n for _, n in run["dead_units"].values()] == [12, 24, 32, 200]
 
 
@@ -63,7 +69,9 @@ def test_bad_flags_are_one_line(args, message, capsys):
 
 
 def test_collapsed_runs_are_counted_apart(mnist_dir, tmp_path, capsys):
-    # On 2,560 images conv's seed 21 collapses at its second step (see test_loop_warns_of_a_collapse).
+    # On 2,560 images conv's seed 21 collapses at its second step, robustly to rounding (see
+    # test_loop_warns_of_a_collapse), and seed 20 does not: perturbed the same way (6 directions)
+    # it reached 84.3-85.9% and lost no whole layer, so its 0.8 bar has 4 points to spare.
     out = tmp_path / "seeds.json"
     seeds.main(["conv", "--seeds", "2", "--first-seed", "20", "--epochs", "1", "--train-limit",
                 "2560", "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip

@@ -6,12 +6,13 @@ import re
 import numpy as np
 import pytest
 
-from mnist_jax import cli, metrics
+import mnist_jax
+from mnist_jax import cli, loop, metrics, predict
 from tests.test_models import PARAMS
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_stage_runs_end_to_end(name, mnist_dir, tmp_path, capsys):
+def test_stage_runs_end_to_end(name, mnist, mnist_dir, tmp_path, capsys):
     stage = importlib.import_module(f"experiments.{name}")
     args = [
         "--epochs",
@@ -31,16 +32,28 @@ def test_stage_runs_end_to_end(name, mnist_dir, tmp_path, capsys):
     rows = metrics.read(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["val_loss"]) for r in rows)
-    assert rows[-1]["val_accuracy"] > 0.1  # better than chance after a few steps on real digits
     out, err = capsys.readouterr()
     assert "epoch   2/2" in out
-    # Four SGD steps leave the sigmoid net predicting one class (the loop says so); the others learn.
-    assert ("warning: epoch 1: the model predicts class" in err) == (name == "dense_sigmoid"), err
+    # No accuracy bar: what 8 steps reach is a draw. Seeds 0-9 of this setting: linear 7.0-18.8%,
+    # dense_relu 50.0-62.6%; dense_sigmoid predicts one class after 8 steps in 4 of 10 seeds.
+    # Learning is tested on real budgets (test_real_training, test_train). What must hold for
+    # any draw: a run that predicts one class for every test image says so, and says it right.
+    labels = mnist.test_labels[:500]
+    predictions = predict.probabilities(mnist_jax.restore(tmp_path), mnist.test_images[:500])
+    warnings = re.findall(r"warning: epoch (\d): the model predicts class (\d) .*\(val_acc ([\d.]+)%\)", err)  # fmt: skip
+    if loop.collapsed_to(predictions.argmax(-1)) is not None:
+        assert warnings, err
+    for epoch, label, accuracy in warnings:
+        logged = rows[int(epoch) - 1]["val_accuracy"]
+        assert f"{logged:.2%}" == f"{accuracy}%" and logged * 500 == pytest.approx((labels == int(label)).sum())  # fmt: skip
 
 
 def test_loop_warns_of_a_collapse(mnist, mnist_dir, tmp_path, capsys):
-    # conv's seed 21 on the first 2,560 training images: the loss jumps at step 2 and every ReLU
-    # of the dense layer dies; from then on the net predicts one class for every image.
+    # conv's seed 21 on the first 2,560 training images: the loss jumps at step 2 (2.29, 5.76) and
+    # every ReLU of the second and third convolutions dies; from then on the net predicts one
+    # class for every image. Not a knife edge that another CPU's rounding could tip: with its
+    # initial weights perturbed by a relative 1e-5 (100x float32 rounding) in 7 random
+    # directions, every run collapsed the same way (same loss, same dead units, 11.35%).
     from experiments import conv
 
     cli.run(conv.get_config, ["--seed", "21", "--epochs", "2", "--data-train-limit", "2560",
