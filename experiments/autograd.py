@@ -10,11 +10,13 @@ optax optimizer turns gradients into updates. Nine sections, each printed and te
   python -m experiments.autograd --section 5  # one section
 """
 
-from mnist_jax import autograd, cli
+from mnist_jax import autograd, flags
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m experiments.autograd", description=__doc__.splitlines()[0])
+    parser = flags.Parser(
+        prog="python -m experiments.autograd", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--section",
         type=int,

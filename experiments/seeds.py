@@ -24,7 +24,9 @@ import importlib
 import importlib.util
 import statistics
 
-from mnist_jax import cli, loop
+from mnist_jax import flags, loop
+from mnist_jax.config import ConfigError
+from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras")
 
@@ -99,19 +101,15 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
 
 
 def main(argv=None):
-    from mnist_jax.config import ConfigError
-    from mnist_jax.data import DataError
-
-    p = cli.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
+    p = flags.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
     p.add_argument("stage", help="a module in experiments/, e.g. conv")
-    p.add_argument("--seeds", type=int, default=5, help="how many seeds (default 5)")
+    flags.add(p, "seeds")
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (default 0)")
-    p.add_argument("--epochs", type=int, help="default: the stage's")
+    flags.add(p, "epochs")
     p.add_argument("--target", type=float, default=0.0, help="default: the stage's TARGET")
     p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax")
-    p.add_argument("--data-dir", default="", help="IDX directory (default $MNIST_DATA_DIR)")
-    p.add_argument("--train-limit", type=int, default=0, help="first N training images")
-    p.add_argument("--json", default="", help="default runs/seeds_<stage>[_keras].json")
+    json_help = "default runs/seeds_<stage>[_keras].json"
+    flags.add(p, "data_dir", "train_limit", json={"help": json_help})
     args = p.parse_args(argv)
     try:
         stage = importlib.import_module(f"experiments.{args.stage}")
@@ -130,13 +128,11 @@ def main(argv=None):
         p.error("--framework keras: keras is not installed (pip install -e '.[bench]')")
     target = args.target or getattr(stage, "TARGET", None)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    try:
+    with flags.user_errors(ConfigError, DataError):
         summary = study(stage.get_config, args.stage, seeds, args.epochs, target,
-                        args.framework, args.data_dir or None, args.train_limit)  # fmt: skip
-    except (ConfigError, DataError) as e:
-        cli.fail(str(e))
+                        args.framework, args.data_dir, args.train_limit)  # fmt: skip
     suffix = "_keras" if args.framework == "keras" else ""
-    cli.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
+    flags.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
 
 
 if __name__ == "__main__":

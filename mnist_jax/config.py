@@ -1,7 +1,7 @@
 """The shared base config. Each stage in `experiments/` overrides what changes.
 
 A config is an `ml_collections.ConfigDict`: attribute access, type-checked assignment, JSON out.
-Every leaf becomes a command-line flag (see `cli.py`): `data.dir` -> `--data-dir`.
+Every leaf becomes a command-line flag (see `flags.py`): `data.dir` -> `--data-dir`.
 """
 
 import ml_collections

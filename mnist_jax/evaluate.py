@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from mnist_jax import checkpoint, cli, data, loop, train
+from mnist_jax import checkpoint, data, flags, loop, train
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
@@ -38,15 +38,11 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a training run")
-    parser.add_argument("--data-dir", default=None, help="IDX directory (default: the run's)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser = flags.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
+    flags.add(parser, "workdir", "data_dir", "step")
     args = parser.parse_args(argv)
-    try:
+    with flags.user_errors(FileNotFoundError, data.DataError):
         result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
-    except (FileNotFoundError, data.DataError) as e:
-        cli.fail(str(e))
     print(
         f"step {result['step']}: test accuracy {result['accuracy']:.2%}"
         f" ({result['num_examples']} images), loss {result['loss']:.4f}"

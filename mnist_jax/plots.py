@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import checkpoint, cli, data, evaluate, metrics, predict  # noqa: E402
+from mnist_jax import checkpoint, data, evaluate, flags, metrics, predict  # noqa: E402
 
 FONTS = [
     "DejaVu Sans",
@@ -208,14 +208,11 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m mnist_jax.plots", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a training run")
-    parser.add_argument("--data-dir", default=None, help="IDX directory (default: the run's)")
+    parser = flags.Parser(prog="python -m mnist_jax.plots", description=__doc__.splitlines()[0])
+    flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
-    try:
+    with flags.user_errors(FileNotFoundError, data.DataError):
         paths = draw_all(args.workdir, args.data_dir)
-    except (FileNotFoundError, data.DataError) as e:
-        cli.fail(str(e))
     for path in paths:
         print(path)
 
