@@ -16,15 +16,15 @@ Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_ker
 
 Each seed's line also says if the run collapsed (one class predicted for every test image, as
 about 1 conv run in 8 does) and how many ReLU units of each hidden layer are 0 on every test image
-(train.dead_units; benchmark.keras_dead_units for Keras runs). The summary adds the median and,
-apart, the mean and spread of the runs that did not collapse.
+(diagnostics.dead_units; benchmark.keras_dead_units for Keras runs). The summary adds the median
+and, apart, the mean and spread of the runs that did not collapse.
 """
 
 import importlib
 import importlib.util
 import statistics
 
-from mnist_jax import flags, loop
+from mnist_jax import diagnostics, flags
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
@@ -57,7 +57,7 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         if r["collapsed_to"] is not None:
             line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
         if r.get("dead_units"):  # none in the one-layer softmax
-            line += f"; dead units: {loop.format_dead(r['dead_units'])}"
+            line += f"; dead units: {diagnostics.format_dead(r['dead_units'])}"
         if target:
             first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)
             line += f"; {target:.2%} first at epoch {first}" if first else f"; {target:.2%} not reached"  # fmt: skip

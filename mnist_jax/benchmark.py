@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from mnist_jax import data, loop, train
+from mnist_jax import data, diagnostics, loop, train
 
 
 def _peak_rss_mib() -> float:
@@ -161,7 +161,7 @@ def _keras_compiled(config):
 
 
 def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """train.dead_units for a keras_model: per hidden activation, units 0 on every image.
+    """diagnostics.dead_units for a keras_model: per hidden activation, units 0 on every image.
 
     Hidden activations are the outputs of the layers with a nonlinearity (a Conv2D or Dense with
     activation="relu", or an Activation after batch norm), named hidden_0, hidden_1, ... in order,
@@ -176,7 +176,9 @@ def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[i
         np.asarray(data.normalize(images)), batch_size=batch_size, verbose=0
     )
     acts = acts if isinstance(acts, list) else [acts]
-    return train.dead_counts({f"hidden_{i}": train.fired(a) for i, a in enumerate(acts)})
+    return diagnostics.dead_counts(
+        {f"hidden_{i}": diagnostics.fired(a) for i, a in enumerate(acts)}
+    )
 
 
 def keras_train(config, data_dir=None) -> dict:
@@ -211,7 +213,7 @@ def keras_train(config, data_dir=None) -> dict:
         "val_accuracy": accs[-1],
         "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-        "collapsed_to": loop.collapsed_to(np.argmax(predictions, -1)),
+        "collapsed_to": diagnostics.collapsed_to(np.argmax(predictions, -1)),
         "dead_units": keras_dead_units(model, tx),  # as time_to_accuracy's, on the test images
     }
 
@@ -359,7 +361,7 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
         "val_accuracy": history[-1]["val_accuracy"],
         "reached_epoch": first["epoch"] if first else None,
         "reached_seconds": round(first["seconds"], 2) if first else None,
-        "collapsed_to": loop.collapsed_to(out["predictions"]),  # the one class predicted, if so
-        "dead_units": train.dead_units(state, tx),  # relu units 0 on every test image, per layer
+        "collapsed_to": diagnostics.collapsed_to(out["predictions"]),  # the one class, if so
+        "dead_units": diagnostics.dead_units(state, tx),  # relu units 0 on every test image
         "history": history,
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from mnist_jax import checkpoint, data, flags, loop, train
+from mnist_jax import checkpoint, data, diagnostics, flags, train
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
@@ -33,7 +33,7 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
         "loss": float(out["loss"]),
         "num_examples": len(test_y),
         # {hidden layer: [dead, units]}
-        "dead_units": train.dead_units(train.inference_state(restored), test_x),
+        "dead_units": diagnostics.dead_units(train.inference_state(restored), test_x),
     }
 
 
@@ -48,7 +48,8 @@ def main(argv=None):
         f" ({result['num_examples']} images), loss {result['loss']:.4f}"
     )
     if result["dead_units"]:
-        print(f"dead ReLU units (0 on every test image): {loop.format_dead(result['dead_units'])}")
+        dead = diagnostics.format_dead(result["dead_units"])
+        print(f"dead ReLU units (0 on every test image): {dead}")
     (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -16,32 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, metrics, models, parallel, train
+from mnist_jax import checkpoint, data, diagnostics, metrics, models, parallel, train
 from mnist_jax.config import ConfigError, validate
 
 STEP_KEYS = ("loss", "accuracy", "learning_rate")
-
-
-def collapsed_to(predictions) -> int | None:
-    """The class predicted for every example when a model has collapsed to one; else None."""
-    counts = np.bincount(np.asarray(predictions).ravel())
-    return int(counts.argmax()) if counts.max() == counts.sum() else None
-
-
-def format_dead(dead: dict[str, tuple[int, int]]) -> str:
-    """train.dead_units' counts as 'hidden_0 0/12, hidden_1 21/24, ...'."""
-    return ", ".join(f"{k} {d}/{n}" for k, (d, n) in dead.items())
-
-
-def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict) -> str:
-    # Seen in the conv stages: Adam's first steps at lr 0.01 move every weight by about 0.01 at
-    # once and kill ReLUs wholesale; in about 1 seed in 8 a whole layer dies. None recovered.
-    return (
-        f"warning: epoch {epoch}: the model predicts class {label} for every test image "
-        f"(val_acc {accuracy:.2%}); dead ReLU units (0 on every test image): "
-        f"{format_dead(dead) or 'none'}. A layer all dead passes neither signal nor gradient: "
-        "try another --seed or a smaller --opt-lr"
-    )
 
 
 class Diverged(Exception):
@@ -303,14 +281,13 @@ class Run:
                 f"  {row['seconds']:.1f}s",
                 flush=True,
             )
-        label = collapsed_to(ev["predictions"])
+        label = diagnostics.collapsed_to(ev["predictions"])
         if label is not None and not self.warned_collapse:
             # Every process: dead_units runs a jitted program over the (global) test arrays.
-            dead = train.dead_units(self.state, self.test_x)
+            dead = diagnostics.dead_units(self.state, self.test_x)
             if self.primary:
-                print(
-                    collapse_warning(epoch + 1, label, row["val_accuracy"], dead), file=sys.stderr
-                )
+                warning = diagnostics.collapse_warning(epoch + 1, label, row["val_accuracy"], dead)
+                print(warning, file=sys.stderr)
             self.warned_collapse = True
 
     def _stop(self, signum: int) -> None:

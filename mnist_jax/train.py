@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoint, data, models, parallel
+from mnist_jax import checkpoint, data, models
 
 ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
 NUM_TRAIN = 60_000  # MNIST's training set size: the default for sizing the lr schedule
@@ -235,39 +235,6 @@ def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> di
         "accuracy": out["correct"].sum() / jax.lax.optimization_barrier(jnp.float32(n)),
         "predictions": out["prediction"],
     }
-
-
-@jax.jit
-def _alive(state, images):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, out = state.apply_fn(
-        variables, data.normalize(images), train=False, mutable=["intermediates"]
-    )
-    hidden = out.get("intermediates", {})  # none in the one-layer softmax
-    return {k: fired(a) for k, (a,) in hidden.items()}
-
-
-def fired(activations):
-    """Per unit (last axis), whether it is > 0 for any image or position: numpy or jax arrays."""
-    return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
-
-
-def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image.
-
-    A dead ReLU passes no gradient, so it stays dead; a layer all dead passes nothing on, and the
-    net predicts one class for every image: the collapse the training loop warns of.
-    """
-    alive = None
-    for start in range(0, len(images), batch_size):
-        a = _alive(state, images[start : start + batch_size])
-        alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
-    return dead_counts(parallel.to_host(alive))  # to_host: arrays may span other processes
-
-
-def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
-    """{layer: (dead, units)} from {layer: bool array, True where a unit fired on some image}."""
-    return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:

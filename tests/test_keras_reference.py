@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import conv, conv_bn
-from mnist_jax import benchmark, data, train
+from mnist_jax import benchmark, data, diagnostics, train
 
 N, STEPS_PER_EPOCH = 384, 3  # 2 epochs of 3 steps of 128: the learning rate decays once
 
@@ -89,7 +89,7 @@ def test_keras_dead_units_match_ours_on_the_same_weights(get_config, mnist):
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     images = mnist.test_images[:2000]
     theirs = benchmark.keras_dead_units(model, images)
-    assert theirs == train.dead_units(state, images)
+    assert theirs == diagnostics.dead_units(state, images)
     assert [n for _, n in theirs.values()] == [12, 24, 32, 200]
     if not config.model.batch_norm:
         assert sum(d for d, _ in theirs.values()) > 0  # some died: the comparison is not 0 == 0
