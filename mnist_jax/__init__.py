@@ -1,16 +1,8 @@
-"""mnist_jax: the codelab "TensorFlow, Keras and deep learning, without a PhD" in JAX + Flax.
-
-`mnist_jax.evaluate` is the evaluation command; the jitted test-set evaluation is `train.evaluate`.
-"""
+"""mnist_jax: the codelab "TensorFlow, Keras and deep learning, without a PhD" in JAX + Flax."""
 
 from mnist_jax.checkpoint import restore
-from mnist_jax.train import (
-    TrainState,
-    create_train_state,
-    eval_step,
-    train_and_evaluate,
-    train_step,
-)
+from mnist_jax.loop import train_and_evaluate
+from mnist_jax.train import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
     "TrainState",

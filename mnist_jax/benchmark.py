@@ -334,14 +334,14 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
     idx0 = np.zeros(b, np.int32)
     shift = config.data.augment_shift
     step = train.train_batch.lower(state, x, y, idx0, dropout_rng, shift=shift).compile()
-    evaluate = train.evaluate.lower(state, tx, ty).compile()
+    eval_dataset = train.eval_dataset.lower(state, tx, ty).compile()
     compile_s = time.perf_counter() - t
     history, start = [], time.perf_counter()
     for epoch in range(max_epochs):
         batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
         for i in range(steps_per_epoch):
             state, _ = step(state, x, y, batches[i], dropout_rng)  # shift is compiled in
-        out = evaluate(state, tx, ty)
+        out = eval_dataset(state, tx, ty)
         accuracy = float(out["accuracy"])
         history.append(
             {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}

@@ -2,7 +2,7 @@
 
 Restores only the model variables (no optimizer state), prints accuracy, loss and how many ReLU
 units of each hidden layer are dead (0 on every test image), and writes WORKDIR/eval.json. The
-accuracy equals the val_accuracy logged for that epoch: same data, same `train.evaluate`.
+accuracy equals the val_accuracy logged for that epoch: same data, same `train.eval_dataset`.
 """
 
 import json
@@ -14,12 +14,12 @@ from mnist_jax import checkpoint, data, diagnostics, flags, train
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
-    """(test images, labels, `train.evaluate` output) of a restored run on its own test images."""
+    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images."""
     cfg = restored.config
     ds = data.load(data_dir or cfg.data.dir or None)
     limit = cfg.data.test_limit or None
     test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
-    out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
+    out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return test_x, test_y, out
 
 

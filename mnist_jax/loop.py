@@ -256,7 +256,7 @@ class Run:
         return self.state
 
     def _end_epoch(self, epoch: int, t0: float) -> None:
-        ev = train.evaluate(self.state, self.test_x, self.test_y, sharding=self.sharding)
+        ev = train.eval_dataset(self.state, self.test_x, self.test_y, sharding=self.sharding)
         ev = parallel.to_host(ev)
         p = self.partial
         row = {

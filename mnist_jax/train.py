@@ -2,12 +2,11 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` is pure and importable; it is not jitted here,
 so research code can wrap it (`jax.jit(train_step, donate_argnums=0)`, `jax.vmap`, a scan...).
-`train_batch` and `evaluate` are the jitted forms the training loop uses, on device-resident
+`train_batch` and `eval_dataset` are the jitted forms the training loop uses, on device-resident
 arrays: batches are sliced on the device; loop.py fetches metrics every `log_every` steps only.
 """
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -109,7 +108,7 @@ def create_train_state(
 
 
 def inference_state(restored: checkpoint.Restored) -> TrainState:
-    """A TrainState around restored variables, for `evaluate` (no optimizer state)."""
+    """A TrainState around restored variables, for `eval_dataset` (no optimizer state)."""
     return TrainState.create(
         apply_fn=restored.model.apply,
         params=restored.variables["params"],
@@ -207,7 +206,9 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
 
 
 @partial(jax.jit, static_argnames=("batch_size", "sharding"))
-def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> dict[str, jax.Array]:
+def eval_dataset(
+    state, images, labels, batch_size: int = 1000, sharding=None
+) -> dict[str, jax.Array]:
     """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call.
 
     With `sharding`, batch_size is rounded up to a multiple of the device count.
@@ -235,10 +236,3 @@ def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> di
         "accuracy": out["correct"].sum() / jax.lax.optimization_barrier(jnp.float32(n)),
         "predictions": out["prediction"],
     }
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train and evaluate `config` in `workdir`, resuming from its checkpoints (see loop.py)."""
-    from mnist_jax import loop
-
-    return loop.train_and_evaluate(config, workdir)

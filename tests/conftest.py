@@ -33,7 +33,7 @@ def mnist(mnist_dir) -> data.Dataset:
 def trained_conv_bn(mnist_dir, tmp_path_factory):
     """conv_bn trained one full epoch on the real data (plots drawn): (workdir, final state)."""
     from experiments import conv_bn
-    from mnist_jax import train
+    from mnist_jax import loop
 
     config = conv_bn.get_config()
     config.data.dir = str(mnist_dir)
@@ -45,4 +45,4 @@ def trained_conv_bn(mnist_dir, tmp_path_factory):
     # test_conv_bn_one_epoch checks that bar on it. The bar sits above this spread's middle.
     config.seed = 4
     workdir = tmp_path_factory.mktemp("conv_bn")
-    return workdir, train.train_and_evaluate(config, workdir)
+    return workdir, loop.train_and_evaluate(config, workdir)

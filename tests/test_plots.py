@@ -38,7 +38,7 @@ def test_plots_command_redraws_from_the_work_directory(trained_conv_bn, tmp_path
 
 def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist):
     workdir, state = trained_conv_bn
-    out = train.evaluate(state, mnist.test_images, mnist.test_labels)
+    out = train.eval_dataset(state, mnist.test_images, mnist.test_labels)
     predictions = np.asarray(out["predictions"])
     wrong = np.flatnonzero(predictions != mnist.test_labels)
     assert 0 < len(wrong) == round((1 - float(out["accuracy"])) * 10_000)

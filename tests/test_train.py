@@ -84,10 +84,10 @@ def test_dropout_keys_depend_on_step_not_on_calls(mnist):
     assert not np.allclose(a.params["Dense_0"]["kernel"], c.params["Dense_0"]["kernel"])
 
 
-def test_evaluate_matches_a_direct_computation(mnist):
+def test_eval_dataset_matches_a_direct_computation(mnist):
     state = train.create_train_state(dense_relu.get_config(), jax.random.PRNGKey(0))
     x, y = mnist.test_images[:2500], mnist.test_labels[:2500]  # not a multiple of the eval batch
-    out = train.evaluate(state, x, y)
+    out = train.eval_dataset(state, x, y)
     logits = state.apply_fn({"params": state.params}, data.normalize(x), train=False)
     assert out["predictions"].shape == (2500,)
     np.testing.assert_array_equal(out["predictions"], np.argmax(logits, -1))
@@ -151,7 +151,7 @@ def test_random_shift_translates_each_image_within_bounds(mnist):
     np.testing.assert_array_equal(out, train.random_shift(x, jax.random.PRNGKey(0), 2))
 
 
-def test_evaluate_counts_accuracy_exactly():
+def test_eval_dataset_counts_accuracy_exactly():
     """9,950 right of 10,000 is 99.5%, not 99.49999%: a float32 mean would miss the target."""
     import optax
 
@@ -161,6 +161,6 @@ def test_evaluate_counts_accuracy_exactly():
     state = train.TrainState.create(apply_fn=always_zero, params={}, batch_stats={}, tx=optax.identity())  # fmt: skip
     labels = np.r_[np.zeros(9950, np.int32), np.ones(50, np.int32)]
     images = np.zeros((10_000, 28, 28, 1), np.uint8)
-    out = train.evaluate(state, images, labels)
+    out = train.eval_dataset(state, images, labels)
     assert float(out["accuracy"]) >= 0.995
     assert int((out["predictions"] == labels).sum()) == 9950
