@@ -33,7 +33,8 @@ import platform
 import subprocess
 import sys
 
-from mnist_jax import flags
+from experiments import conv_bn, references
+from mnist_jax import flags, timing
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
@@ -79,9 +80,6 @@ def parse_args(argv=None):
 
 def worker(args) -> None:
     """Run one framework at one batch size; print its result as the last line of stdout."""
-    from experiments import conv_bn
-    from mnist_jax import benchmark
-
     if args.worker in NEEDS and importlib.util.find_spec(NEEDS[args.worker]) is None:
         print(f"{args.worker}: skipped, {NEEDS[args.worker]} is not installed "
               "(pip install -e '.[bench]')")  # fmt: skip
@@ -90,11 +88,11 @@ def worker(args) -> None:
     config = conv_bn.get_config()
     config.batch_size, config.seed = args.batch, args.seed
     if args.worker == "mnist_jax":
-        result = benchmark.measure_ours(config, data_dir, args.windows, args.window_images)
+        result = timing.measure_ours(config, data_dir, args.windows, args.window_images)
     elif args.worker == "keras":
-        result = benchmark.measure_keras(config, data_dir, args.windows, args.window_images)
+        result = references.measure_keras(config, data_dir, args.windows, args.window_images)
     else:
-        result = benchmark.measure_torch(args.batch, data_dir, args.windows, args.window_images)
+        result = references.measure_torch(args.batch, data_dir, args.windows, args.window_images)
     print(json.dumps(result))
 
 
@@ -139,8 +137,6 @@ def speed(args) -> dict:
 
 
 def time_to_accuracy(args) -> dict:
-    from mnist_jax import benchmark
-
     try:
         stage = importlib.import_module(f"experiments.{args.time_to_accuracy}")
         config = stage.get_config()
@@ -148,7 +144,7 @@ def time_to_accuracy(args) -> dict:
         flags.fail(f"--time-to-accuracy: no stage named {args.time_to_accuracy!r} in experiments/")
     config.name, config.seed = args.time_to_accuracy, args.seed
     with flags.user_errors(DataError):
-        r = benchmark.time_to_accuracy(config, args.target, args.max_epochs, args.data_dir)
+        r = timing.time_to_accuracy(config, args.target, args.max_epochs, args.data_dir)
     for h in r["history"]:
         print(f"epoch {h['epoch']:3d}  val_acc {h['val_accuracy']:.2%}  {h['seconds']:.1f}s")
     verdict = "reached" if r["reached"] else f"not reached in {r['epochs']} epochs"

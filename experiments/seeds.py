@@ -10,13 +10,13 @@ researcher wants to measure, so compare means over seeds, not single runs.
 Seed S trains exactly what `python -m experiments.<stage> --seed S` trains (same weights, batch
 order and dropout keys), without checkpoints or logs, and is evaluated on all 10,000 test images
 after every epoch. `--framework keras` trains the stage's model and recipe with Keras 3's `fit`
-(mnist_jax.benchmark.keras_train): the reference for whether this port trains as well as the
+(experiments.references.keras_train): the reference for whether this port trains as well as the
 codelab's own code. The target is the stage's TARGET (final test accuracy), or --target.
 Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
 
 Each seed's line also says if the run collapsed (one class predicted for every test image, as
 about 1 conv run in 8 does) and how many ReLU units of each hidden layer are 0 on every test image
-(diagnostics.dead_units; benchmark.keras_dead_units for Keras runs). The summary adds the median
+(diagnostics.dead_units; references.keras_dead_units for Keras runs). The summary adds the median
 and, apart, the mean and spread of the runs that did not collapse.
 """
 
@@ -24,8 +24,9 @@ import importlib
 import importlib.util
 import statistics
 
-from mnist_jax import diagnostics, flags
-from mnist_jax.config import ConfigError
+from experiments import references
+from mnist_jax import diagnostics, flags, timing
+from mnist_jax.config import ConfigError, validate
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras")
@@ -34,9 +35,6 @@ FRAMEWORKS = ("mnist_jax", "keras")
 def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
           data_dir=None, train_limit=0) -> dict:  # fmt: skip
     """Train `get_config()` once per seed; print a line per seed; return every run and summary."""
-    from mnist_jax import benchmark
-    from mnist_jax.config import validate
-
     runs = []
     for seed in seeds:
         config = get_config()
@@ -46,9 +44,9 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         config.data.train_limit = train_limit
         validate(config)
         if framework == "keras":
-            r = benchmark.keras_train(config, data_dir)
+            r = references.keras_train(config, data_dir)
         else:
-            r = benchmark.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
+            r = timing.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
         best = max(r["history"], key=lambda h: h["val_accuracy"])
         r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]
         runs.append(r)

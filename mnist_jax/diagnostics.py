@@ -3,7 +3,7 @@
 A dead ReLU passes no gradient, so it stays dead; a layer all dead passes nothing on, and the
 net predicts one class for every image: the collapse the training loop warns of (once) and
 `evaluate` and the seed studies count. `fired` and `dead_counts` also count Keras's units
-(the Keras reference in mnist_jax/benchmark.py), so both frameworks follow one rule.
+(experiments/references.py), so both frameworks follow one rule.
 """
 
 import jax

@@ -42,7 +42,7 @@ def conv_stride2(x, k):
     Only its input gradient is computed differently: XLA:CPU runs the transposed strided
     convolution (a convolution over a dilated input) 4x slower than the equal stride-1
     convolution over space-to-depth images: 17.9 -> 4.4 ms for conv_bn's second layer at batch
-    64 (benchmark.py's docstring has the step-level figures).
+    64 (experiments/benchmark.py's docstring has the step-level figures).
     """
     return _conv_s2(x, k)
 
