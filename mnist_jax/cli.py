@@ -1,23 +1,24 @@
-"""Command line of every stage: each config field is a flag (`data.dir` -> `--data-dir`).
+"""The command of every stage: parse its flags, train and evaluate, then draw the plots.
 
-User mistakes (bad flags, bad data, unusable work directory) print one line and exit 2; the
-command-line plumbing the commands share is flags.py.
+`python -m experiments.<stage> [--flag value ...]`: each config field is a flag (flags.py). The
+one place that wires training, plots and exit codes together: user mistakes (bad flags, bad data,
+unusable work directory) print one line and exit 2, a diverged run exits 3, a signal 128 + its
+number.
 """
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import ml_collections
 
-from mnist_jax import flags
+from mnist_jax import flags, loop, parallel
 from mnist_jax.config import ConfigError
+from mnist_jax.data import DataError
 
 
 def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
-    """Entry point of a stage module: parse flags, then train and evaluate."""
-    from mnist_jax import loop
-    from mnist_jax.data import DataError
-
+    """Entry point of a stage module: parse flags, train and evaluate, draw the plots."""
     main = sys.modules.get(get_config.__module__)
     spec = getattr(main, "__spec__", None)
     stage = (spec.name if spec else get_config.__module__).rsplit(".", 1)[-1]
@@ -26,9 +27,15 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     prog = f"python -m experiments.{stage}"
     doc = (main.__doc__ or "").strip().splitlines()
     config = flags.parse_config(config, argv, prog=prog, description=doc[0] if doc else None)
+    workdir = config.workdir or f"runs/{stage}"
     try:
         with flags.user_errors(ConfigError, DataError):
-            loop.train_and_evaluate(config, config.workdir or f"runs/{stage}")
+            loop.train_and_evaluate(config, workdir)
+            if config.plots and parallel.is_primary():  # process 0 writes the files
+                from mnist_jax import plots  # matplotlib only when drawing
+
+                plots.draw_all(workdir, config.data.dir or None)
+                print(f"Plots in {Path(workdir) / 'plots'}")
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:

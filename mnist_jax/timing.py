@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from mnist_jax import data, diagnostics, loop, train
+from mnist_jax import data, diagnostics, runs, train
 
 
 def _peak_rss_mib() -> float:
@@ -90,7 +90,7 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
     With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
     reached the target as `reached_epoch`.
     """
-    arrays = loop.split_data(data.load(data_dir or config.data.dir or None), config)
+    arrays = runs.split_data(data.load(data_dir or config.data.dir or None), config)
     n, b = len(arrays[0]), config.batch_size
     steps_per_epoch = n // b
     init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)

@@ -11,6 +11,7 @@ import termios
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from mnist_jax import metrics, plots, train
@@ -19,8 +20,16 @@ from tests.conftest import ROOT
 PLOTS = ["curves", "learning_rate", "font_digits", "test_digits", "confusion"]
 
 
-def test_every_plot_is_a_real_png(trained_conv_bn):
+@pytest.fixture(scope="module")
+def plotted(trained_conv_bn):
+    """The trained run's work directory with its plots drawn, as `cli.run` draws them."""
     workdir, _ = trained_conv_bn
+    plots.draw_all(workdir)
+    return workdir
+
+
+def test_every_plot_is_a_real_png(plotted):
+    workdir = plotted
     for name in PLOTS:
         path = workdir / "plots" / f"{name}.png"
         assert path.stat().st_size > 10_000, name  # an empty figure is a few KB
@@ -28,8 +37,8 @@ def test_every_plot_is_a_real_png(trained_conv_bn):
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
 
 
-def test_plots_command_redraws_from_the_work_directory(trained_conv_bn, tmp_path):
-    workdir, _ = trained_conv_bn
+def test_plots_command_redraws_from_the_work_directory(plotted, tmp_path):
+    workdir = plotted
     for name in PLOTS:
         (workdir / "plots" / f"{name}.png").unlink()
     plots.main(["--workdir", str(workdir)])
