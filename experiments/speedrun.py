@@ -27,11 +27,11 @@ TARGET = 0.995
 
 
 def get_config():
-    c = conv_bn.get_config()
-    c.epochs = 6
-    c.data.augment_shift = 2
-    c.opt.update(name="adam", lr=0.01, schedule="onecycle")
-    return c
+    config = conv_bn.get_config()
+    config.epochs = 6
+    config.data.augment_shift = 2
+    config.opt.update(name="adam", lr=0.01, schedule="onecycle")
+    return config
 
 
 def main(argv=None):

@@ -15,9 +15,9 @@ from mnist_jax import checkpoint, data, diagnostics, flags, train
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
     """(test images, labels, `train.eval_dataset` output) of a restored run on its test images."""
-    cfg = restored.config
-    ds = data.load(data_dir or cfg.data.dir or None)
-    limit = cfg.data.test_limit or None
+    config = restored.config
+    ds = data.load(data_dir or config.data.dir or None)
+    limit = config.data.test_limit or None
     test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
     out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return test_x, test_y, out

@@ -12,9 +12,9 @@ N, STEPS_PER_EPOCH = 384, 3  # 2 epochs of 3 steps of 128: the learning rate dec
 
 
 def conv_bn_without_dropout():
-    c = conv_bn.get_config()
-    c.model.dropout = 0.0  # dropout masks cannot match between frameworks; all else can
-    return c
+    config = conv_bn.get_config()
+    config.model.dropout = 0.0  # dropout masks cannot match between frameworks; all else can
+    return config
 
 
 # Training at lr 0.01 amplifies rounding: perturbing our own initial weights by 1e-6 moved
