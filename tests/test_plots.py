@@ -56,8 +56,17 @@ def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist)
     k = min(len(wrong), len(shown))
     assert red[:k].all() and not red[k:].any()  # all errors first, then only correct digits
     np.testing.assert_array_equal(shown[:k], wrong[:k])
+    titles = plots.digit_titles(mnist.test_labels[shown], predictions[shown])
+    for i, (text, color) in zip(shown, titles):  # "guess (true)" in red for each error
+        want = f"{predictions[i]} ({mnist.test_labels[i]})" if i in wrong else f"{predictions[i]}"
+        assert (text, color == plots.RED) == (want, i in wrong)
     matrix = plots.confusion_matrix(predictions, mnist.test_labels)
     assert matrix.sum() == 10_000 and matrix.sum() - np.trace(matrix) == len(wrong)
+
+
+def test_a_wrong_guess_is_shown_beside_its_true_digit():
+    titles = plots.digit_titles(np.array([2, 3]), np.array([7, 3]))
+    assert titles == [("7 (2)", plots.RED), ("3", "black")]
 
 
 def test_summary_totals_equal_the_parameter_count(trained_conv_bn):
