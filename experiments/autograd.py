@@ -3,29 +3,32 @@
 In PyTorch you mark tensors `requires_grad=True`, call `.backward()`, read `.grad`, call
 `zero_grad()` before the next step and `optimizer.step()` to update. In JAX, `jax.grad(f)` is a
 function that returns gradients; the graph is a jaxpr traced from `f`; nothing accumulates; an
-optax optimizer turns gradients into updates. Nine sections, each printed and tested
-(code: mnist_jax/autograd.py, tests: tests/test_autograd.py). Runs in a few seconds on a CPU.
+optax optimizer turns gradients into updates. Nine sections, each printed and tested (code:
+experiments/autograd_lesson.py, tests: tests/test_autograd.py). Runs in a few seconds on a CPU.
 
   python -m experiments.autograd              # every section
   python -m experiments.autograd --section 5  # one section
 """
 
-from mnist_jax import autograd, cli
+from experiments import autograd_lesson as lesson
+from mnist_jax import flags
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m experiments.autograd", description=__doc__.splitlines()[0])
+    parser = flags.Parser(
+        prog="python -m experiments.autograd", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--section",
         type=int,
-        choices=range(1, len(autograd.SECTIONS) + 1),
-        metavar=f"1..{len(autograd.SECTIONS)}",
+        choices=range(1, len(lesson.SECTIONS) + 1),
+        metavar=f"1..{len(lesson.SECTIONS)}",
         help="run one section only",
     )
     args = parser.parse_args(argv)
-    numbers = [args.section] if args.section else range(1, len(autograd.SECTIONS) + 1)
+    numbers = [args.section] if args.section else range(1, len(lesson.SECTIONS) + 1)
     for n in numbers:
-        section = autograd.SECTIONS[n - 1]()
+        section = lesson.SECTIONS[n - 1]()
         print(f"\n{n}. {section.title}")
         for line in section.lines:
             print("   " + line.replace("\n", "\n   "))

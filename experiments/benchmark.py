@@ -33,7 +33,9 @@ import platform
 import subprocess
 import sys
 
-from mnist_jax import cli
+from experiments import conv_bn, references
+from mnist_jax import flags, timing
+from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
 NEEDS = {"keras": "keras", "pytorch": "torch"}
@@ -41,10 +43,8 @@ EXIT_MISSING = 4
 
 
 def parse_args(argv=None):
-    p = cli.Parser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--data-dir", default="", help="IDX directory (default $MNIST_DATA_DIR, else TFDS)"
-    )
+    p = flags.Parser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
+    flags.add(p, "data_dir")
     p.add_argument("--batch-sizes", default="64,1024", help="comma-separated (default 64,1024)")
     p.add_argument(
         "--frameworks", default=",".join(FRAMEWORKS), help="subset of " + ",".join(FRAMEWORKS)
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--window-images", type=int, default=6400, help="images per window (default 6400)"
     )
-    p.add_argument("--json", default="runs/benchmark.json", help="where to write the results")
+    flags.add(p, json="runs/benchmark.json")
     p.add_argument("--time-to-accuracy", metavar="STAGE", help="instead: time STAGE to --target")
     p.add_argument("--target", type=float, default=0.99, help="test accuracy (default 0.99)")
     p.add_argument("--max-epochs", type=int, default=20, help="give up after (default 20)")
@@ -80,9 +80,6 @@ def parse_args(argv=None):
 
 def worker(args) -> None:
     """Run one framework at one batch size; print its result as the last line of stdout."""
-    from experiments import conv_bn
-    from mnist_jax import benchmark
-
     if args.worker in NEEDS and importlib.util.find_spec(NEEDS[args.worker]) is None:
         print(f"{args.worker}: skipped, {NEEDS[args.worker]} is not installed "
               "(pip install -e '.[bench]')")  # fmt: skip
@@ -91,11 +88,11 @@ def worker(args) -> None:
     config = conv_bn.get_config()
     config.batch_size, config.seed = args.batch, args.seed
     if args.worker == "mnist_jax":
-        result = benchmark.measure_ours(config, data_dir, args.windows, args.window_images)
+        result = timing.measure_ours(config, data_dir, args.windows, args.window_images)
     elif args.worker == "keras":
-        result = benchmark.measure_keras(config, data_dir, args.windows, args.window_images)
+        result = references.measure_keras(config, data_dir, args.windows, args.window_images)
     else:
-        result = benchmark.measure_torch(args.batch, data_dir, args.windows, args.window_images)
+        result = references.measure_torch(args.batch, data_dir, args.windows, args.window_images)
     print(json.dumps(result))
 
 
@@ -140,19 +137,14 @@ def speed(args) -> dict:
 
 
 def time_to_accuracy(args) -> dict:
-    from mnist_jax import benchmark
-    from mnist_jax.data import DataError
-
     try:
         stage = importlib.import_module(f"experiments.{args.time_to_accuracy}")
         config = stage.get_config()
     except (ImportError, AttributeError):
-        cli.fail(f"--time-to-accuracy: no stage named {args.time_to_accuracy!r} in experiments/")
+        flags.fail(f"--time-to-accuracy: no stage named {args.time_to_accuracy!r} in experiments/")
     config.name, config.seed = args.time_to_accuracy, args.seed
-    try:
-        r = benchmark.time_to_accuracy(config, args.target, args.max_epochs, args.data_dir or None)
-    except DataError as e:
-        cli.fail(str(e))
+    with flags.user_errors(DataError):
+        r = timing.time_to_accuracy(config, args.target, args.max_epochs, args.data_dir)
     for h in r["history"]:
         print(f"epoch {h['epoch']:3d}  val_acc {h['val_accuracy']:.2%}  {h['seconds']:.1f}s")
     verdict = "reached" if r["reached"] else f"not reached in {r['epochs']} epochs"
@@ -168,7 +160,7 @@ def main(argv=None):
     out = time_to_accuracy(args) if args.time_to_accuracy else speed(args)
     out["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                       "python": platform.python_version()}  # fmt: skip
-    cli.write_json(args.json, out)
+    flags.write_json(args.json, out)
 
 
 if __name__ == "__main__":

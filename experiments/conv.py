@@ -27,8 +27,8 @@ TARGET = 0.99  # final test accuracy after 10 epochs (issue #2)
 
 
 def get_config():
-    c = config_lib.base()
-    c.model = dict(
+    config = config_lib.base()
+    config.model = dict(
         name="conv",
         channels=(12, 24, 32),
         kernels=(3, 6, 6),
@@ -37,8 +37,8 @@ def get_config():
         batch_norm=False,
         dropout=0.0,
     )
-    c.opt.update(name="adam", lr=0.01, decay=0.6)
-    return c
+    config.opt.update(name="adam", lr=0.01, decay=0.6)
+    return config
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ TARGET = 0.994  # final test accuracy after 10 epochs (issue #2); best epoch >= 
 
 
 def get_config():
-    c = conv.get_config()
-    c.model.batch_norm = True
-    c.model.dropout = 0.3
-    c.opt.decay = 0.666
-    c.batch_size = 64
-    return c
+    config = conv.get_config()
+    config.model.batch_norm = True
+    config.model.dropout = 0.3
+    config.opt.decay = 0.666
+    config.batch_size = 64
+    return config
 
 
 if __name__ == "__main__":

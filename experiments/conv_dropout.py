@@ -26,9 +26,9 @@ TARGET = 0.991  # final test accuracy after 10 epochs (issue #2)
 
 
 def get_config():
-    c = conv.get_config()
-    c.model.dropout = 0.4
-    return c
+    config = conv.get_config()
+    config.model.dropout = 0.4
+    return config
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ TARGET = 0.98  # final test accuracy after 10 epochs (issue #2)
 
 
 def get_config():
-    c = config_lib.base()
-    c.model = dict(name="mlp", features=(200, 60), activation="relu", dropout=0.0)
-    c.opt.update(name="adam", lr=0.01, decay=0.6)
-    return c
+    config = config_lib.base()
+    config.model = dict(name="mlp", features=(200, 60), activation="relu", dropout=0.0)
+    config.opt.update(name="adam", lr=0.01, decay=0.6)
+    return config
 
 
 if __name__ == "__main__":

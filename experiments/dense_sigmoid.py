@@ -17,10 +17,10 @@ from mnist_jax import config as config_lib
 
 
 def get_config():
-    c = config_lib.base()
-    c.model = dict(name="mlp", features=(200, 60), activation="sigmoid", dropout=0.0)
-    c.opt.update(name="sgd", lr=0.01, decay=1.0)
-    return c
+    config = config_lib.base()
+    config.model = dict(name="mlp", features=(200, 60), activation="sigmoid", dropout=0.0)
+    config.opt.update(name="sgd", lr=0.01, decay=1.0)
+    return config
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ TARGET = 0.89  # final test accuracy after 10 epochs (issue #2)
 
 
 def get_config():
-    c = config_lib.base()
-    c.model = dict(name="softmax")
-    c.opt.update(name="sgd", lr=0.01, decay=1.0)
-    return c
+    config = config_lib.base()
+    config.model = dict(name="softmax")
+    config.opt.update(name="sgd", lr=0.01, decay=1.0)
+    return config
 
 
 if __name__ == "__main__":

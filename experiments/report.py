@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from mnist_jax import cli, metrics, train
+from mnist_jax import flags, metrics, train
 
 STAGES = [
     "linear",
@@ -99,15 +99,15 @@ def figure(results: list[dict], out: Path) -> None:
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m experiments.report", description=__doc__.splitlines()[0])
+    parser = flags.Parser(prog="python -m experiments.report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs", help="folder of stage work directories")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     if not runs.is_dir():
-        cli.fail(f"--runs {runs}: directory not found")
+        flags.fail(f"--runs {runs}: directory not found")
     results = collect(runs)
     if not results:
-        cli.fail(f"--runs {runs}: no work directory with a metrics.jsonl in it")
+        flags.fail(f"--runs {runs}: no work directory with a metrics.jsonl in it")
     text = table(results)
     (runs / "report.md").write_text(text)
     figure(results, runs / "report.png")

@@ -10,21 +10,24 @@ researcher wants to measure, so compare means over seeds, not single runs.
 Seed S trains exactly what `python -m experiments.<stage> --seed S` trains (same weights, batch
 order and dropout keys), without checkpoints or logs, and is evaluated on all 10,000 test images
 after every epoch. `--framework keras` trains the stage's model and recipe with Keras 3's `fit`
-(mnist_jax.benchmark.keras_train): the reference for whether this port trains as well as the
+(experiments.references.keras_train): the reference for whether this port trains as well as the
 codelab's own code. The target is the stage's TARGET (final test accuracy), or --target.
 Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
 
 Each seed's line also says if the run collapsed (one class predicted for every test image, as
 about 1 conv run in 8 does) and how many ReLU units of each hidden layer are 0 on every test image
-(train.dead_units; benchmark.keras_dead_units for Keras runs). The summary adds the median and,
-apart, the mean and spread of the runs that did not collapse.
+(diagnostics.dead_units; references.keras_dead_units for Keras runs). The summary adds the median
+and, apart, the mean and spread of the runs that did not collapse.
 """
 
 import importlib
 import importlib.util
 import statistics
 
-from mnist_jax import cli, loop
+from experiments import references
+from mnist_jax import diagnostics, flags, timing
+from mnist_jax.config import ConfigError, validate
+from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras")
 
@@ -32,9 +35,6 @@ FRAMEWORKS = ("mnist_jax", "keras")
 def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
           data_dir=None, train_limit=0) -> dict:  # fmt: skip
     """Train `get_config()` once per seed; print a line per seed; return every run and summary."""
-    from mnist_jax import benchmark
-    from mnist_jax.config import validate
-
     runs = []
     for seed in seeds:
         config = get_config()
@@ -44,9 +44,9 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         config.data.train_limit = train_limit
         validate(config)
         if framework == "keras":
-            r = benchmark.keras_train(config, data_dir)
+            r = references.keras_train(config, data_dir)
         else:
-            r = benchmark.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
+            r = timing.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
         best = max(r["history"], key=lambda h: h["val_accuracy"])
         r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]
         runs.append(r)
@@ -55,7 +55,7 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         if r["collapsed_to"] is not None:
             line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
         if r.get("dead_units"):  # none in the one-layer softmax
-            line += f"; dead units: {loop.format_dead(r['dead_units'])}"
+            line += f"; dead units: {diagnostics.format_dead(r['dead_units'])}"
         if target:
             first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)
             line += f"; {target:.2%} first at epoch {first}" if first else f"; {target:.2%} not reached"  # fmt: skip
@@ -99,19 +99,15 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
 
 
 def main(argv=None):
-    from mnist_jax.config import ConfigError
-    from mnist_jax.data import DataError
-
-    p = cli.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
+    p = flags.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
     p.add_argument("stage", help="a module in experiments/, e.g. conv")
-    p.add_argument("--seeds", type=int, default=5, help="how many seeds (default 5)")
+    flags.add(p, "seeds")
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (default 0)")
-    p.add_argument("--epochs", type=int, help="default: the stage's")
+    flags.add(p, "epochs")
     p.add_argument("--target", type=float, default=0.0, help="default: the stage's TARGET")
     p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax")
-    p.add_argument("--data-dir", default="", help="IDX directory (default $MNIST_DATA_DIR)")
-    p.add_argument("--train-limit", type=int, default=0, help="first N training images")
-    p.add_argument("--json", default="", help="default runs/seeds_<stage>[_keras].json")
+    json_help = "default runs/seeds_<stage>[_keras].json"
+    flags.add(p, "data_dir", "train_limit", json={"help": json_help})
     args = p.parse_args(argv)
     try:
         stage = importlib.import_module(f"experiments.{args.stage}")
@@ -130,13 +126,11 @@ def main(argv=None):
         p.error("--framework keras: keras is not installed (pip install -e '.[bench]')")
     target = args.target or getattr(stage, "TARGET", None)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    try:
+    with flags.user_errors(ConfigError, DataError):
         summary = study(stage.get_config, args.stage, seeds, args.epochs, target,
-                        args.framework, args.data_dir or None, args.train_limit)  # fmt: skip
-    except (ConfigError, DataError) as e:
-        cli.fail(str(e))
+                        args.framework, args.data_dir, args.train_limit)  # fmt: skip
     suffix = "_keras" if args.framework == "keras" else ""
-    cli.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
+    flags.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
 
 
 if __name__ == "__main__":

@@ -18,46 +18,36 @@ What got here (2-core CPU, final test accuracy):
 Measured: the README's speedrun section has the figures of the last 5-seed run.
 """
 
-from experiments import conv_bn
-from mnist_jax import cli
+from experiments import conv_bn, seeds
+from mnist_jax import flags
+from mnist_jax.config import ConfigError
+from mnist_jax.data import DataError
 
 TARGET = 0.995
 
 
 def get_config():
-    c = conv_bn.get_config()
-    c.epochs = 6
-    c.data.augment_shift = 2
-    c.opt.update(name="adam", lr=0.01, schedule="onecycle")
-    return c
+    config = conv_bn.get_config()
+    config.epochs = 6
+    config.data.augment_shift = 2
+    config.opt.update(name="adam", lr=0.01, schedule="onecycle")
+    return config
 
 
 def main(argv=None):
-    from experiments import seeds
-    from mnist_jax.config import ConfigError
-    from mnist_jax.data import DataError
-
-    p = cli.Parser(prog="python -m experiments.speedrun", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    p.add_argument("--epochs", type=int, default=get_config().epochs)
-    p.add_argument("--data-dir", default="")
-    p.add_argument(
-        "--train-limit", type=int, default=0, help="first N training images (quick tries)"
-    )
-    p.add_argument("--json", default="runs/speedrun.json")
+    p = flags.Parser(prog="python -m experiments.speedrun", description=__doc__.splitlines()[0])
+    flags.add(p, "seeds", "epochs", "data_dir", "train_limit", json="runs/speedrun.json")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: must be at least 1, got {args.seeds}")
-    try:
+    with flags.user_errors(ConfigError, DataError):
         summary = seeds.study(get_config, "speedrun", range(args.seeds), args.epochs, TARGET,
-                              data_dir=args.data_dir or None, train_limit=args.train_limit)  # fmt: skip
-    except (ConfigError, DataError) as e:
-        cli.fail(str(e))
+                              data_dir=args.data_dir, train_limit=args.train_limit)  # fmt: skip
     summary["goal_seconds"] = 60
     verdict = "meets" if summary["mean_accuracy"] >= TARGET else "misses"
     print(f"mean over {args.seeds} seeds: {summary['mean_accuracy']:.2%} ({verdict} 99.5%), "
           f"{summary['mean_seconds']:.1f}s each (goal 60s, compilation apart)")  # fmt: skip
-    cli.write_json(args.json, summary)
+    flags.write_json(args.json, summary)
 
 
 if __name__ == "__main__":

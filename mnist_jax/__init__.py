@@ -1,16 +1,14 @@
 """mnist_jax: the codelab "TensorFlow, Keras and deep learning, without a PhD" in JAX + Flax.
 
-`mnist_jax.evaluate` is the evaluation command; the jitted test-set evaluation is `train.evaluate`.
+Modules, bottom to top (each imports only modules before it here; tests/test_layers.py checks):
+config, flags, data, models, metrics, parallel, checkpoint, train (state and pure steps),
+diagnostics (collapse, dead units), evaluate / predict / plots (commands over a work directory),
+runs (a run's set-up and checkpointed progress), loop (the training loop), timing, cli.
 """
 
 from mnist_jax.checkpoint import restore
-from mnist_jax.train import (
-    TrainState,
-    create_train_state,
-    eval_step,
-    train_and_evaluate,
-    train_step,
-)
+from mnist_jax.loop import train_and_evaluate
+from mnist_jax.train import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
     "TrainState",

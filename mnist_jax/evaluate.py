@@ -2,7 +2,7 @@
 
 Restores only the model variables (no optimizer state), prints accuracy, loss and how many ReLU
 units of each hidden layer are dead (0 on every test image), and writes WORKDIR/eval.json. The
-accuracy equals the val_accuracy logged for that epoch: same data, same `train.evaluate`.
+accuracy equals the val_accuracy logged for that epoch: same data, same `train.eval_dataset`.
 """
 
 import json
@@ -10,16 +10,16 @@ from pathlib import Path
 
 import jax
 
-from mnist_jax import checkpoint, cli, data, loop, train
+from mnist_jax import checkpoint, data, diagnostics, flags, train
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
-    """(test images, labels, `train.evaluate` output) of a restored run on its own test images."""
-    cfg = restored.config
-    ds = data.load(data_dir or cfg.data.dir or None)
-    limit = cfg.data.test_limit or None
+    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images."""
+    config = restored.config
+    ds = data.load(data_dir or config.data.dir or None)
+    limit = config.data.test_limit or None
     test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
-    out = train.evaluate(train.inference_state(restored), *jax.device_put((test_x, test_y)))
+    out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return test_x, test_y, out
 
 
@@ -33,26 +33,23 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
         "loss": float(out["loss"]),
         "num_examples": len(test_y),
         # {hidden layer: [dead, units]}
-        "dead_units": train.dead_units(train.inference_state(restored), test_x),
+        "dead_units": diagnostics.dead_units(train.inference_state(restored), test_x),
     }
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a training run")
-    parser.add_argument("--data-dir", default=None, help="IDX directory (default: the run's)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser = flags.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
+    flags.add(parser, "workdir", "data_dir", "step")
     args = parser.parse_args(argv)
-    try:
+    with flags.user_errors(FileNotFoundError, data.DataError):
         result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
-    except (FileNotFoundError, data.DataError) as e:
-        cli.fail(str(e))
     print(
         f"step {result['step']}: test accuracy {result['accuracy']:.2%}"
         f" ({result['num_examples']} images), loss {result['loss']:.4f}"
     )
     if result["dead_units"]:
-        print(f"dead ReLU units (0 on every test image): {loop.format_dead(result['dead_units'])}")
+        dead = diagnostics.format_dead(result["dead_units"])
+        print(f"dead ReLU units (0 on every test image): {dead}")
     (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -4,6 +4,12 @@ A run is a function of (config, seed): the data order of an epoch comes from (se
 dropout key of a step from (seed, step). A checkpoint stores the model, the optimizer and the
 per-step metrics of the unfinished epoch, so a run resumed from any checkpoint, mid-epoch
 included, ends bit for bit as the uninterrupted run (tests/test_resume.py kills runs to check).
+
+`train_and_evaluate` is the whole loop: `runs.setup` and `runs.resume`, then per epoch
+`train_epoch` and `end_epoch`. An epoch runs in chunks of steps that end where host work is due
+(a log row, a checkpoint, the epoch's end); at a chunk's end the host fetches its metrics, checks
+them for NaN, logs, saves and reads signals. `run_steps` trains one chunk: one jitted call per
+step today; a compiled lax.scan over the chunk (and a vmap over seeds) would replace it alone.
 """
 
 import signal
@@ -16,32 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, metrics, models, parallel, train
-from mnist_jax.config import ConfigError, validate
-
-STEP_KEYS = ("loss", "accuracy", "learning_rate")
-
-
-def collapsed_to(predictions) -> int | None:
-    """The class predicted for every example when a model has collapsed to one; else None."""
-    counts = np.bincount(np.asarray(predictions).ravel())
-    return int(counts.argmax()) if counts.max() == counts.sum() else None
-
-
-def format_dead(dead: dict[str, tuple[int, int]]) -> str:
-    """train.dead_units' counts as 'hidden_0 0/12, hidden_1 21/24, ...'."""
-    return ", ".join(f"{k} {d}/{n}" for k, (d, n) in dead.items())
-
-
-def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict) -> str:
-    # Seen in the conv stages: Adam's first steps at lr 0.01 move every weight by about 0.01 at
-    # once and kill ReLUs wholesale; in about 1 seed in 8 a whole layer dies. None recovered.
-    return (
-        f"warning: epoch {epoch}: the model predicts class {label} for every test image "
-        f"(val_acc {accuracy:.2%}); dead ReLU units (0 on every test image): "
-        f"{format_dead(dead) or 'none'}. A layer all dead passes neither signal nor gradient: "
-        "try another --seed or a smaller --opt-lr"
-    )
+from mnist_jax import data, diagnostics, parallel, runs, train
+from mnist_jax.runs import Progress, Run, step_count
 
 
 class Diverged(Exception):
@@ -76,271 +58,187 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def split_data(ds: data.Dataset, config: ml_collections.ConfigDict):
-    """(train_x, train_y, test_x, test_y) with the config's limits applied and checked."""
-    train_n, test_n = config.data.train_limit or None, config.data.test_limit or None
-    arrays = (
-        ds.train_images[:train_n],
-        ds.train_labels[:train_n],
-        ds.test_images[:test_n],
-        ds.test_labels[:test_n],
-    )
-    if config.batch_size > len(arrays[0]):
-        raise ConfigError(
-            f"--batch-size: {config.batch_size} is larger than the {len(arrays[0])} training images"
-        )
-    return arrays
+def chunk_end(config: ml_collections.ConfigDict, done: int, step: int, steps_per_epoch: int):
+    """The step of the epoch after which host work is next due: log row, checkpoint or its end."""
+    ends = [steps_per_epoch, (done // config.log_every + 1) * config.log_every]
+    if config.checkpoint_every:
+        ends.append(done + config.checkpoint_every - step % config.checkpoint_every)
+    return min(ends)
 
 
-class Run:
-    """One training run in a work directory; `Run(config, workdir).train()`."""
+def run_steps(run: Run, state, idx: np.ndarray, signals: _Signals, epoch: int, step: int):
+    """Train on the batches idx [K, batch] from global step `step`: (state, metrics [<= K]).
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        validate(config)
-        self.config, self.workdir = config, Path(workdir)
-        self.mesh = parallel.make_mesh(config.devices)
-        parallel.check_batch(config.batch_size, self.mesh)
-        # None on one device: the single-device program, untouched.
-        self.sharding = parallel.batch_sharding(self.mesh) if self.mesh.size > 1 else None
-        self.primary = parallel.is_primary()
-        arrays = split_data(data.load(config.data.dir or None), config)
-        if self.primary:
-            checkpoint.prepare_workdir(self.workdir, config)
-        parallel.sync("workdir ready")
-        self.steps_per_epoch = len(arrays[0]) // config.batch_size
-        init_rng, self.data_rng, self.dropout_rng = jax.random.split(
-            jax.random.PRNGKey(config.seed), 3
-        )
-        state = train.create_train_state(config, init_rng, self.steps_per_epoch)
-        self.state = parallel.put_replicated(state, self.mesh)
-        if self.primary:
-            summary = models.summary(models.build(**config.model))
-            (self.workdir / "summary.txt").write_text(summary + "\n")
-            print(summary)
-            if self.mesh.size > 1:
-                print(
-                    f"Data-parallel over {self.mesh.size} {self.mesh.devices.flat[0].platform} "
-                    f"devices in {jax.process_count()} process(es): "
-                    f"{config.batch_size // self.mesh.size} images per device per step"
-                )
-        self.mngr = checkpoint.manager(
-            self.workdir, keep_period=self.steps_per_epoch, repair=self.primary
-        )
-        self.writer = metrics.Writer(self.workdir) if self.primary else metrics.NullWriter()
-        self.partial = {k: np.zeros(0, np.float32) for k in STEP_KEYS}
-        self.last_epoch = None
-        self.warned_collapse = False
-        self._resume()
-        self.train_x, self.train_y, self.test_x, self.test_y = parallel.put_replicated(
-            arrays, self.mesh
-        )
-
-    def step_count(self) -> int:
-        return int(parallel.to_host(self.state.step))
-
-    def _resume(self) -> None:
-        found = checkpoint.restore_latest(self.mngr, self.state, self.workdir)
-        if found is None:
-            self.writer.truncate(None, 0)
-            return
-        self.state, saved = found
-        self.last_epoch = saved["last_epoch"]
-        if saved["partial"]:
-            self.partial = {k: np.asarray(v, np.float32) for k, v in saved["partial"].items()}
-        step = self.step_count()
-        self.writer.truncate(self.last_epoch, step)
-        if self.primary:
-            print(
-                f"Resumed {self.workdir} at step {step} "
-                f"(epoch {step // self.steps_per_epoch + 1}, "
-                f"step {step % self.steps_per_epoch} of it)"
+    One jitted call per step (XLA:CPU runs convolutions in a lax.scan body slowly, see
+    train.train_batch); a signal ends the chunk early. Metrics stay on the device.
+    """
+    out = []
+    for i in idx:
+        try:
+            state, m = train.train_batch(
+                state,
+                run.train_x,
+                run.train_y,
+                i,
+                run.dropout_rng,
+                sharding=run.sharding,
+                shift=run.config.data.augment_shift,
             )
-
-    def _save(self) -> None:
-        self.mngr.wait_until_finished()  # one save in flight at a time
-        partial = (
-            {k: v.tolist() for k, v in self.partial.items()} if len(self.partial["loss"]) else None
-        )
-        checkpoint.save(
-            self.mngr,
-            self.state,
-            {"last_epoch": self.last_epoch, "partial": partial},
-            self.step_count(),
-        )
-
-    def _fetch(self, window: list, epoch: int, step: int) -> None:
-        """Bring the step metrics of a window ending at `step` to the host; stop on NaN or inf."""
-        w = parallel.to_host(jax.tree.map(lambda *x: jnp.stack(x), *window))
-        first = step - len(window) + 1
-        bad = np.flatnonzero(~np.isfinite(w["loss"]))
-        if len(bad):
-            step = first + int(bad[0])
-            kept = self.mngr.latest_step()
+        except FloatingPointError as e:  # raised under --debug-nans
             raise Diverged(
-                f"training loss became {w['loss'][bad[0]]} at epoch {epoch + 1}, step {step} "
-                f"(lr {w['learning_rate'][bad[0]]:.3g}); "
-                + (
-                    f"last good checkpoint: step {kept}"
-                    if kept is not None
-                    else "no checkpoint kept"
-                )
-                + "; try a smaller --opt-lr, or --debug-nans to find the operation"
-            )
-        self.partial = {k: np.concatenate([self.partial[k], w[k]]) for k in STEP_KEYS}
+                f"{e} at epoch {epoch + 1}, step {step + len(out) + 1}; "
+                f"last good checkpoint: step {run.mngr.latest_step()}"
+            ) from None
+        out.append(m)
+        if signals.received:
+            break
+    return state, jax.tree.map(lambda *x: jnp.stack(x), *out)
 
-    def _log_step_row(self, done: int, step: int) -> None:
-        """A train_steps.jsonl row: the mean of the steps since the previous sample."""
-        start = (done - 1) // self.config.log_every * self.config.log_every
-        row = {"step": step}
-        row.update({k: float(self.partial[k][start:done].mean()) for k in ("loss", "accuracy")})
-        row["learning_rate"] = float(self.partial["learning_rate"][done - 1])
-        self.writer.step(row)
 
-    def _train_epoch(self, epoch: int, signals: _Signals, bar) -> None:
-        c = self.config
-        batch_idx = np.asarray(
-            data.epoch_batches(self.data_rng, epoch, len(self.train_x), c.batch_size)
+def fetch(run: Run, partial: dict, chunk: dict, epoch: int) -> dict:
+    """`partial` extended by a chunk's step metrics, brought to the host; stop on NaN or inf."""
+    w = parallel.to_host(chunk)
+    bad = np.flatnonzero(~np.isfinite(w["loss"]))
+    if len(bad):
+        step = epoch * run.steps_per_epoch + len(partial["loss"]) + int(bad[0]) + 1
+        kept = run.mngr.latest_step()
+        raise Diverged(
+            f"training loss became {w['loss'][bad[0]]} at epoch {epoch + 1}, step {step} "
+            f"(lr {w['learning_rate'][bad[0]]:.3g}); "
+            + (f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint kept")
+            + "; try a smaller --opt-lr, or --debug-nans to find the operation"
         )
-        window = []
-        step = self.step_count()  # then counted on the host: reading state.step waits per step
-        for i in range(step % self.steps_per_epoch, self.steps_per_epoch):
-            step += 1
-            try:
-                self.state, m = train.train_batch(
-                    self.state,
-                    self.train_x,
-                    self.train_y,
-                    batch_idx[i],
-                    self.dropout_rng,
-                    sharding=self.sharding,
-                    shift=c.data.augment_shift,
-                )
-            except FloatingPointError as e:  # raised under --debug-nans
-                raise Diverged(
-                    f"{e} at epoch {epoch + 1}, step {step}; "
-                    f"last good checkpoint: step {self.mngr.latest_step()}"
-                ) from None
-            window.append(m)
-            done = i + 1
-            log = done % c.log_every == 0 or done == self.steps_per_epoch
-            save = c.checkpoint_every and step % c.checkpoint_every == 0
-            if log or save or signals.received:
-                self._fetch(window, epoch, step)
-                bar.update(len(window) * c.batch_size)
-                window = []
-                if log:
-                    self._log_step_row(done, step)
-                    bar.set_postfix(
-                        loss=f"{self.partial['loss'][-1]:.4f}",
-                        acc=f"{self.partial['accuracy'][-1]:.2%}",
-                        lr=f"{self.partial['learning_rate'][-1]:.3g}",
-                        refresh=False,
-                    )
-            if done < self.steps_per_epoch and (save or signals.received):
-                self._save()  # at the epoch's end, _end_epoch saves
-            if signals.received:
-                break
+    return {k: np.concatenate([partial[k], w[k]]) for k in runs.STEP_KEYS}
 
-    def train(self) -> train.TrainState:
-        from tqdm.auto import tqdm
 
-        c = self.config
-        start = time.perf_counter()
-        with _Signals() as signals:
-            for epoch in range(self.step_count() // self.steps_per_epoch, c.epochs):
-                t0 = time.perf_counter()
-                resumed_at = self.step_count() % self.steps_per_epoch
-                # disable=None: no bar when not on a terminal (CI logs keep a line per epoch).
-                with tqdm(
-                    total=self.steps_per_epoch * c.batch_size,
-                    initial=resumed_at * c.batch_size,
-                    unit="img",
-                    unit_scale=True,
-                    desc=f"epoch {epoch + 1}/{c.epochs}",
-                    leave=False,
-                    disable=None if self.primary else True,
-                ) as bar:
-                    self._train_epoch(epoch, signals, bar)
-                if signals.received and len(self.partial["loss"]) < self.steps_per_epoch:
-                    self._stop(signals.received)
-                self._end_epoch(epoch, t0)
-                if signals.received:
-                    self._stop(signals.received)
-        self._close()
-        if not self.primary:
-            return self.state
-        print(f"Done in {time.perf_counter() - start:.1f}s; work directory {self.workdir}")
-        if c.plots:
-            from mnist_jax import plots  # matplotlib only when drawing
+def log_steps(run: Run, partial: dict, step: int, bar) -> None:
+    """A train_steps.jsonl row (the mean of the steps since the previous one) and the bar's."""
+    done = len(partial["loss"])
+    start = (done - 1) // run.config.log_every * run.config.log_every
+    row = {"step": step}
+    row.update({k: float(partial[k][start:done].mean()) for k in ("loss", "accuracy")})
+    row["learning_rate"] = float(partial["learning_rate"][done - 1])
+    run.writer.step(row)
+    bar.set_postfix(
+        loss=f"{partial['loss'][-1]:.4f}",
+        acc=f"{partial['accuracy'][-1]:.2%}",
+        lr=f"{partial['learning_rate'][-1]:.3g}",
+        refresh=False,
+    )
 
-            plots.draw_all(self.workdir, c.data.dir or None)
-            print(f"Plots in {self.workdir / 'plots'}")
-        return self.state
 
-    def _end_epoch(self, epoch: int, t0: float) -> None:
-        ev = train.evaluate(self.state, self.test_x, self.test_y, sharding=self.sharding)
-        ev = parallel.to_host(ev)
-        p = self.partial
-        row = {
-            "epoch": epoch + 1,
-            "step": self.step_count(),
-            "train_loss": float(p["loss"].mean()),
-            "train_accuracy": float(p["accuracy"].mean()),
-            "val_loss": float(ev["loss"]),
-            "val_accuracy": float(ev["accuracy"]),
-            "learning_rate": float(p["learning_rate"][-1]),
-            "seconds": time.perf_counter() - t0,
-        }
-        self.last_epoch = row
-        self.partial = {k: np.zeros(0, np.float32) for k in STEP_KEYS}
-        self._save()
-        self.writer.epoch(row)
-        if self.primary:
-            print(
-                f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['train_loss']:.4f}"
-                f"  acc {row['train_accuracy']:.2%}  val_loss {row['val_loss']:.4f}"
-                f"  val_acc {row['val_accuracy']:.2%}  lr {row['learning_rate']:.3g}"
-                f"  {row['seconds']:.1f}s",
-                flush=True,
-            )
-        label = collapsed_to(ev["predictions"])
-        if label is not None and not self.warned_collapse:
-            # Every process: dead_units runs a jitted program over the (global) test arrays.
-            dead = train.dead_units(self.state, self.test_x)
-            if self.primary:
-                print(
-                    collapse_warning(epoch + 1, label, row["val_accuracy"], dead), file=sys.stderr
-                )
-            self.warned_collapse = True
-
-    def _stop(self, signum: int) -> None:
-        self._close()
-        raise Interrupted(
-            signum,
-            (
-                f"interrupted ({signal.Signals(signum).name}) at step {self.step_count()}; "
-                f"checkpoint saved in {self.workdir / 'checkpoints'}. Resume by running the same "
-                f"command again with --workdir {self.workdir}"
-            ),
+def train_epoch(run: Run, progress: Progress, epoch: int, signals: _Signals, bar) -> Progress:
+    """The epoch's steps (its rest, after a resume); stops early, checkpointed, at a signal."""
+    config, spe = run.config, run.steps_per_epoch
+    idx = np.asarray(data.epoch_batches(run.data_rng, epoch, len(run.train_x), config.batch_size))
+    done = len(progress.partial["loss"])
+    while done < spe:
+        step = epoch * spe + done
+        end = chunk_end(config, done, step, spe)
+        state, chunk = run_steps(run, progress.state, idx[done:end], signals, epoch, step)
+        progress = progress._replace(
+            state=state, partial=fetch(run, progress.partial, chunk, epoch)
         )
+        n = len(progress.partial["loss"]) - done
+        done, step = done + n, step + n
+        bar.update(n * config.batch_size)
+        if done % config.log_every == 0 or done == spe:
+            log_steps(run, progress.partial, step, bar)
+        due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if done < spe and (due or signals.received):
+            runs.save(run, progress)  # at the epoch's end, end_epoch saves
+        if signals.received:
+            break
+    return progress
 
-    def _close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
-        self.writer.close()
+
+def end_epoch(run: Run, progress: Progress, epoch: int, t0: float) -> tuple[Progress, np.ndarray]:
+    """Evaluate, checkpoint, log and print the finished epoch; also its test predictions."""
+    state, p = progress.state, progress.partial
+    ev = parallel.to_host(train.eval_dataset(state, run.test_x, run.test_y, sharding=run.sharding))
+    row = {
+        "epoch": epoch + 1,
+        "step": step_count(state),
+        "train_loss": float(p["loss"].mean()),
+        "train_accuracy": float(p["accuracy"].mean()),
+        "val_loss": float(ev["loss"]),
+        "val_accuracy": float(ev["accuracy"]),
+        "learning_rate": float(p["learning_rate"][-1]),
+        "seconds": time.perf_counter() - t0,
+    }
+    progress = Progress(state, runs.no_steps(), row)
+    runs.save(run, progress)
+    run.writer.epoch(row)
+    if run.primary:
+        print(
+            f"epoch {row['epoch']:3d}/{run.config.epochs}  loss {row['train_loss']:.4f}"
+            f"  acc {row['train_accuracy']:.2%}  val_loss {row['val_loss']:.4f}"
+            f"  val_acc {row['val_accuracy']:.2%}  lr {row['learning_rate']:.3g}"
+            f"  {row['seconds']:.1f}s",
+            flush=True,
+        )
+    return progress, ev["predictions"]
+
+
+def warn_if_collapsed(run: Run, progress: Progress, predictions: np.ndarray) -> bool:
+    """Warn (process 0, stderr) if the model predicts one class for every test image."""
+    label = diagnostics.collapsed_to(predictions)
+    if label is None:
+        return False
+    # Every process: dead_units runs a jitted program over the (global) test arrays.
+    dead = diagnostics.dead_units(progress.state, run.test_x)
+    if run.primary:
+        row = progress.last_epoch
+        warning = diagnostics.collapse_warning(row["epoch"], label, row["val_accuracy"], dead)
+        print(warning, file=sys.stderr)
+    return True
+
+
+def _bar(run: Run, epoch: int, done: int):
+    from tqdm.auto import tqdm
+
+    batch = run.config.batch_size
+    return tqdm(
+        total=run.steps_per_epoch * batch,
+        initial=done * batch,
+        unit="img",
+        unit_scale=True,
+        desc=f"epoch {epoch + 1}/{run.config.epochs}",
+        leave=False,
+        disable=None if run.primary else True,  # None: no bar when not on a terminal (CI logs)
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> train.TrainState:
     """Train `config.epochs` epochs, evaluating on the test set after each; resume if possible.
 
     Writes to WORKDIR: config.json, summary.txt, metrics.jsonl (a line per epoch),
-    train_steps.jsonl and tensorboard/ (sampled during training), checkpoints/ and plots/.
+    train_steps.jsonl and tensorboard/ (sampled during training) and checkpoints/.
     """
     jax.config.update("jax_debug_nans", bool(config.debug_nans))
     parallel.initialize(config.distributed)
-    run = Run(config, workdir)
-    try:
-        return run.train()
-    except Diverged:
-        run._close()
-        raise
+    run, state = runs.setup(config, Path(workdir))
+    progress = runs.resume(run, state)
+    start, warned = time.perf_counter(), False
+    with _Signals() as signals:
+        try:
+            for epoch in range(step_count(progress.state) // run.steps_per_epoch, config.epochs):
+                t0 = time.perf_counter()
+                with _bar(run, epoch, len(progress.partial["loss"])) as bar:
+                    progress = train_epoch(run, progress, epoch, signals, bar)
+                if len(progress.partial["loss"]) == run.steps_per_epoch:  # the epoch finished
+                    progress, predictions = end_epoch(run, progress, epoch, t0)
+                    warned = warned or warn_if_collapsed(run, progress, predictions)
+                if signals.received:
+                    raise Interrupted(
+                        signals.received,
+                        f"interrupted ({signal.Signals(signals.received).name}) at step "
+                        f"{step_count(progress.state)}; checkpoint saved in "
+                        f"{run.workdir / 'checkpoints'}. Resume by running the same command "
+                        f"again with --workdir {run.workdir}",
+                    )
+        finally:
+            runs.close(run)
+    if run.primary:
+        print(f"Done in {time.perf_counter() - start:.1f}s; work directory {run.workdir}")
+    return progress.state

@@ -42,7 +42,7 @@ def conv_stride2(x, k):
     Only its input gradient is computed differently: XLA:CPU runs the transposed strided
     convolution (a convolution over a dilated input) 4x slower than the equal stride-1
     convolution over space-to-depth images: 17.9 -> 4.4 ms for conv_bn's second layer at batch
-    64 (benchmark.py's docstring has the step-level figures).
+    64 (experiments/benchmark.py's docstring has the step-level figures).
     """
     return _conv_s2(x, k)
 
@@ -138,7 +138,7 @@ class MLP(nn.Module):
         x = x.reshape((x.shape[0], -1))
         for i, n in enumerate(self.features):
             x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
-            self.sow("intermediates", f"hidden_{i}", x)  # for train.dead_units
+            self.sow("intermediates", f"hidden_{i}", x)  # for diagnostics.dead_units
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
@@ -176,7 +176,7 @@ class ConvNet(nn.Module):
         for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
             x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
-            # Kept only when apply asks for mutable=["intermediates"] (train.dead_units does);
+            # Kept only when apply asks for mutable=["intermediates"] (diagnostics.dead_units does);
             # flax's init leaves that collection out.
             self.sow("intermediates", f"hidden_{i}", x)
         x = x.reshape((x.shape[0], -1))

@@ -5,8 +5,9 @@ plots can be redrawn for a finished or interrupted run. Writes WORKDIR/plots/:
   curves.png         loss and accuracy, train (sampled in the epoch) and test (per epoch),
                      with a zoomed 98-100% accuracy panel
   learning_rate.png  the learning-rate schedule over the epochs
-  font_digits.png    digits 0-9 rendered from matplotlib's fonts, predictions under, wrong in red
-  test_digits.png    test digits with predictions, misrecognised first and in red
+  font_digits.png    digits 0-9 rendered from matplotlib's fonts, predictions under; a wrong
+                     one in red beside the true digit, "7 (2)", as the codelab shows them
+  test_digits.png    test digits with predictions, misrecognised first, marked the same way
   confusion.png      the confusion matrix on the test set
 """
 
@@ -21,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import checkpoint, cli, data, evaluate, metrics, predict  # noqa: E402
+from mnist_jax import checkpoint, data, evaluate, flags, metrics, predict  # noqa: E402
 
 FONTS = [
     "DejaVu Sans",
@@ -115,14 +116,23 @@ def font_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, np.tile(np.arange(10), len(FONTS)), FONTS
 
 
-def _digit_grid(images, labels, predicted, title, out, cols=10):
+def digit_titles(labels, predicted) -> list[tuple[str, str]]:
+    """(text, colour) under each digit: the guess in black, or "guess (true)" in red."""
+    return [
+        (f"{p}", "black") if p == t else (f"{p} ({t})", RED)
+        for t, p in zip(np.asarray(labels).tolist(), np.asarray(predicted).tolist())
+    ]
+
+
+def _digit_grid(images, labels, predicted, title, out, cols=10) -> None:
+    """The digits in a grid, each with its digit_titles entry under it."""
     rows = int(np.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.2))
     for ax in np.ravel(axes):
         ax.axis("off")
-    for ax, image, label, pred in zip(np.ravel(axes), images, labels, predicted):
+    for ax, image, (text, color) in zip(np.ravel(axes), images, digit_titles(labels, predicted)):
         ax.imshow(image[..., 0], cmap="gray_r")
-        ax.set_title(str(pred), color=RED if pred != label else "black", fontsize=12, y=-0.35)
+        ax.set_title(text, color=color, fontsize=12, y=-0.35)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -184,7 +194,7 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
         labels,
         predicted,
         f"Digits rendered from fonts: {int((predicted != labels).sum())} of {len(labels)} "
-        "misrecognised (red)",
+        "misrecognised, in red: guess (true digit)",
         paths["font_digits"],
     )
 
@@ -196,7 +206,8 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
         test_x[shown],
         test_y[shown],
         predictions[shown],
-        f"Test digits: {errors} errors out of {len(test_y):,}; misrecognised first, in red",
+        f"Test digits: {errors} errors out of {len(test_y):,}; misrecognised first, in red: "
+        "guess (true digit)",
         paths["test_digits"],
     )
     confusion(
@@ -208,14 +219,11 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="python -m mnist_jax.plots", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a training run")
-    parser.add_argument("--data-dir", default=None, help="IDX directory (default: the run's)")
+    parser = flags.Parser(prog="python -m mnist_jax.plots", description=__doc__.splitlines()[0])
+    flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
-    try:
+    with flags.user_errors(FileNotFoundError, data.DataError):
         paths = draw_all(args.workdir, args.data_dir)
-    except (FileNotFoundError, data.DataError) as e:
-        cli.fail(str(e))
     for path in paths:
         print(path)
 

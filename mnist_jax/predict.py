@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_jax import checkpoint, cli, data
+from mnist_jax import checkpoint, data, flags
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -65,15 +65,12 @@ def probabilities(restored: checkpoint.Restored, images: np.ndarray) -> np.ndarr
 
 
 def main(argv=None) -> int:
-    parser = cli.Parser(prog="python -m mnist_jax.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a training run")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser = flags.Parser(prog="python -m mnist_jax.predict", description=__doc__.splitlines()[0])
+    flags.add(parser, "workdir", "step")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     args = parser.parse_args(argv)
-    try:
+    with flags.user_errors(FileNotFoundError):
         restored = checkpoint.restore(args.workdir, args.step)
-    except FileNotFoundError as e:
-        cli.fail(str(e))
     failed = 0
     for path in args.images:
         try:
@@ -84,7 +81,7 @@ def main(argv=None) -> int:
             continue
         p = probabilities(restored, image[None])[0]
         print(f"{path}: {int(p.argmax())} ({p.max():.1%})")
-    return cli.EXIT_USAGE if failed else 0
+    return flags.EXIT_USAGE if failed else 0
 
 
 if __name__ == "__main__":

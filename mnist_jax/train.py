@@ -2,12 +2,11 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` is pure and importable; it is not jitted here,
 so research code can wrap it (`jax.jit(train_step, donate_argnums=0)`, `jax.vmap`, a scan...).
-`train_batch` and `evaluate` are the jitted forms the training loop uses, on device-resident
+`train_batch` and `eval_dataset` are the jitted forms the training loop uses, on device-resident
 arrays: batches are sliced on the device; loop.py fetches metrics every `log_every` steps only.
 """
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoint, data, models, parallel
+from mnist_jax import checkpoint, data, models
 
 ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
 NUM_TRAIN = 60_000  # MNIST's training set size: the default for sizing the lr schedule
@@ -109,7 +108,7 @@ def create_train_state(
 
 
 def inference_state(restored: checkpoint.Restored) -> TrainState:
-    """A TrainState around restored variables, for `evaluate` (no optimizer state)."""
+    """A TrainState around restored variables, for `eval_dataset` (no optimizer state)."""
     return TrainState.create(
         apply_fn=restored.model.apply,
         params=restored.variables["params"],
@@ -207,7 +206,9 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
 
 
 @partial(jax.jit, static_argnames=("batch_size", "sharding"))
-def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> dict[str, jax.Array]:
+def eval_dataset(
+    state, images, labels, batch_size: int = 1000, sharding=None
+) -> dict[str, jax.Array]:
     """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call.
 
     With `sharding`, batch_size is rounded up to a multiple of the device count.
@@ -235,43 +236,3 @@ def evaluate(state, images, labels, batch_size: int = 1000, sharding=None) -> di
         "accuracy": out["correct"].sum() / jax.lax.optimization_barrier(jnp.float32(n)),
         "predictions": out["prediction"],
     }
-
-
-@jax.jit
-def _alive(state, images):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, out = state.apply_fn(
-        variables, data.normalize(images), train=False, mutable=["intermediates"]
-    )
-    hidden = out.get("intermediates", {})  # none in the one-layer softmax
-    return {k: fired(a) for k, (a,) in hidden.items()}
-
-
-def fired(activations):
-    """Per unit (last axis), whether it is > 0 for any image or position: numpy or jax arrays."""
-    return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
-
-
-def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image.
-
-    A dead ReLU passes no gradient, so it stays dead; a layer all dead passes nothing on, and the
-    net predicts one class for every image: the collapse the training loop warns of.
-    """
-    alive = None
-    for start in range(0, len(images), batch_size):
-        a = _alive(state, images[start : start + batch_size])
-        alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
-    return dead_counts(parallel.to_host(alive))  # to_host: arrays may span other processes
-
-
-def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
-    """{layer: (dead, units)} from {layer: bool array, True where a unit fired on some image}."""
-    return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train and evaluate `config` in `workdir`, resuming from its checkpoints (see loop.py)."""
-    from mnist_jax import loop
-
-    return loop.train_and_evaluate(config, workdir)

@@ -44,7 +44,7 @@ def mnist(mnist_dir) -> data.Dataset:
 
 @pytest.fixture(scope="session")
 def trained_conv_bn(mnist_dir, tmp_path_factory):
-    """conv_bn trained one full epoch on the real data (plots drawn): (workdir, final state).
+    """conv_bn trained one full epoch on the real data: (workdir, final state).
 
     One epoch at lr 0.01 ends at a noisy point (the batch-norm averages trail weights that still
     move fast), so what it reaches depends on the draw and on the machine's rounding. Measured,
@@ -53,10 +53,10 @@ def trained_conv_bn(mnist_dir, tmp_path_factory):
     that use this model set their bars below that spread and say by how much.
     """
     from experiments import conv_bn
-    from mnist_jax import train
+    from mnist_jax import loop
 
     config = conv_bn.get_config()
     config.data.dir = str(mnist_dir)
     config.epochs = 1  # the default seed, 0: no test may train a seed picked because it passes
     workdir = tmp_path_factory.mktemp("conv_bn")
-    return workdir, train.train_and_evaluate(config, workdir)
+    return workdir, loop.train_and_evaluate(config, workdir)

@@ -5,51 +5,51 @@ import numpy as np
 import pytest
 
 from experiments import autograd as script
-from mnist_jax import autograd
+from experiments import autograd_lesson as lesson
 
 
 def test_1_gradient_of_a_sum():
-    np.testing.assert_allclose(autograd.gradient_of_a_sum().values["grad"], [4.0, 6.0, 8.0])
+    np.testing.assert_allclose(lesson.gradient_of_a_sum().values["grad"], [4.0, 6.0, 8.0])
 
 
 def test_2_graph_and_partials():
-    v = autograd.computation_graph().values
+    v = lesson.computation_graph().values
     assert v["dz_dx"] == 7.0 and v["dz_dy"] == 2.0
     for primitive in ("mul", "integer_pow", "add"):  # x*y, x**2, their sum
         assert primitive in v["jaxpr"]
 
 
 def test_3_gradients_are_returned_not_accumulated():
-    v = autograd.no_zero_grad().values
+    v = lesson.no_zero_grad().values
     assert v["grad_quadratic"] == 7.0 and v["grad_cube"] == 12.0
     np.testing.assert_allclose(v["w_accumulated"], v["w_full_batch"], rtol=1e-6, atol=1e-7)
     assert np.abs(np.asarray(v["w_full_batch"])).min() > 0  # a real step was taken
 
 
 def test_4_finite_differences_and_analytic():
-    errors = autograd.finite_differences().values["errors"]
-    assert set(errors) == set(autograd.CHECKS)
+    errors = lesson.finite_differences().values["errors"]
+    assert set(errors) == set(lesson.CHECKS)
     for fd_error, analytic_error in errors.values():
-        assert fd_error < autograd.FD_TOL and analytic_error < autograd.ANALYTIC_TOL
+        assert fd_error < lesson.FD_TOL and analytic_error < lesson.ANALYTIC_TOL
     assert not jax.config.jax_enable_x64  # x64 stayed inside the demo
 
 
 def test_5_backprop_by_hand_equals_jax_grad():
-    v = autograd.hand_vs_grad().values
+    v = lesson.hand_vs_grad().values
     for name in ("w1", "b1", "w2", "b2"):
         np.testing.assert_allclose(v["by_hand"][name], v["jax_grad"][name], rtol=1e-4, atol=1e-6)
         assert np.abs(np.asarray(v["jax_grad"][name])).max() > 1e-4  # not trivially zero
 
 
 def test_6_linear_regression_learns_the_slope():
-    v = autograd.linear_regression().values
+    v = lesson.linear_regression().values
     assert abs(v["weight"] - 3.0) < 0.1
     assert v["losses"][-1] < 0.1 * v["losses"][0]
     assert len(v["losses"]) == 100
 
 
 def test_7_naive_cross_entropy_overflows_fused_does_not():
-    v = autograd.nan_and_stable_loss().values
+    v = lesson.nan_and_stable_loss().values
     assert not np.isfinite(v["naive_loss"]) or not np.all(np.isfinite(v["naive_grad"]))
     assert np.isnan(v["naive_grad"]).any()
     assert v["fused_loss"] == pytest.approx(2000.0)
@@ -57,17 +57,17 @@ def test_7_naive_cross_entropy_overflows_fused_does_not():
 
 
 def test_8_custom_vjp_rules_are_used():
-    v = autograd.custom_gradients().values
+    v = lesson.custom_gradients().values
     np.testing.assert_allclose(v["plain"], [10.0, 10.0, 10.0])
     np.testing.assert_allclose(v["clipped"], [1.0, 1.0, 1.0])
     np.testing.assert_allclose(v["round_grad"], [0.0, 0.0, 0.0])
     np.testing.assert_allclose(v["ste_grad"], [4.0, 4.0, 4.0])
     # forward pass untouched
-    assert float(autograd.clip_gradient(5.0, 1.0)) == 5.0 and float(autograd.round_ste(2.6)) == 3.0
+    assert float(lesson.clip_gradient(5.0, 1.0)) == 5.0 and float(lesson.round_ste(2.6)) == 3.0
 
 
 def test_9_forward_and_reverse_mode_agree():
-    v = autograd.jacobians().values
+    v = lesson.jacobians().values
     for key in ("vjp_rows", "jvp_cols", "jacrev", "jacfwd"):
         np.testing.assert_allclose(v[key], v["analytic"], rtol=1e-6)
 
@@ -75,7 +75,7 @@ def test_9_forward_and_reverse_mode_agree():
 def test_script_prints_every_section_and_one_on_request(capsys):
     script.main([])
     out = capsys.readouterr().out
-    for n, section in enumerate(autograd.SECTIONS, 1):
+    for n, section in enumerate(lesson.SECTIONS, 1):
         assert f"\n{n}. " in out
     assert "dy/dx = [4. 6. 8.]" in out and "dz/dx = 7.0, dz/dy = 2.0" in out
     script.main(["--section", "5"])

@@ -8,7 +8,7 @@ import pytest
 
 import mnist_jax
 from experiments import conv_bn
-from mnist_jax import evaluate, metrics, train
+from mnist_jax import evaluate, loop, metrics
 from mnist_jax.config import ConfigError
 
 
@@ -24,7 +24,7 @@ def small_config(mnist_dir, epochs):
 @pytest.fixture(scope="module")
 def two_epoch_run(mnist_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    state = train.train_and_evaluate(small_config(mnist_dir, 2), workdir)
+    state = loop.train_and_evaluate(small_config(mnist_dir, 2), workdir)
     return workdir, state
 
 
@@ -80,10 +80,10 @@ def test_evaluate_command_writes_eval_json(two_epoch_run, capsys):
 
 def test_resumed_run_equals_uninterrupted_run(mnist_dir, two_epoch_run, tmp_path):
     _, uninterrupted = two_epoch_run
-    train.train_and_evaluate(small_config(mnist_dir, 1), tmp_path)
+    loop.train_and_evaluate(small_config(mnist_dir, 1), tmp_path)
     # Simulate a kill after the checkpoint but before the metrics line was written.
     (tmp_path / "metrics.jsonl").write_text("")
-    resumed = train.train_and_evaluate(small_config(mnist_dir, 2), tmp_path)
+    resumed = loop.train_and_evaluate(small_config(mnist_dir, 2), tmp_path)
     jax.tree.map(np.testing.assert_array_equal, resumed.params, uninterrupted.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, uninterrupted.opt_state)
     assert [r["epoch"] for r in metrics.read(tmp_path / "metrics.jsonl")] == [1, 2]
@@ -94,4 +94,4 @@ def test_refuses_to_resume_a_different_model(mnist_dir, two_epoch_run):
     config = small_config(mnist_dir, 3)
     config.model.channels = (8, 16, 32)
     with pytest.raises(ConfigError, match="holds a run with model="):
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)

@@ -1,20 +1,20 @@
 """The port against the codelab's own framework: from the same initial weights and batches, our
-training steps and Keras 3's `fit` (keras_model, keras_train in mnist_jax.benchmark) agree."""
+training steps and Keras 3's `fit` (keras_model, keras_train in experiments.references) agree."""
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import conv, conv_bn
-from mnist_jax import benchmark, data, train
+from experiments import conv, conv_bn, references
+from mnist_jax import data, diagnostics, train
 
 N, STEPS_PER_EPOCH = 384, 3  # 2 epochs of 3 steps of 128: the learning rate decays once
 
 
 def conv_bn_without_dropout():
-    c = conv_bn.get_config()
-    c.model.dropout = 0.0  # dropout masks cannot match between frameworks; all else can
-    return c
+    config = conv_bn.get_config()
+    config.model.dropout = 0.0  # dropout masks cannot match between frameworks; all else can
+    return config
 
 
 # Training at lr 0.01 amplifies rounding: perturbing our own initial weights by 1e-6 moved
@@ -29,8 +29,8 @@ def test_same_steps_as_keras_fit(get_config, loss_rtol, weight_rtol, mnist):
     config = get_config()
     config.epochs, config.data.train_limit = 2, N
     config.batch_size = N // STEPS_PER_EPOCH
-    keras, model = benchmark._keras_compiled(config)
-    variables = jax.tree.map(jax.numpy.asarray, benchmark.keras_variables(model))
+    keras, model = references._keras_compiled(config)
+    variables = jax.tree.map(jax.numpy.asarray, references.keras_variables(model))
     state = train.create_train_state(config, jax.random.PRNGKey(0), STEPS_PER_EPOCH)
     assert jax.tree.structure(variables["params"]) == jax.tree.structure(state.params)
     state = state.replace(
@@ -63,7 +63,7 @@ def test_same_steps_as_keras_fit(get_config, loss_rtol, weight_rtol, mnist):
     theirs = np.concatenate([r * k - np.concatenate([[0], r[:-1] * k[:-1]]) for r in running])
     np.testing.assert_allclose(ours[:3], theirs[:3], rtol=1e-3)  # before chaos sets in
     np.testing.assert_allclose(ours, theirs, rtol=loss_rtol)  # through the lr decay
-    keras_after = benchmark.keras_variables(model)
+    keras_after = references.keras_variables(model)
     for path, a in jax.tree_util.tree_leaves_with_path(state.params):
         b = keras_after["params"]
         for key in path:
@@ -80,16 +80,16 @@ def test_keras_dead_units_match_ours_on_the_same_weights(get_config, mnist):
     # 10 Keras steps at lr 0.01 kill some ReLUs (conv) or none (batch norm); both counters must
     # see the same units, layer by layer, on the same images.
     config = get_config()
-    keras, model = benchmark._keras_compiled(config)
+    keras, model = references._keras_compiled(config)
     x, y = mnist.train_images[:1280], mnist.train_labels[:1280]
     model.fit(np.asarray(data.normalize(x)), y.astype(np.int32), batch_size=128, epochs=1,
               shuffle=False, verbose=0)  # fmt: skip
     state = train.create_train_state(config, jax.random.PRNGKey(0), 10)
-    variables = jax.tree.map(jax.numpy.asarray, benchmark.keras_variables(model))
+    variables = jax.tree.map(jax.numpy.asarray, references.keras_variables(model))
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     images = mnist.test_images[:2000]
-    theirs = benchmark.keras_dead_units(model, images)
-    assert theirs == train.dead_units(state, images)
+    theirs = references.keras_dead_units(model, images)
+    assert theirs == diagnostics.dead_units(state, images)
     assert [n for _, n in theirs.values()] == [12, 24, 32, 200]
     if not config.model.batch_norm:
         assert sum(d for d, _ in theirs.values()) > 0  # some died: the comparison is not 0 == 0

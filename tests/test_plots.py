@@ -11,6 +11,7 @@ import termios
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from experiments import linear
@@ -20,8 +21,16 @@ from tests.conftest import ROOT
 PLOTS = ["curves", "learning_rate", "font_digits", "test_digits", "confusion"]
 
 
-def test_every_plot_is_a_real_png(trained_conv_bn):
+@pytest.fixture(scope="module")
+def plotted(trained_conv_bn):
+    """The trained run's work directory with its plots drawn, as `cli.run` draws them."""
     workdir, _ = trained_conv_bn
+    plots.draw_all(workdir)
+    return workdir
+
+
+def test_every_plot_is_a_real_png(plotted):
+    workdir = plotted
     for name in PLOTS:
         path = workdir / "plots" / f"{name}.png"
         assert path.stat().st_size > 10_000, name  # an empty figure is a few KB
@@ -29,8 +38,8 @@ def test_every_plot_is_a_real_png(trained_conv_bn):
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
 
 
-def test_plots_command_redraws_from_the_work_directory(trained_conv_bn, tmp_path):
-    workdir, _ = trained_conv_bn
+def test_plots_command_redraws_from_the_work_directory(plotted, tmp_path):
+    workdir = plotted
     for name in PLOTS:
         (workdir / "plots" / f"{name}.png").unlink()
     plots.main(["--workdir", str(workdir)])
@@ -39,7 +48,7 @@ def test_plots_command_redraws_from_the_work_directory(trained_conv_bn, tmp_path
 
 def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist):
     workdir, state = trained_conv_bn
-    out = train.evaluate(state, mnist.test_images, mnist.test_labels)
+    out = train.eval_dataset(state, mnist.test_images, mnist.test_labels)
     predictions = np.asarray(out["predictions"])
     wrong = np.flatnonzero(predictions != mnist.test_labels)
     assert 0 < len(wrong) == round((1 - float(out["accuracy"])) * 10_000)
@@ -48,8 +57,17 @@ def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist)
     k = min(len(wrong), len(shown))
     assert red[:k].all() and not red[k:].any()  # all errors first, then only correct digits
     np.testing.assert_array_equal(shown[:k], wrong[:k])
+    titles = plots.digit_titles(mnist.test_labels[shown], predictions[shown])
+    for i, (text, color) in zip(shown, titles):  # "guess (true)" in red for each error
+        want = f"{predictions[i]} ({mnist.test_labels[i]})" if i in wrong else f"{predictions[i]}"
+        assert (text, color == plots.RED) == (want, i in wrong)
     matrix = plots.confusion_matrix(predictions, mnist.test_labels)
     assert matrix.sum() == 10_000 and matrix.sum() - np.trace(matrix) == len(wrong)
+
+
+def test_a_wrong_guess_is_shown_beside_its_true_digit():
+    titles = plots.digit_titles(np.array([2, 3]), np.array([7, 3]))
+    assert titles == [("7 (2)", plots.RED), ("3", "black")]
 
 
 def test_summary_totals_equal_the_parameter_count(trained_conv_bn):

@@ -1,7 +1,7 @@
 """One full epoch on the real 60,000 training images, evaluated on all 10,000 test images."""
 
 from experiments import dense_relu
-from mnist_jax import metrics, train
+from mnist_jax import loop, metrics
 
 
 def test_dense_relu_one_epoch(mnist_dir, tmp_path):
@@ -9,7 +9,7 @@ def test_dense_relu_one_epoch(mnist_dir, tmp_path):
     config.data.dir = str(mnist_dir)
     config.epochs = 1
     config.plots = False
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     (row,) = metrics.read(tmp_path / "metrics.jsonl")
     assert row["step"] == 60_000 // 128
     # One epoch, seeds 0-9 (`python -m experiments.seeds dense_relu --epochs 1 --seeds 10`):

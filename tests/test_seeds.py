@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments import dense_relu, seeds
-from mnist_jax import cli, metrics
+from mnist_jax import cli, flags, metrics
 
 LIMIT = ["--train-limit", "4096"]
 
@@ -63,7 +63,7 @@ def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
 def test_bad_flags_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         seeds.main(args)
-    assert e.value.code == cli.EXIT_USAGE
+    assert e.value.code == flags.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from mnist_jax import cli, loop, metrics, predict
+from mnist_jax import cli, diagnostics, metrics, predict
 from tests.test_models import PARAMS
 
 
@@ -41,7 +41,7 @@ def test_stage_runs_end_to_end(name, mnist, mnist_dir, tmp_path, capsys):
     labels = mnist.test_labels[:500]
     predictions = predict.probabilities(mnist_jax.restore(tmp_path), mnist.test_images[:500])
     warnings = re.findall(r"warning: epoch (\d): the model predicts class (\d) .*\(val_acc ([\d.]+)%\)", err)  # fmt: skip
-    if loop.collapsed_to(predictions.argmax(-1)) is not None:
+    if diagnostics.collapsed_to(predictions.argmax(-1)) is not None:
         assert warnings, err
     for epoch, label, accuracy in warnings:
         logged = rows[int(epoch) - 1]["val_accuracy"]
@@ -72,7 +72,7 @@ def test_loop_warns_of_a_collapse(mnist, mnist_dir, tmp_path, capsys):
     assert len(counts) == 4 and any(d == n for d, n in counts), warnings[0]
 
 
-def test_report_tables_the_runs(mnist_dir, tmp_path):
+def test_report_tables_the_runs(mnist_dir, tmp_path, capsys):
     from experiments import dense_relu, linear, report
 
     for stage in (dense_relu, linear):
@@ -87,13 +87,17 @@ def test_report_tables_the_runs(mnist_dir, tmp_path):
                 "--data-test-limit",
                 "200",
                 "--plots",
-                "false",
+                "true" if stage is linear else "false",
                 "--data-dir",
                 str(mnist_dir),
                 "--workdir",
                 str(tmp_path / name),
             ],
         )
+    # The command draws the plots once training has returned (loop.py draws none).
+    assert f"Plots in {tmp_path / 'linear' / 'plots'}" in capsys.readouterr().out
+    assert (tmp_path / "linear" / "plots" / "test_digits.png").exists()
+    assert not (tmp_path / "dense_relu" / "plots").exists()
     report.main(["--runs", str(tmp_path)])
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["`linear`", "`dense_relu`"]

@@ -82,10 +82,10 @@ def test_dropout_keys_depend_on_step_not_on_calls(mnist):
     assert not np.allclose(a.params["Dense_0"]["kernel"], c.params["Dense_0"]["kernel"])
 
 
-def test_evaluate_matches_a_direct_computation(mnist):
+def test_eval_dataset_matches_a_direct_computation(mnist):
     state = train.create_train_state(dense_relu.get_config(), jax.random.PRNGKey(0))
     x, y = mnist.test_images[:2500], mnist.test_labels[:2500]  # not a multiple of the eval batch
-    out = train.evaluate(state, x, y)
+    out = train.eval_dataset(state, x, y)
     logits = state.apply_fn({"params": state.params}, data.normalize(x), train=False)
     assert out["predictions"].shape == (2500,)
     np.testing.assert_array_equal(out["predictions"], np.argmax(logits, -1))
@@ -149,7 +149,7 @@ def test_random_shift_translates_each_image_within_bounds(mnist):
     np.testing.assert_array_equal(out, train.random_shift(x, jax.random.PRNGKey(0), 2))
 
 
-def test_evaluate_counts_accuracy_exactly():
+def test_eval_dataset_counts_accuracy_exactly():
     """9,950 right of 10,000 is 99.5%, not 99.49999%: a float32 mean would miss the target."""
     import optax
 
@@ -159,32 +159,6 @@ def test_evaluate_counts_accuracy_exactly():
     state = train.TrainState.create(apply_fn=always_zero, params={}, batch_stats={}, tx=optax.identity())  # fmt: skip
     labels = np.r_[np.zeros(9950, np.int32), np.ones(50, np.int32)]
     images = np.zeros((10_000, 28, 28, 1), np.uint8)
-    out = train.evaluate(state, images, labels)
+    out = train.eval_dataset(state, images, labels)
     assert float(out["accuracy"]) >= 0.995
     assert int((out["predictions"] == labels).sum()) == 9950
-
-
-def test_collapsed_to_names_the_only_class_predicted():
-    from mnist_jax.loop import collapsed_to
-
-    assert collapsed_to(np.array([3, 3, 3])) == 3
-    assert collapsed_to(np.array([3, 3, 1])) is None
-
-
-def test_dead_units_counts_relus_that_are_zero_on_every_image(mnist):
-    from experiments import conv
-
-    state = train.create_train_state(conv.get_config(), jax.random.PRNGKey(0))
-    images = mnist.test_images[:1500]  # two chunks of dead_units' 1,000
-    before = train.dead_units(state, images)
-    assert {k: n for k, (_, n) in before.items()} == {
-        "hidden_0": 12, "hidden_1": 24, "hidden_2": 32, "hidden_3": 200
-    }  # fmt: skip
-    # Kill conv channel 5 of the first layer: no input weight, a negative bias.
-    params = jax.tree.map(lambda x: x, state.params)
-    params["Conv_0"] = {
-        "kernel": params["Conv_0"]["kernel"].at[..., 5].set(0.0),
-        "bias": params["Conv_0"]["bias"].at[5].set(-1.0),
-    }
-    after = train.dead_units(state.replace(params=params), images)
-    assert after["hidden_0"][0] == before["hidden_0"][0] + 1

@@ -27,7 +27,7 @@ def run(devices: int, steps: int, images, labels, opt: str):
     for i in range(steps):
         state, m = train.train_batch(state, x, y, idx[i], jax.random.PRNGKey(1), sharding=sharding)
         losses.append(float(parallel.to_host(m["loss"])))
-    ev = train.evaluate(state, x[:1000], y[:1000], sharding=sharding)
+    ev = train.eval_dataset(state, x[:1000], y[:1000], sharding=sharding)
     shards = {str(s.device) for s in state.params["Conv_0"]["kernel"].addressable_shards}
     return state, losses, float(ev["accuracy"]), len(shards)
 

@@ -1,84 +1,20 @@
-"""Training speed of conv_bn here and in Keras 3 (JAX backend) and PyTorch; time to accuracy.
+"""The codelab's recipes in Keras 3 (JAX backend) and conv_bn in PyTorch: our references.
 
-Each `measure_*` function trains the codelab's conv_bn recipe (same layers, Keras's batch-norm
-and Adam settings, Glorot kernels, real MNIST /256) on batches drawn from the training set and
-returns one dict: first-step (compile) seconds apart, then the median images/s over several
-timed windows, seconds per 60,000-image epoch, and the process's peak resident memory.
-`experiments/benchmark.py` runs each in its own process, so memory and threads do not mix.
+Keras is the codelab's own framework: `keras_model` builds a stage's model layer for layer,
+`keras_train` trains a stage the codelab's way with `model.fit` (experiments.seeds
+--framework keras), and tests/test_keras_reference.py checks our steps against its steps from
+the same weights. `measure_keras` and `measure_torch` time the same conv_bn training as
+mnist_jax.timing.measure_ours, in the same dict (experiments/benchmark.py). Both come from the
+`bench` extra (`pip install -e '.[bench]'`); nothing in mnist_jax imports this module.
 """
 
-import resource
-import statistics
 import time
 
 import jax
 import numpy as np
 
-from mnist_jax import data, loop, train
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _summary(name, version, batch, first_step_s, window_seconds, window_steps) -> dict:
-    ips = [window_steps * batch / s for s in window_seconds]
-    median = statistics.median(ips)
-    return {
-        "framework": name,
-        "version": version,
-        "batch_size": batch,
-        "first_step_s": round(first_step_s, 3),
-        "images_per_s": round(median, 1),
-        "window_images_per_s": [round(x, 1) for x in ips],
-        "epoch_s": round(60_000 // batch * batch / median, 2),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-    }
-
-
-def window_steps_for(batch: int, window_images: int) -> int:
-    return max(2, round(window_images / batch))
-
-
-def _train_arrays(data_dir: str | None):
-    ds = data.load(data_dir)
-    return ds.train_images, ds.train_labels
-
-
-def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
-    """Batch indices for `steps` steps: shuffled epochs, as training draws them."""
-    rng = np.random.default_rng(seed)
-    per_epoch = n // batch
-    epochs = -(-steps // per_epoch)
-    idx = np.concatenate([rng.permutation(n)[: per_epoch * batch] for _ in range(epochs)])
-    return idx[: steps * batch].reshape(steps, batch).astype(np.int32)
-
-
-def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
-    """Our training loop's work per step: train.train_batch on device-resident uint8 data."""
-    images, labels = _train_arrays(data_dir)
-    b = config.batch_size
-    steps = window_steps_for(b, window_images)
-    idx = _indices(len(images), b, 3 + windows * steps)
-    state = train.create_train_state(config, jax.random.PRNGKey(config.seed), len(images) // b)
-    x, y = jax.device_put((images, labels))
-    rng = jax.random.PRNGKey(1)
-    t = time.perf_counter()
-    step = train.train_batch.lower(state, x, y, idx[0], rng).compile()
-    compile_s = time.perf_counter() - t
-    for i in range(3):  # warm-up: first calls allocate
-        state, m = step(state, x, y, idx[i], rng)
-    jax.block_until_ready(m)
-    seconds = []
-    for w in range(windows):
-        t = time.perf_counter()
-        for i in range(3 + w * steps, 3 + (w + 1) * steps):
-            state, m = step(state, x, y, idx[i], rng)
-        jax.block_until_ready((state, m))
-        seconds.append(time.perf_counter() - t)
-    summary = _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
-    summary["device"] = jax.default_backend()
-    return summary
+from mnist_jax import data, diagnostics, runs, train
+from mnist_jax.timing import _indices, _summary, _train_arrays, window_steps_for
 
 
 def _keras():
@@ -92,7 +28,7 @@ def _keras():
     if keras.backend.backend() != "jax":
         raise RuntimeError(
             f"keras was imported with its {keras.backend.backend()!r} backend before "
-            "mnist_jax.benchmark could choose JAX; set KERAS_BACKEND=jax"
+            "experiments.references could choose JAX; set KERAS_BACKEND=jax"
         )
     return keras
 
@@ -161,7 +97,7 @@ def _keras_compiled(config):
 
 
 def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """train.dead_units for a keras_model: per hidden activation, units 0 on every image.
+    """diagnostics.dead_units for a keras_model: per hidden activation, units 0 on every image.
 
     Hidden activations are the outputs of the layers with a nonlinearity (a Conv2D or Dense with
     activation="relu", or an Activation after batch norm), named hidden_0, hidden_1, ... in order,
@@ -176,7 +112,9 @@ def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[i
         np.asarray(data.normalize(images)), batch_size=batch_size, verbose=0
     )
     acts = acts if isinstance(acts, list) else [acts]
-    return train.dead_counts({f"hidden_{i}": train.fired(a) for i, a in enumerate(acts)})
+    return diagnostics.dead_counts(
+        {f"hidden_{i}": diagnostics.fired(a) for i, a in enumerate(acts)}
+    )
 
 
 def keras_train(config, data_dir=None) -> dict:
@@ -186,10 +124,10 @@ def keras_train(config, data_dir=None) -> dict:
     `LearningRateScheduler` (lr * decay^epoch), with Keras's own initialisers and shuffling, and
     its seed from config.seed. One difference from the notebooks: they batch a tf.data pipeline
     with drop_remainder (468 steps of 128); `fit` on arrays also trains the last 96 images.
-    Returns the test accuracy after each epoch, in time_to_accuracy's format.
+    Returns the test accuracy after each epoch, in timing.time_to_accuracy's format.
     """
     keras, model = _keras_compiled(config)
-    x, y, tx, ty = loop.split_data(data.load(data_dir or config.data.dir or None), config)
+    x, y, tx, ty = runs.split_data(data.load(data_dir or config.data.dir or None), config)
     lr, decay = config.opt.lr, config.opt.decay
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     start = time.perf_counter()
@@ -211,7 +149,7 @@ def keras_train(config, data_dir=None) -> dict:
         "val_accuracy": accs[-1],
         "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-        "collapsed_to": loop.collapsed_to(np.argmax(predictions, -1)),
+        "collapsed_to": diagnostics.collapsed_to(np.argmax(predictions, -1)),
         "dead_units": keras_dead_units(model, tx),  # as time_to_accuracy's, on the test images
     }
 
@@ -312,54 +250,3 @@ def measure_torch(batch: int, data_dir, windows: int, window_images: int) -> dic
     summary["threads"] = torch.get_num_threads()
     summary["device"] = device
     return summary
-
-
-def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop=True) -> dict:
-    """Train `config` (its seed, schedule and batch) until the test accuracy reaches `target`.
-
-    Evaluates on all 10,000 test images after each epoch. `seconds` counts training and
-    evaluation; compilation (both functions, ahead of time) is reported apart as `compile_s`.
-    With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
-    reached the target as `reached_epoch`.
-    """
-    arrays = loop.split_data(data.load(data_dir or config.data.dir or None), config)
-    n, b = len(arrays[0]), config.batch_size
-    steps_per_epoch = n // b
-    init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    state = train.create_train_state(config, init_rng, steps_per_epoch)
-    x, y, tx, ty = jax.device_put(arrays)
-    t = time.perf_counter()
-    idx0 = np.zeros(b, np.int32)
-    shift = config.data.augment_shift
-    step = train.train_batch.lower(state, x, y, idx0, dropout_rng, shift=shift).compile()
-    evaluate = train.evaluate.lower(state, tx, ty).compile()
-    compile_s = time.perf_counter() - t
-    history, start = [], time.perf_counter()
-    for epoch in range(max_epochs):
-        batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
-        for i in range(steps_per_epoch):
-            state, _ = step(state, x, y, batches[i], dropout_rng)  # shift is compiled in
-        out = evaluate(state, tx, ty)
-        accuracy = float(out["accuracy"])
-        history.append(
-            {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}
-        )
-        if stop and accuracy >= target:
-            break
-    first = next((h for h in history if h["val_accuracy"] >= target), None)
-    reached = history[-1]["val_accuracy"] >= target
-    return {
-        "stage": config.name,
-        "seed": config.seed,
-        "target": target,
-        "reached": reached,
-        "epochs": history[-1]["epoch"],
-        "seconds": round(history[-1]["seconds"], 2),
-        "compile_s": round(compile_s, 2),
-        "val_accuracy": history[-1]["val_accuracy"],
-        "reached_epoch": first["epoch"] if first else None,
-        "reached_seconds": round(first["seconds"], 2) if first else None,
-        "collapsed_to": loop.collapsed_to(out["predictions"]),  # the one class predicted, if so
-        "dead_units": train.dead_units(state, tx),  # relu units 0 on every test image, per layer
-        "history": history,
-    }

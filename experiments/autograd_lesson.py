@@ -1,5 +1,7 @@
 """Autograd and backpropagation, the JAX way: the companion lesson, one function per section.
 
+Over 300 lines in one file on purpose: the nine sections are one lesson, read top to bottom.
+
 PyTorch records a graph as tensors with `requires_grad=True` are used, `.backward()` fills each
 leaf's `.grad`, gradients accumulate until `zero_grad()`, and `optimizer.step()` reads them. In JAX
 differentiation is a function transformation: `jax.grad(f)` is a new function returning the

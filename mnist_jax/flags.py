@@ -1,0 +1,144 @@
+"""Command-line plumbing every command shares: config fields as flags, common flags, failures.
+
+Each config field is a flag (`data.dir` -> `--data-dir`). User mistakes (bad flags, bad data,
+unusable work directory) print one line and exit 2; `user_errors` turns the exceptions that
+report them into that line.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from mnist_jax.config import flag_name
+
+EXIT_USAGE = 2  # bad flags, data or work directory
+EXIT_DIVERGED = 3  # the loss became NaN or infinite
+
+# Flags several commands take, spelt, typed and described once; `add` declares them.
+COMMON = {
+    "workdir": dict(required=True, help="work directory of a training run"),
+    "data_dir": dict(
+        default=None, help="IDX directory (default: the run's, else $MNIST_DATA_DIR, else TFDS)"
+    ),
+    "step": dict(type=int, default=None, help="checkpoint step (default: latest)"),
+    "seeds": dict(type=int, default=5, help="how many seeds (default %(default)s)"),
+    "epochs": dict(type=int, default=None, help="default: the stage's"),
+    "train_limit": dict(type=int, default=0, help="first N training images (0: all)"),
+    "json": dict(default="", help="where to write the results (default %(default)s)"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def add(parser: argparse.ArgumentParser, *names: str, **changed) -> None:
+    """Declare COMMON flags on `parser`: `names` ("data_dir" is --data-dir), then `changed`.
+
+    A keyword declares a flag that differs for this command: a value is its default
+    (`add(p, "workdir", json="runs/x.json")`), a dict replaces add_argument keywords.
+    """
+    for name in (*names, *changed):
+        change = changed.get(name, {})
+        kwargs = {**COMMON[name], **(change if isinstance(change, dict) else {"default": change})}
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+@contextlib.contextmanager
+def user_errors(*errors: type[Exception], code: int = EXIT_USAGE):
+    """Inside, an exception of the types `errors` ends the command as `fail(str(e), code)`."""
+    try:
+        yield
+    except errors as e:
+        fail(str(e), code)
+
+
+def write_json(path: str, obj) -> None:
+    """Write results to --json PATH, or fail with one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        fail(f"--json {path}: cannot write ({e.strerror})")
+    print(f"Results in {path}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _parser_for(default):
+    """An argparse `type` that parses a flag like the field's default value."""
+    if isinstance(default, bool):
+        convert = _parse_bool
+    elif isinstance(default, (tuple, list)):
+        item = type(default[0]) if default else int
+
+        def convert(text):
+            return tuple(item(x) for x in text.split(",") if x.strip())
+
+    else:
+        convert = type(default)
+
+    def parse(text):
+        return convert(text)
+
+    parse.__name__ = type(default).__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted path, value) for every leaf field."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, description=None):
+    """Override `config` from command-line flags; returns the config."""
+    parser = Parser(prog=prog, description=description)
+    paths = {}
+    for path, value in leaves(config):
+        if path == "name":
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        flag = flag_name(path)
+        paths[flag[2:].replace("-", "_")] = path
+        flag_kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
+        parser.add_argument(
+            flag,
+            **flag_kwargs,
+            type=_parser_for(value),
+            default=argparse.SUPPRESS,
+            metavar=type(value).__name__.upper(),
+            help=f"config {path} (default: {shown!s})",
+        )
+    args = parser.parse_args(argv)
+    for dest, value in vars(args).items():
+        *parents, key = paths[dest].split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    return config

@@ -1,0 +1,133 @@
+"""Timing our own training: images per second of its step, and time to a test accuracy.
+
+`measure_ours` times train.train_batch, the loop's step, on device-resident data and returns one
+dict: first-step (compile) seconds apart, then the median images/s over several timed windows,
+seconds per 60,000-image epoch, and the process's peak resident memory. The Keras and PyTorch
+references (experiments/references.py) report the same dict through `_summary`.
+`time_to_accuracy` trains a stage (its seed, schedule and batch) without checkpoints or logs, as
+experiments.seeds and experiments.speedrun do.
+"""
+
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from mnist_jax import data, diagnostics, runs, train
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _summary(name, version, batch, first_step_s, window_seconds, window_steps) -> dict:
+    ips = [window_steps * batch / s for s in window_seconds]
+    median = statistics.median(ips)
+    return {
+        "framework": name,
+        "version": version,
+        "batch_size": batch,
+        "first_step_s": round(first_step_s, 3),
+        "images_per_s": round(median, 1),
+        "window_images_per_s": [round(x, 1) for x in ips],
+        "epoch_s": round(60_000 // batch * batch / median, 2),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def window_steps_for(batch: int, window_images: int) -> int:
+    return max(2, round(window_images / batch))
+
+
+def _train_arrays(data_dir: str | None):
+    ds = data.load(data_dir)
+    return ds.train_images, ds.train_labels
+
+
+def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
+    """Batch indices for `steps` steps: shuffled epochs, as training draws them."""
+    rng = np.random.default_rng(seed)
+    per_epoch = n // batch
+    epochs = -(-steps // per_epoch)
+    idx = np.concatenate([rng.permutation(n)[: per_epoch * batch] for _ in range(epochs)])
+    return idx[: steps * batch].reshape(steps, batch).astype(np.int32)
+
+
+def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
+    """Our training loop's work per step: train.train_batch on device-resident uint8 data."""
+    images, labels = _train_arrays(data_dir)
+    b = config.batch_size
+    steps = window_steps_for(b, window_images)
+    idx = _indices(len(images), b, 3 + windows * steps)
+    state = train.create_train_state(config, jax.random.PRNGKey(config.seed), len(images) // b)
+    x, y = jax.device_put((images, labels))
+    rng = jax.random.PRNGKey(1)
+    t = time.perf_counter()
+    step = train.train_batch.lower(state, x, y, idx[0], rng).compile()
+    compile_s = time.perf_counter() - t
+    for i in range(3):  # warm-up: first calls allocate
+        state, m = step(state, x, y, idx[i], rng)
+    jax.block_until_ready(m)
+    seconds = []
+    for w in range(windows):
+        t = time.perf_counter()
+        for i in range(3 + w * steps, 3 + (w + 1) * steps):
+            state, m = step(state, x, y, idx[i], rng)
+        jax.block_until_ready((state, m))
+        seconds.append(time.perf_counter() - t)
+    summary = _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
+    summary["device"] = jax.default_backend()
+    return summary
+
+
+def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop=True) -> dict:
+    """Train `config` (its seed, schedule and batch) until the test accuracy reaches `target`.
+
+    Evaluates on all 10,000 test images after each epoch. `seconds` counts training and
+    evaluation; compilation (both functions, ahead of time) is reported apart as `compile_s`.
+    With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
+    reached the target as `reached_epoch`.
+    """
+    arrays = runs.split_data(data.load(data_dir or config.data.dir or None), config)
+    n, b = len(arrays[0]), config.batch_size
+    steps_per_epoch = n // b
+    init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    state = train.create_train_state(config, init_rng, steps_per_epoch)
+    x, y, tx, ty = jax.device_put(arrays)
+    t = time.perf_counter()
+    idx0 = np.zeros(b, np.int32)
+    shift = config.data.augment_shift
+    step = train.train_batch.lower(state, x, y, idx0, dropout_rng, shift=shift).compile()
+    eval_dataset = train.eval_dataset.lower(state, tx, ty).compile()
+    compile_s = time.perf_counter() - t
+    history, start = [], time.perf_counter()
+    for epoch in range(max_epochs):
+        batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
+        for i in range(steps_per_epoch):
+            state, _ = step(state, x, y, batches[i], dropout_rng)  # shift is compiled in
+        out = eval_dataset(state, tx, ty)
+        accuracy = float(out["accuracy"])
+        history.append(
+            {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}
+        )
+        if stop and accuracy >= target:
+            break
+    first = next((h for h in history if h["val_accuracy"] >= target), None)
+    reached = history[-1]["val_accuracy"] >= target
+    return {
+        "stage": config.name,
+        "seed": config.seed,
+        "target": target,
+        "reached": reached,
+        "epochs": history[-1]["epoch"],
+        "seconds": round(history[-1]["seconds"], 2),
+        "compile_s": round(compile_s, 2),
+        "val_accuracy": history[-1]["val_accuracy"],
+        "reached_epoch": first["epoch"] if first else None,
+        "reached_seconds": round(first["seconds"], 2) if first else None,
+        "collapsed_to": diagnostics.collapsed_to(out["predictions"]),  # the one class, if so
+        "dead_units": diagnostics.dead_units(state, tx),  # relu units 0 on every test image
+        "history": history,
+    }
