@@ -10,9 +10,10 @@ dropout 0.3.
 
   python -m experiments.conv_bn --data-dir ../shared/data/mnist
 
-Measured (2-core CPU, commit 50e8fd9): final test accuracy 99.53%, best 99.53% (epoch 10);
-  10 epochs in 291 s (training, compilation and evaluation); 515 s before the faster
-  strided-convolution gradient (models.conv_stride2). One H100, before Keras's Adam: 99.48% in 22 s.
+Measured (2-core CPU, seed 0, `python -m experiments.conv_bn --data-dir ../shared/data/mnist`):
+  final test accuracy 99.53%, best 99.53% (epoch 10); 10 epochs in 291 s (training, compilation
+  and evaluation); 515 s before the faster strided-convolution gradient (models.conv_stride2).
+  One H100, measured before the switch to Keras's Adam: 99.48% in 22 s (docs/performance.md).
 """
 
 from experiments import conv

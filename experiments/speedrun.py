@@ -15,7 +15,7 @@ What got here (2-core CPU, final test accuracy):
   python -m experiments.speedrun --data-dir ../shared/data/mnist            # 5 seeds
   python -m experiments.speedrun --seeds 1 --epochs 2                       # a quick try
 
-Measured: the README's speedrun section has the figures of the last 5-seed run.
+Measured: docs/performance.md has the figures of the last 5-seed run.
 """
 
 from experiments import conv_bn, seeds
