@@ -22,8 +22,12 @@ from mnist_jax.config import ConfigError
 
 # Fields a resumed run must share with the checkpoint: they fix shapes, data order or step count.
 RESUME_KEYS = ("model", "batch_size", "seed", "data.train_limit")
+# Written once a first checkpoint is committed: from then on a work directory with no readable
+# checkpoint has lost work (refused), before then it has lost none (started afresh).
+COMMITTED = "checkpoint_committed"
 RUN_FILES = (
     "checkpoints",
+    COMMITTED,
     "metrics.jsonl",
     "train_steps.jsonl",
     "tensorboard",
@@ -106,6 +110,30 @@ def manager(
     return ocp.CheckpointManager(directory, options=options)
 
 
+def reader(workdir: str | Path) -> ocp.CheckpointManager:
+    """A read-only manager for this process alone: no collective, so process 0 can restore for
+    its plots while the others have finished (Orbax skips the barriers of a one-process set)."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'}: no checkpoint found")
+    _screen(directory, repair=False)
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        ),
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def mark_committed(workdir: Path) -> None:
+    """Call after `wait_until_finished`: note that a checkpoint has been committed, if one has."""
+    marker = workdir / COMMITTED
+    if not marker.exists() and any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+        marker.touch()
+
+
 def _model_item(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -147,7 +175,8 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
     An unreadable checkpoint (half-written, truncated, files missing) is reported and deleted,
     and the one before it is tried: the run goes on from the last good one, never loops on a
     bad one. A work directory that holds a run's metrics but no readable checkpoint is refused
-    rather than silently started over (--restart does that).
+    rather than silently started over (--restart does that); one that never committed a
+    checkpoint (killed in its first steps, or during its first save) lost nothing: it starts anew.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
@@ -161,7 +190,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
                 file=sys.stderr,
             )
             mngr.delete(step)
-    if (workdir / "metrics.jsonl").exists():
+    if (workdir / COMMITTED).exists():
         raise ConfigError(
             f"--workdir {workdir}: holds a run but no readable checkpoint in "
             f"{mngr.directory}; add --restart to start over"
@@ -187,7 +216,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
             f"{config_path}: not found; is {workdir} a training work directory?"
         )
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    mngr = manager(workdir)
+    mngr = reader(workdir)
     steps = mngr.all_steps()
     if not steps:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint found")

@@ -3,13 +3,15 @@
 `python -m experiments.<stage> [--flag value ...]`: each config field is a flag (flags.py). The
 one place that wires training, plots and exit codes together: user mistakes (bad flags, bad data,
 unusable work directory) print one line and exit 2, a diverged run exits 3, a signal 128 + its
-number.
+number, a process that loses another process of its run 4.
 """
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+import jax
 import ml_collections
 
 from mnist_jax import flags, loop, parallel
@@ -42,3 +44,26 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
         flags.fail(str(e), e.exit_code)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         flags.fail("interrupted; the latest checkpoint (if any) is kept, run again to resume", 130)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        lost(e, workdir)
+
+
+def lost(error: Exception, workdir: str) -> None:
+    """Another process is gone (a collective failed): say so in one line and leave now.
+
+    No exit handler runs: jax.distributed's shutdown and Orbax's would wait for a process that
+    will not come back. What the checkpoints hold is complete (Orbax renames a finished one).
+    """
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    print(
+        f"error: process {jax.process_index()}: a collective across the "
+        f"{jax.process_count()} processes failed, another process is likely gone ({reason}); "
+        f"the last complete checkpoint in {Path(workdir) / 'checkpoints'} is kept: run the same "
+        "command again on every process to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(flags.EXIT_LOST)

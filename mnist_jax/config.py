@@ -51,6 +51,13 @@ def base() -> ml_collections.ConfigDict:
             coordinator="",  # host:port of process 0, e.g. 10.0.0.1:1234
             num_processes=0,
             process_id=-1,
+            # Seconds. A process silent this long counts as lost: the others stop (exit 4)
+            # instead of waiting in a collective until the job's wall-clock limit (JAX: 100).
+            heartbeat_timeout=60,
+            # How long a finished process waits for the others at the end (process 0 still
+            # drawing the plots, say) before giving up on them (JAX's default).
+            shutdown_timeout=300,
+            init_timeout=300,  # how long to wait for every process to join at the start
         )
     )
     return config
@@ -77,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive"
     )
     check(config.batch_size >= 1, "batch_size", "must be at least 1")
+    for key in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
+        check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
     check(config.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")

@@ -12,6 +12,7 @@ them for NaN, logs, saves and reads signals. `run_steps` trains one chunk: one j
 step today; a compiled lax.scan over the chunk (and a vmap over seeds) would replace it alone.
 """
 
+import os
 import signal
 import sys
 import time
@@ -39,19 +40,45 @@ class Interrupted(Exception):
 
 
 class _Signals:
-    """Turn SIGINT / SIGTERM into a flag the loop reads between steps."""
+    """SIGINT and SIGTERM, turned into a stop that every process takes at the same chunk's end.
 
-    def __init__(self):
-        self.received = None
+    One process: Python handlers set `received`, which also ends a chunk early. Several: JAX's
+    preemption sync manager hears SIGTERM itself (a Python handler would take the signal from
+    it), a Ctrl-C becomes a SIGTERM to this process, and `stop` asks JAX whether all processes
+    have reached the agreed point, so they save one checkpoint together and exit alike.
+    """
+
+    def __init__(self, processes: int):
+        self.multi = processes > 1
+        self.received = None  # one process: the signal to stop at; several: never set
+        self.pressed = False  # several processes: Ctrl-C seen once
+        self.stopping = None
+        self.sync_id = 0  # grows by one per `stop`, the same on every process
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        kinds = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
+        self.previous = {s: signal.signal(s, self._handle) for s in kinds}
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: stop now
+        if self.received is not None or self.pressed:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.received = signum
+        if self.multi:  # JAX's notifier takes it from here
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.received = signum
+
+    def stop(self) -> int | None:
+        """At a chunk's end: the signal to stop for, or None to go on (sticky once set)."""
+        if self.stopping is None:
+            if not self.multi:
+                self.stopping = self.received
+            else:
+                self.sync_id += 1
+                if parallel.reached_preemption(self.sync_id):
+                    self.stopping = signal.SIGTERM
+        return self.stopping
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -145,9 +172,10 @@ def train_epoch(run: Run, progress: Progress, epoch: int, signals: _Signals, bar
         if done % config.log_every == 0 or done == spe:
             log_steps(run, progress.partial, step, bar)
         due = config.checkpoint_every and step % config.checkpoint_every == 0
-        if done < spe and (due or signals.received):
+        stop = signals.stop()
+        if done < spe and (due or stop):
             runs.save(run, progress)  # at the epoch's end, end_epoch saves
-        if signals.received:
+        if stop:
             break
     return progress
 
@@ -220,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     run, state = runs.setup(config, Path(workdir))
     progress = runs.resume(run, state)
     start, warned = time.perf_counter(), False
-    with _Signals() as signals:
+    with _Signals(jax.process_count()) as signals:
         try:
             for epoch in range(step_count(progress.state) // run.steps_per_epoch, config.epochs):
                 t0 = time.perf_counter()
@@ -229,16 +257,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if len(progress.partial["loss"]) == run.steps_per_epoch:  # the epoch finished
                     progress, predictions = end_epoch(run, progress, epoch, t0)
                     warned = warned or warn_if_collapsed(run, progress, predictions)
-                if signals.received:
+                if signals.stopping:
                     raise Interrupted(
-                        signals.received,
-                        f"interrupted ({signal.Signals(signals.received).name}) at step "
+                        signals.stopping,
+                        f"interrupted ({signal.Signals(signals.stopping).name}) at step "
                         f"{step_count(progress.state)}; checkpoint saved in "
                         f"{run.workdir / 'checkpoints'}. Resume by running the same command "
                         f"again with --workdir {run.workdir}",
                     )
-        finally:
+        except jax.errors.JaxRuntimeError:
+            if jax.process_count() > 1:
+                raise  # another process is gone: no collective (close's included) can complete
             runs.close(run)
+            raise
+        except BaseException:
+            runs.close(run)
+            raise
+    runs.close(run)
     if run.primary:
         print(f"Done in {time.perf_counter() - start:.1f}s; work directory {run.workdir}")
     return progress.state

@@ -35,10 +35,18 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
             "--distributed-coordinator needs --distributed-num-processes N and "
             f"--distributed-process-id in 0..N-1, got {dist.num_processes} and {dist.process_id}"
         )
+    # .get: config.json of runs from before these fields
+    timeouts = dict(
+        initialization_timeout=dist.get("init_timeout", 300),
+        heartbeat_timeout_seconds=dist.get("heartbeat_timeout", 100),
+        shutdown_timeout_seconds=dist.get("shutdown_timeout", 300),
+    )
     if dist.coordinator:
-        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
-    else:
-        jax.distributed.initialize()  # the cluster (SLURM, Open MPI, Kubernetes) says who is who
+        jax.distributed.initialize(
+            dist.coordinator, dist.num_processes, dist.process_id, **timeouts
+        )
+    else:  # the cluster (SLURM, Open MPI, Kubernetes) says who is who
+        jax.distributed.initialize(**timeouts)
 
 
 def make_mesh(devices: int = 0) -> Mesh:
@@ -105,6 +113,15 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 def is_primary() -> bool:
     """Process 0 writes the files of a run (metrics, plots); every process checkpoints."""
     return jax.process_index() == 0
+
+
+def reached_preemption(sync_id: int) -> bool:
+    """Whether every process stops here: True on all of them at the same `sync_id` once any
+    received SIGTERM (JAX's preemption sync manager, started by jax.distributed.initialize).
+
+    Every process calls it at the same points, with an id that grows by one per call.
+    """
+    return multihost_utils.reached_preemption_sync_point(sync_id)
 
 
 def sync(name: str) -> None:

@@ -137,6 +137,8 @@ def resume(run: Run, state: train.TrainState) -> Progress:
 
 def save(run: Run, progress: Progress) -> None:
     run.mngr.wait_until_finished()  # one save in flight at a time
+    if run.primary:
+        checkpoint.mark_committed(run.workdir)
     p = progress.partial
     partial = {k: v.tolist() for k, v in p.items()} if len(p["loss"]) else None
     saved = {"last_epoch": progress.last_epoch, "partial": partial}
@@ -145,5 +147,7 @@ def save(run: Run, progress: Progress) -> None:
 
 def close(run: Run) -> None:
     run.mngr.wait_until_finished()
+    if run.primary:
+        checkpoint.mark_committed(run.workdir)
     run.mngr.close()
     run.writer.close()

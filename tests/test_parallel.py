@@ -1,4 +1,4 @@
-"""Data parallelism over a device mesh, and two processes joined by jax.distributed.
+"""Data parallelism over a device mesh (several processes: tests/test_multihost.py).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=N gives N CPU devices; it must be set before
 JAX starts, so each case runs in a subprocess.
@@ -6,7 +6,6 @@ JAX starts, so each case runs in a subprocess.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import conv_bn
-from mnist_jax import cli, evaluate
+from mnist_jax import cli
 from tests.conftest import ROOT
 
 SMALL = ["--data-train-limit", "2048", "--data-test-limit", "1000", "--epochs", "2", "--plots", "false"]  # fmt: skip
@@ -55,52 +54,6 @@ def test_four_devices_adam_tracks_one_device(steps):
     r = steps["adam"]
     assert r["loss_n"][0] == pytest.approx(r["loss_1"][0], rel=1e-6)
     np.testing.assert_allclose(r["loss_n"], r["loss_1"], rtol=2e-2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_together(mnist_dir, tmp_path):
-    """Two processes (one CPU device each, Gloo collectives) = one process with two devices."""
-    port = free_port()
-    workdir = tmp_path / "two"
-    procs = [
-        python(
-            "experiments.conv_bn",
-            *SMALL,
-            "--workdir",
-            str(workdir),
-            "--distributed-coordinator",
-            f"localhost:{port}",
-            "--distributed-num-processes",
-            "2",
-            "--distributed-process-id",
-            str(i),
-            data_dir=mnist_dir,
-            wait=False,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    assert "Data-parallel over 2 cpu devices in 2 process(es)" in outs[0]
-    assert "epoch" not in outs[1]  # process 1 trains; process 0 reports
-
-    single = python("experiments.conv_bn", *SMALL, "--workdir", str(tmp_path / "one"), devices=2, data_dir=mnist_dir)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("two", "one")]  # fmt: skip
-    assert len(rows[0]) == len(rows[1]) == 2
-    for a, b in zip(*rows):
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
-
-    # The checkpoint written by two processes restores in one, on one device (this one).
-    evaluate.main(["--workdir", str(workdir), "--data-dir", str(mnist_dir)])
-    saved = json.loads((workdir / "eval.json").read_text())
-    assert saved["accuracy"] == pytest.approx(rows[0][-1]["val_accuracy"], abs=1e-6)
 
 
 def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path, capsys):

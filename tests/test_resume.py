@@ -119,6 +119,34 @@ def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
     assert_same_run(reference, tmp_path)
 
 
+def test_killed_before_the_first_checkpoint_the_same_command_goes_on(reference, mnist_dir, tmp_path):  # fmt: skip
+    """A requeued job re-runs its command: killed in start-up, then during the first save, then
+    mid-epoch, it must each time go on, and end as the uninterrupted run."""
+    start = lambda: subprocess.Popen(command(tmp_path, mnist_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip  # noqa: E731
+    proc = start()  # 1. in start-up: imports, data, compilation
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    assert latest_checkpoint(tmp_path) == 0
+    proc = start()  # 2. while Orbax writes the first checkpoint (a temporary directory)
+    deadline = time.monotonic() + 300
+    saving = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "checkpoints").glob("*"))  # noqa: E731
+    while proc.poll() is None and not saving():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    proc = start()  # 3. mid-epoch, after checkpoints
+    while proc.poll() is None and latest_checkpoint(tmp_path) < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    final = run(tmp_path, mnist_dir)
+    assert final.returncode == 0, final.stderr
+    assert_same_run(reference, tmp_path)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, signum, capsys):
     proc = subprocess.Popen(
