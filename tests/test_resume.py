@@ -130,8 +130,8 @@ def test_killed_before_the_first_checkpoint_the_same_command_goes_on(reference, 
     assert latest_checkpoint(tmp_path) == 0
     proc = start()  # 2. while Orbax writes the first checkpoint (a temporary directory)
     deadline = time.monotonic() + 300
-    saving = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "checkpoints").glob("*"))  # noqa: E731
-    while proc.poll() is None and not saving():
+    tmp = ".orbax-checkpoint-tmp"
+    while proc.poll() is None and not any(tmp in p.name for p in (tmp_path / "checkpoints").glob("*")):  # fmt: skip
         assert time.monotonic() < deadline
         time.sleep(0.001)
     proc.kill()
