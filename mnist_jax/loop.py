@@ -45,7 +45,7 @@ class _Signals:
     One process: Python handlers set `received`, which also ends a chunk early. Several: JAX's
     preemption sync manager hears SIGTERM itself (a Python handler would take the signal from
     it), a Ctrl-C becomes a SIGTERM to this process, and `stop` asks JAX whether all processes
-    have reached the agreed point, so they save one checkpoint together and exit alike.
+    have reached the agreed step, so they save one checkpoint together and exit alike.
     """
 
     def __init__(self, processes: int):
@@ -53,7 +53,6 @@ class _Signals:
         self.received = None  # one process: the signal to stop at; several: never set
         self.pressed = False  # several processes: Ctrl-C seen once
         self.stopping = None
-        self.sync_id = 0  # grows by one per `stop`, the same on every process
 
     def __enter__(self):
         kinds = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
@@ -69,15 +68,18 @@ class _Signals:
         else:
             self.received = signum
 
-    def stop(self) -> int | None:
-        """At a chunk's end: the signal to stop for, or None to go on (sticky once set)."""
+    def stop(self, steps: range) -> int | None:
+        """At the end of a chunk that trained `steps`: the signal to stop for, or None.
+
+        Several processes: JAX's sync point is a step id, given once per step in order (Orbax's
+        save gives the step it saves too), so the chunk's steps go to it one by one; all
+        processes stop at the end of the same chunk.
+        """
         if self.stopping is None:
             if not self.multi:
                 self.stopping = self.received
-            else:
-                self.sync_id += 1
-                if parallel.reached_preemption(self.sync_id):
-                    self.stopping = signal.SIGTERM
+            elif any(parallel.reached_preemption(s) for s in steps):
+                self.stopping = signal.SIGTERM
         return self.stopping
 
     def __exit__(self, *exc):
@@ -172,7 +174,7 @@ def train_epoch(run: Run, progress: Progress, epoch: int, signals: _Signals, bar
         if done % config.log_every == 0 or done == spe:
             log_steps(run, progress.partial, step, bar)
         due = config.checkpoint_every and step % config.checkpoint_every == 0
-        stop = signals.stop()
+        stop = signals.stop(range(step - n + 1, step + 1))
         if done < spe and (due or stop):
             runs.save(run, progress)  # at the epoch's end, end_epoch saves
         if stop:

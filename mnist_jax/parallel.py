@@ -115,13 +115,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def reached_preemption(sync_id: int) -> bool:
-    """Whether every process stops here: True on all of them at the same `sync_id` once any
+def reached_preemption(step: int) -> bool:
+    """Whether every process stops at `step`: True on all of them at the same step once any
     received SIGTERM (JAX's preemption sync manager, started by jax.distributed.initialize).
 
-    Every process calls it at the same points, with an id that grows by one per call.
+    Every process gives it every step, in order, from the step it started at; Orbax's
+    CheckpointManager.save gives it the step it saves as well (the same id space).
     """
-    return multihost_utils.reached_preemption_sync_point(sync_id)
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def sync(name: str) -> None:
