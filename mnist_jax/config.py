@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 MODELS = ("softmax", "mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("exponential", "onecycle")
+SEED_MODES = ("auto", "vmap", "turn")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -21,6 +22,10 @@ def base() -> ml_collections.ConfigDict:
     config.name = "base"  # the stage; default work directory is runs/<name>
     config.workdir = ""  # "" -> runs/<name>
     config.seed = 0
+    config.seeds = 1  # train seeds seed..seed+seeds-1, each in WORKDIR/seed_<s>/ (loop.py)
+    config.seed_mode = (
+        "auto"  # vmap: in one vmapped program; turn: one after another; auto: per backend
+    )
     config.epochs = 10
     config.batch_size = 128
     config.data = ml_collections.ConfigDict(
@@ -37,10 +42,15 @@ def base() -> ml_collections.ConfigDict:
     config.opt = ml_collections.ConfigDict(
         dict(name="sgd", lr=0.01, decay=1.0, schedule="exponential")
     )
+    # Training steps per compiled call (a lax.scan); 0: the whole epoch on GPU/TPU, 1 on the CPU.
+    config.steps_per_call = 0
     config.log_every = 50  # steps between training-metric samples (train_steps.jsonl, progress bar)
     config.plots = True  # draw WORKDIR/plots/ at the end of a run
     config.checkpoint_every = 0  # also checkpoint every N steps in epochs (0: at epoch ends only)
     config.restart = False  # start over: delete the work directory's checkpoints and metrics first
+    # JAX's persistent compilation cache: a second run of a stage skips compiling. "": off.
+    # $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite sets one per run).
+    config.compile_cache = "~/.cache/mnist_jax"
     config.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
     config.dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs); params float32
     config.devices = 0  # data-parallel over this many devices (0: all); see parallel.py
@@ -79,6 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{flag_name(path)}: {what}, got {value!r}")
 
     check(config.epochs >= 1, "epochs", "must be at least 1")
+    check(config.seeds >= 1, "seeds", "must be at least 1")
+    check(config.seed_mode in SEED_MODES, "seed_mode", f"must be one of {', '.join(SEED_MODES)}")
+    check(config.steps_per_call >= 0, "steps_per_call", "must be 0 (per backend) or positive")
     check(config.log_every >= 1, "log_every", "must be at least 1")
     check(
         config.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive"

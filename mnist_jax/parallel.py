@@ -77,6 +77,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
+def seed_sharding(mesh: Mesh) -> NamedSharding:
+    """Vmapped seeds: the leading (seed) axis split over the devices, each its own seeds."""
+    return NamedSharding(mesh, P(AXIS))
+
+
 def put_replicated(tree, mesh: Mesh):
     """Host arrays -> global arrays with a full copy on every device of the mesh.
 

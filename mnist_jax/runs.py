@@ -55,99 +55,181 @@ class Run:
 
 
 class Progress(NamedTuple):
-    """What training changes, and what a checkpoint holds.
+    """What training changes, and what a checkpoint holds, for the N seeds of a group.
 
-    `partial` holds the per-step metrics of the unfinished epoch, so its length is the step
-    within the epoch; `last_epoch` is the metrics row of the last finished epoch.
+    `state` is one TrainState, or (vmapped seeds) the N seeds' stacked on a leading axis.
+    `partial` holds the per-step metrics of the unfinished epoch, each [N, steps done], so its
+    length is the step within the epoch; `last_epoch[i]` is seed i's metrics row of the last
+    finished epoch.
     """
 
     state: train.TrainState
     partial: dict[str, np.ndarray]
-    last_epoch: dict | None = None
+    last_epoch: list
 
 
-def no_steps() -> dict[str, np.ndarray]:
-    return {k: np.zeros(0, np.float32) for k in STEP_KEYS}
+def no_steps(n: int = 1) -> dict[str, np.ndarray]:
+    return {k: np.zeros((n, 0), np.float32) for k in STEP_KEYS}
+
+
+def done_steps(progress: Progress) -> int:
+    return progress.partial["loss"].shape[1]
 
 
 def step_count(state: train.TrainState) -> int:
-    return int(parallel.to_host(state.step))
+    return int(np.ravel(parallel.to_host(state.step))[0])
 
 
-def setup(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Run, train.TrainState]:
-    """Check the config, load the data, prepare the work directory; the initial state."""
+def seed_state(state: train.TrainState, i: int, vmap: bool) -> train.TrainState:
+    """Seed i's TrainState of a group's state (stacked over seeds when vmapped)."""
+    return jax.tree.map(lambda x: x[i], state) if vmap else state
+
+
+def stack(states: list, sharding) -> train.TrainState:
+    """Seeds' TrainStates on a leading axis, placed with `sharding` (the seed axis)."""
+    # Leaf by leaf: each state's optimizer is its own object, so their tree metadata differ.
+    leaves = zip(*(jax.device_get(jax.tree.leaves(s)) for s in states))
+    stacked = jax.tree.unflatten(jax.tree.structure(states[0]), [np.stack(x) for x in leaves])
+    return jax.device_put(stacked, sharding)
+
+
+def setup(config: ml_collections.ConfigDict, workdirs: list[Path], vmap: bool = False):
+    """Check the config, load the data, prepare the work directories: (runs, initial state).
+
+    One run per work directory, seeds config.seed, config.seed + 1, ...; vmap: they train in
+    one program, their states stacked on a leading axis (spread over the devices when there
+    are several: each device trains its own seeds). Else a group is one run.
+    """
     validate(config)
     mesh = parallel.make_mesh(config.devices)
-    parallel.check_batch(config.batch_size, mesh)
+    n = len(workdirs)
+    assert vmap or n == 1, "seeds that do not train vmapped train one run at a time"
+    if vmap and n % mesh.size:
+        raise ConfigError(
+            f"--seeds: {n} seeds do not spread over {mesh.size} devices; use a multiple of "
+            f"{mesh.size}, or --devices 1"
+        )
+    if not vmap:
+        parallel.check_batch(config.batch_size, mesh)
     primary = parallel.is_primary()
     arrays = split_data(data.load(config.data.dir or None), config)
-    if primary:
-        checkpoint.prepare_workdir(workdir, config)
+    configs = []
+    for i, workdir in enumerate(workdirs):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.seed, c.seeds = config.seed + i, 1
+        configs.append(c)
+        if primary:
+            checkpoint.prepare_workdir(workdir, c)
     parallel.sync("workdir ready")
     steps_per_epoch = len(arrays[0]) // config.batch_size
-    init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    state = train.create_train_state(config, init_rng, steps_per_epoch)
-    state = parallel.put_replicated(state, mesh)
+    states, keys = [], []
+    for c in configs:
+        init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)
+        states.append(train.create_train_state(c, init_rng, steps_per_epoch))
+        keys.append((data_rng, dropout_rng))
+    if vmap:
+        state = stack(states, parallel.seed_sharding(mesh))
+    else:
+        state = parallel.put_replicated(states[0], mesh)
     if primary:
         summary = models.summary(models.build(**config.model))
-        (workdir / "summary.txt").write_text(summary + "\n")
+        for workdir in workdirs:
+            (workdir / "summary.txt").write_text(summary + "\n")
         print(summary)
-        if mesh.size > 1:
+        if vmap:
+            print(
+                f"{n} seeds ({config.seed}-{config.seed + n - 1}) in one vmapped program"
+                + (f", {n // mesh.size} per device on {mesh.size} devices" if mesh.size > 1 else "")
+            )
+        elif mesh.size > 1:
             print(
                 f"Data-parallel over {mesh.size} {mesh.devices.flat[0].platform} devices in "
                 f"{jax.process_count()} process(es): "
                 f"{config.batch_size // mesh.size} images per device per step"
             )
     train_x, train_y, test_x, test_y = parallel.put_replicated(arrays, mesh)
-    run = Run(
-        config=config,
-        workdir=workdir,
-        primary=primary,
-        sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
-        steps_per_epoch=steps_per_epoch,
-        data_rng=data_rng,
-        dropout_rng=dropout_rng,
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        mngr=checkpoint.manager(workdir, keep_period=steps_per_epoch, repair=primary),
-        writer=metrics.Writer(workdir) if primary else metrics.NullWriter(),
-    )
-    return run, state
-
-
-def resume(run: Run, state: train.TrainState) -> Progress:
-    """The newest readable checkpoint's progress, or a fresh start; metrics files cut to match."""
-    found = checkpoint.restore_latest(run.mngr, state, run.workdir)
-    if found is None:
-        run.writer.truncate(None, 0)
-        return Progress(state, no_steps())
-    state, saved = found
-    partial = {k: np.asarray(v, np.float32) for k, v in (saved["partial"] or no_steps()).items()}
-    step, spe = step_count(state), run.steps_per_epoch
-    run.writer.truncate(saved["last_epoch"], step)
-    if run.primary:
-        print(
-            f"Resumed {run.workdir} at step {step} "
-            f"(epoch {step // spe + 1}, step {step % spe} of it)"
+    runs = [
+        Run(
+            config=c,
+            workdir=workdir,
+            primary=primary,
+            sharding=parallel.batch_sharding(mesh) if mesh.size > 1 and not vmap else None,
+            steps_per_epoch=steps_per_epoch,
+            data_rng=data_rng,
+            dropout_rng=dropout_rng,
+            train_x=train_x,
+            train_y=train_y,
+            test_x=test_x,
+            test_y=test_y,
+            mngr=checkpoint.manager(workdir, keep_period=steps_per_epoch, repair=primary),
+            writer=metrics.Writer(workdir) if primary else metrics.NullWriter(),
         )
-    return Progress(state, partial, saved["last_epoch"])
+        for c, workdir, (data_rng, dropout_rng) in zip(configs, workdirs, keys)
+    ]
+    return runs, state
 
 
-def save(run: Run, progress: Progress) -> None:
-    run.mngr.wait_until_finished()  # one save in flight at a time
-    if run.primary:
-        checkpoint.mark_committed(run.workdir)
-    p = progress.partial
-    partial = {k: v.tolist() for k, v in p.items()} if len(p["loss"]) else None
-    saved = {"last_epoch": progress.last_epoch, "partial": partial}
-    checkpoint.save(run.mngr, progress.state, saved, step_count(progress.state))
+def resume(runs: list[Run], state: train.TrainState, vmap: bool = False) -> Progress:
+    """The newest checkpoint all seeds have, or a fresh start; metrics files cut to match.
+
+    Seeds save one after another, so a run killed between two seeds' saves has them one
+    checkpoint apart: the newer ones are deleted and every seed goes on from the older one.
+    """
+    found = [
+        checkpoint.restore_latest(r.mngr, seed_state(state, i, vmap), r.workdir)
+        for i, r in enumerate(runs)
+    ]
+    step = min((step_count(f[0]) if f else 0) for f in found)
+    for i, r in enumerate(runs):
+        if found[i] is not None and step_count(found[i][0]) > step:
+            for s in [s for s in r.mngr.all_steps() if s > step]:
+                r.mngr.delete(s)
+            found[i] = (
+                checkpoint.restore_state(r.mngr, seed_state(state, i, vmap), step) if step else None
+            )
+    if step == 0:
+        for r in runs:
+            r.writer.truncate(None, 0)
+        return Progress(state, no_steps(len(runs)), [None] * len(runs))
+    saved = [f[1] for f in found]
+    partials = [saved_steps(m["partial"]) for m in saved]
+    for r, m in zip(runs, saved):
+        r.writer.truncate(m["last_epoch"], step)
+    if vmap:
+        state = stack([f[0] for f in found], jax.tree.leaves(state)[0].sharding)
+    else:
+        state = found[0][0]
+    spe = runs[0].steps_per_epoch
+    if runs[0].primary:
+        where = runs[0].workdir.parent if vmap else runs[0].workdir
+        print(f"Resumed {where} at step {step} (epoch {step // spe + 1}, step {step % spe} of it)")
+    partial = {k: np.stack([p[k] for p in partials]) for k in STEP_KEYS}
+    return Progress(state, partial, [m["last_epoch"] for m in saved])
 
 
-def close(run: Run) -> None:
-    run.mngr.wait_until_finished()
-    if run.primary:
-        checkpoint.mark_committed(run.workdir)
-    run.mngr.close()
-    run.writer.close()
+def saved_steps(partial: dict | None) -> dict[str, np.ndarray]:
+    return {
+        k: np.asarray(v, np.float32) for k, v in (partial or {k: [] for k in STEP_KEYS}).items()
+    }
+
+
+def save(runs: list[Run], progress: Progress, vmap: bool = False) -> None:
+    """Checkpoint every seed of the group (asynchronously; one save per run in flight)."""
+    step = step_count(progress.state)
+    for i, run in enumerate(runs):
+        run.mngr.wait_until_finished()
+        if run.primary:
+            checkpoint.mark_committed(run.workdir)
+        p = {k: v[i] for k, v in progress.partial.items()}
+        partial = {k: v.tolist() for k, v in p.items()} if len(p["loss"]) else None
+        saved = {"last_epoch": progress.last_epoch[i], "partial": partial}
+        checkpoint.save(run.mngr, seed_state(progress.state, i, vmap), saved, step)
+
+
+def close(runs: list[Run]) -> None:
+    for run in runs:
+        run.mngr.wait_until_finished()
+        if run.primary:
+            checkpoint.mark_committed(run.workdir)
+        run.mngr.close()
+        run.writer.close()
