@@ -7,9 +7,10 @@ researcher wants to measure, so compare means over seeds, not single runs.
   python -m experiments.seeds conv --seeds 10 --data-dir ../shared/data/mnist
   python -m experiments.seeds conv --seeds 10 --framework keras     # the recipe in Keras 3
 
-Seed S trains exactly what `python -m experiments.<stage> --seed S` trains (same weights, batch
-order and dropout keys), without checkpoints or logs, and is evaluated on all 10,000 test images
-after every epoch. `--framework keras` trains the stage's model and recipe with Keras 3's `fit`
+A report over the stage's own `--seeds` run (mnist_jax/seeds.py): `python -m experiments.conv
+--seeds 10 --workdir runs/seeds/conv` trains the same, each seed checkpointed in
+WORKDIR/seed_<s>/ (so an interrupted study resumes), evaluated on all 10,000 test images after
+every epoch. `--framework keras` trains the stage's model and recipe with Keras 3's `fit`
 (experiments.references.keras_train): the reference for whether this port trains as well as the
 codelab's own code. The target is the stage's TARGET (final test accuracy), or --target.
 Results go to --json, by default runs/seeds_<stage>.json (runs/seeds_<stage>_keras.json).
@@ -24,8 +25,11 @@ import importlib
 import importlib.util
 import statistics
 
+import ml_collections
+
 from experiments import references
-from mnist_jax import diagnostics, flags, timing
+from mnist_jax import diagnostics, flags, loop
+from mnist_jax import seeds as mnist_seeds
 from mnist_jax.config import ConfigError, validate
 from mnist_jax.data import DataError
 
@@ -33,24 +37,29 @@ FRAMEWORKS = ("mnist_jax", "keras")
 
 
 def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
-          data_dir=None, train_limit=0) -> dict:  # fmt: skip
-    """Train `get_config()` once per seed; print a line per seed; return every run and summary."""
-    runs = []
-    for seed in seeds:
-        config = get_config()
-        config.name, config.seed = name, seed
-        if epochs is not None:
-            config.epochs = epochs
-        config.data.train_limit = train_limit
-        validate(config)
-        if framework == "keras":
-            r = references.keras_train(config, data_dir)
-        else:
-            r = timing.time_to_accuracy(config, target or 1.0, config.epochs, data_dir, stop=False)  # fmt: skip
+          data_dir=None, train_limit=0, workdir=None) -> dict:  # fmt: skip
+    """Train `get_config()` with seeds `seeds` (a range); print a line per seed; return every
+    run and the summary. mnist_jax: one `--seeds` run (mnist_jax.seeds) in `workdir`."""
+    config = get_config()
+    config.name, config.seed, config.seeds = name, seeds[0], len(seeds)
+    if epochs is not None:
+        config.epochs = epochs
+    config.data.train_limit = train_limit
+    if data_dir:
+        config.data.dir = str(data_dir)
+    validate(config)
+    if framework == "keras":
+        runs = []
+        for seed in seeds:
+            c = ml_collections.ConfigDict(config.to_dict())
+            c.seed, c.seeds = seed, 1
+            runs.append(references.keras_train(c, data_dir))
+    else:
+        runs = mnist_seeds.train(config, workdir or f"runs/seeds/{name}")["runs"]
+    for r in runs:
         best = max(r["history"], key=lambda h: h["val_accuracy"])
         r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]
-        runs.append(r)
-        line = (f"seed {seed}: final {r['val_accuracy']:.2%}, best {best['val_accuracy']:.2%} "
+        line = (f"seed {r['seed']}: final {r['val_accuracy']:.2%}, best {best['val_accuracy']:.2%} "
                 f"(epoch {best['epoch']}), {r['epochs']} epochs in {r['seconds']:.1f}s")  # fmt: skip
         if r["collapsed_to"] is not None:
             line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
@@ -79,6 +88,7 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         "min_accuracy": min(final),
         "max_accuracy": max(final),
         "mean_best_accuracy": statistics.mean(r["best_accuracy"] for r in runs),
+        "median_best_accuracy": statistics.median(r["best_accuracy"] for r in runs),
         "reached": sum(a >= target for a in final) if target else None,
         "mean_seconds": statistics.mean(r["seconds"] for r in runs),
         "runs": runs,
@@ -98,6 +108,17 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
     return summary
 
 
+def run_study(*args) -> dict:
+    """study(*args), its failures as the stage command's: one line and its exit status."""
+    try:
+        with flags.user_errors(ConfigError, DataError):
+            return study(*args)
+    except loop.Diverged as e:
+        flags.fail(str(e), flags.EXIT_DIVERGED)
+    except loop.Interrupted as e:
+        flags.fail(str(e), e.exit_code)
+
+
 def main(argv=None):
     p = flags.Parser(prog="python -m experiments.seeds", description=__doc__.splitlines()[0])
     p.add_argument("stage", help="a module in experiments/, e.g. conv")
@@ -108,6 +129,7 @@ def main(argv=None):
     p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax")
     json_help = "default runs/seeds_<stage>[_keras].json"
     flags.add(p, "data_dir", "train_limit", json={"help": json_help})
+    p.add_argument("--workdir", default="", help="default runs/seeds/<stage> (seed_<s>/ in it)")
     args = p.parse_args(argv)
     try:
         stage = importlib.import_module(f"experiments.{args.stage}")
@@ -126,9 +148,8 @@ def main(argv=None):
         p.error("--framework keras: keras is not installed (pip install -e '.[bench]')")
     target = args.target or getattr(stage, "TARGET", None)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    with flags.user_errors(ConfigError, DataError):
-        summary = study(stage.get_config, args.stage, seeds, args.epochs, target,
-                        args.framework, args.data_dir, args.train_limit)  # fmt: skip
+    summary = run_study(stage.get_config, args.stage, seeds, args.epochs, target,
+                        args.framework, args.data_dir, args.train_limit, args.workdir)  # fmt: skip
     suffix = "_keras" if args.framework == "keras" else ""
     flags.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
 

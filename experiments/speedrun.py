@@ -20,8 +20,6 @@ Measured: docs/performance.md has the figures of the last 5-seed run.
 
 from experiments import conv_bn, seeds
 from mnist_jax import flags
-from mnist_jax.config import ConfigError
-from mnist_jax.data import DataError
 
 TARGET = 0.995
 
@@ -37,12 +35,12 @@ def get_config():
 def main(argv=None):
     p = flags.Parser(prog="python -m experiments.speedrun", description=__doc__.splitlines()[0])
     flags.add(p, "seeds", "epochs", "data_dir", "train_limit", json="runs/speedrun.json")
+    p.add_argument("--workdir", default="runs/speedrun", help="default %(default)s (seed_<s>/)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: must be at least 1, got {args.seeds}")
-    with flags.user_errors(ConfigError, DataError):
-        summary = seeds.study(get_config, "speedrun", range(args.seeds), args.epochs, TARGET,
-                              data_dir=args.data_dir, train_limit=args.train_limit)  # fmt: skip
+    summary = seeds.run_study(get_config, "speedrun", range(args.seeds), args.epochs, TARGET,
+                              "mnist_jax", args.data_dir, args.train_limit, args.workdir)  # fmt: skip
     summary["goal_seconds"] = 60
     verdict = "meets" if summary["mean_accuracy"] >= TARGET else "misses"
     print(f"mean over {args.seeds} seeds: {summary['mean_accuracy']:.2%} ({verdict} 99.5%), "

@@ -3,7 +3,8 @@
 Modules, bottom to top (each imports only modules before it here; tests/test_layers.py checks):
 config, flags, data, models, metrics, parallel, checkpoint, train (state and pure steps),
 diagnostics (collapse, dead units), evaluate / predict / plots (commands over a work directory),
-runs (a run's set-up and checkpointed progress), loop (the training loop), timing, cli.
+runs (a run's set-up and checkpointed progress), loop (the training loop), seeds (--seeds N),
+timing, cli.
 """
 
 from mnist_jax.checkpoint import restore

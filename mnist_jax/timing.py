@@ -4,18 +4,20 @@
 dict: first-step (compile) seconds apart, then the median images/s over several timed windows,
 seconds per 60,000-image epoch, and the process's peak resident memory. The Keras and PyTorch
 references (experiments/references.py) report the same dict through `_summary`.
-`time_to_accuracy` trains a stage (its seed, schedule and batch) without checkpoints or logs, as
-experiments.seeds and experiments.speedrun do.
+`time_to_accuracy` trains a stage (its seed, schedule and batch) through the training loop
+itself, without checkpoints, to a test accuracy.
 """
 
 import resource
 import statistics
+import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from mnist_jax import data, diagnostics, runs, train
+from mnist_jax import data, seeds, train
 
 
 def _peak_rss_mib() -> float:
@@ -85,49 +87,37 @@ def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
 def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop=True) -> dict:
     """Train `config` (its seed, schedule and batch) until the test accuracy reaches `target`.
 
-    Evaluates on all 10,000 test images after each epoch. `seconds` counts training and
-    evaluation; compilation (both functions, ahead of time) is reported apart as `compile_s`.
-    With stop=False, trains all max_epochs (a fixed budget) and reports the first epoch that
-    reached the target as `reached_epoch`.
+    The training loop itself (seeds.train, in a temporary work directory, no checkpoints),
+    evaluating on the test set after each epoch. `seconds` counts training; compilation is
+    reported apart as `compile_s`. With stop=False, trains all max_epochs (a fixed budget) and
+    reports the first epoch that reached the target as `reached_epoch`.
     """
-    arrays = runs.split_data(data.load(data_dir or config.data.dir or None), config)
-    n, b = len(arrays[0]), config.batch_size
-    steps_per_epoch = n // b
-    init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    state = train.create_train_state(config, init_rng, steps_per_epoch)
-    x, y, tx, ty = jax.device_put(arrays)
-    t = time.perf_counter()
-    idx0 = np.zeros(b, np.int32)
-    shift = config.data.augment_shift
-    step = train.train_batch.lower(state, x, y, idx0, dropout_rng, shift=shift).compile()
-    eval_dataset = train.eval_dataset.lower(state, tx, ty).compile()
-    compile_s = time.perf_counter() - t
-    history, start = [], time.perf_counter()
-    for epoch in range(max_epochs):
-        batches = np.asarray(data.epoch_batches(data_rng, epoch, n, b), np.int32)
-        for i in range(steps_per_epoch):
-            state, _ = step(state, x, y, batches[i], dropout_rng)  # shift is compiled in
-        out = eval_dataset(state, tx, ty)
-        accuracy = float(out["accuracy"])
-        history.append(
-            {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_accuracy": accuracy}
-        )
-        if stop and accuracy >= target:
-            break
-    first = next((h for h in history if h["val_accuracy"] >= target), None)
-    reached = history[-1]["val_accuracy"] >= target
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.epochs, config.seeds, config.plots = max_epochs, 1, False
+    if data_dir:
+        config.data.dir = str(data_dir)
+    with tempfile.TemporaryDirectory(prefix="mnist_jax_time_") as workdir:
+        (r,) = seeds.train(config, workdir, save=False, target=target if stop else None)["runs"]
+    elapsed = 0.0
+    for h in r["history"]:
+        elapsed += h["seconds"]
+        h["cumulative_s"] = elapsed
+    first = next((h for h in r["history"] if h["val_accuracy"] >= target), None)
     return {
         "stage": config.name,
         "seed": config.seed,
         "target": target,
-        "reached": reached,
-        "epochs": history[-1]["epoch"],
-        "seconds": round(history[-1]["seconds"], 2),
-        "compile_s": round(compile_s, 2),
-        "val_accuracy": history[-1]["val_accuracy"],
+        "reached": r["val_accuracy"] >= target,
+        "epochs": r["epochs"],
+        "seconds": r["seconds"],
+        "compile_s": r["compile_s"],
+        "val_accuracy": r["val_accuracy"],
         "reached_epoch": first["epoch"] if first else None,
-        "reached_seconds": round(first["seconds"], 2) if first else None,
-        "collapsed_to": diagnostics.collapsed_to(out["predictions"]),  # the one class, if so
-        "dead_units": diagnostics.dead_units(state, tx),  # relu units 0 on every test image
-        "history": history,
+        "reached_seconds": round(first["cumulative_s"], 2) if first else None,
+        "collapsed_to": r["collapsed_to"],  # the one class, if so
+        "dead_units": r["dead_units"],  # relu units 0 on every test image
+        "history": [
+            {"epoch": h["epoch"], "seconds": h["cumulative_s"], "val_accuracy": h["val_accuracy"]}
+            for h in r["history"]
+        ],
     }

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import mnist_jax
 from experiments import benchmark, speedrun
 from tests.conftest import ROOT
 
@@ -83,7 +84,8 @@ def test_bad_flags_are_one_line(args, message, capsys):
 
 def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
     stdout = here(speedrun.main, ["--seeds", "2", "--epochs", "1", "--train-limit", "4096",
-                  "--data-dir", str(mnist_dir), "--json", str(tmp_path / "s.json")], capsys)  # fmt: skip
+                  "--data-dir", str(mnist_dir), "--json", str(tmp_path / "s.json"),
+                  "--workdir", str(tmp_path / "w")], capsys)  # fmt: skip
     r = json.loads((tmp_path / "s.json").read_text())
     assert [run["seed"] for run in r["runs"]] == [0, 1]
     accs = [run["val_accuracy"] for run in r["runs"]]
@@ -94,3 +96,5 @@ def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
     # experiments.speedrun --seeds 10 --epochs 1 --train-limit 4096`); chance is 10%.
     assert all(0.15 < acc < 0.995 for acc in accs), accs
     assert "seed 1: final" in stdout and "mean over 2 seeds" in stdout
+    # Through the stage's own loop: each seed a checkpointed run, as `--seeds` leaves them.
+    assert mnist_jax.restore(tmp_path / "w" / "seed_1").step == 4096 // 64

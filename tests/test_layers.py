@@ -28,13 +28,14 @@ ORDER = [
     "plots",
     "runs",
     "loop",
+    "seeds",
     "timing",
     "cli",
     "__init__",
 ]
 TRAINING_PATH = [
     "config", "flags", "data", "models", "metrics", "parallel", "checkpoint", "train",
-    "diagnostics", "runs", "loop", "cli",
+    "diagnostics", "runs", "loop", "seeds", "cli",
 ]  # fmt: skip
 HEAVY = {"matplotlib", "tensorflow", "tensorflow_datasets", "keras", "torch", "tensorboardX"}
 NEVER = {"keras", "torch", "tensorflow", "experiments", "tests"}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from experiments import conv_bn, dense_relu
+from experiments import conv_bn, dense_dropout, dense_relu
 from mnist_jax import cli, metrics
 from tests.conftest import ROOT
 
@@ -251,3 +251,38 @@ def test_same_seed_same_run(reference, mnist_dir, tmp_path):
     assert_same_run(reference, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["seed"] == 0
+
+
+def test_sigkill_with_seeds_and_steps_per_call_then_resume(mnist_dir, tmp_path, capsys):
+    """Two seeds vmapped (dense_dropout), K = 3 steps a call, checkpoints every 20 steps (not a
+    multiple of K): killed at random moments, then resumed, each seed ends bit for bit as the
+    uninterrupted run. Seeds save one after another, so a kill can fall between their saves."""
+    args = ["--seeds", "2", "--steps-per-call", "3", "--epochs", "2", "--data-train-limit",
+            "12800", "--data-test-limit", "1000", "--checkpoint-every", "20", "--log-every", "5",
+            "--plots", "false", "--data-dir", str(mnist_dir)]  # fmt: skip
+    cli.run(dense_dropout.get_config, [*args, "--workdir", str(tmp_path / "reference")])
+    work = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.dense_dropout", *args, "--workdir", str(work)]
+    rng, kills = random.Random(0), []
+    for _ in range(2):
+        before = latest_checkpoint(work / "seed_1")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and latest_checkpoint(work / "seed_1") <= before:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.2))
+        if proc.poll() is None:
+            proc.kill()
+            kills.append(latest_checkpoint(work / "seed_1"))
+        proc.wait()
+    assert kills, "the run ended before any kill"
+    print("killed after checkpoints", kills)
+    cli.run(dense_dropout.get_config, [*args, "--workdir", str(work)])
+    for seed in ("seed_0", "seed_1"):
+        a, b = mnist_jax.restore(tmp_path / "reference" / seed), mnist_jax.restore(work / seed)
+        assert a.step == b.step == 200
+        jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+        for name in ("metrics.jsonl", "train_steps.jsonl"):
+            strip = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / seed / name)]  # noqa: E731  # fmt: skip
+            assert strip(tmp_path / "reference") == strip(work), (seed, name)

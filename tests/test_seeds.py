@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import mnist_jax
 from experiments import dense_relu, seeds
 from mnist_jax import cli, flags, metrics
 
@@ -13,7 +14,7 @@ LIMIT = ["--train-limit", "4096"]
 def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
     out = tmp_path / "seeds.json"
     seeds.main(["dense_relu", "--seeds", "3", "--first-seed", "1", "--epochs", "2", *LIMIT,
-                "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+                "--data-dir", str(mnist_dir), "--json", str(out), "--workdir", str(tmp_path / "w")])  # fmt: skip
     r = json.loads(out.read_text())
     assert [run["seed"] for run in r["runs"]] == [1, 2, 3] and r["epochs"] == 2
     final = [run["val_accuracy"] for run in r["runs"]]
@@ -26,7 +27,10 @@ def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "seed 2: final" in printed and "dense_relu (mnist_jax) over 3 seeds" in printed
 
-    # Seed 2 by the stage's own command: the same epochs, to the last bit.
+    # Each seed is a run in its own directory, restorable alone.
+    assert mnist_jax.restore(tmp_path / "w" / "seed_2").step == 2 * 4096 // 128
+    # Seed 2 by the stage's own command: the same epochs, to the last bit (dense seeds train
+    # vmapped on the CPU, and a vmapped dense step is bitwise the single one: test_core.py).
     work = tmp_path / "stage"
     cli.run(dense_relu.get_config, ["--seed", "2", "--epochs", "2", "--data-train-limit", "4096",
             "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(work)])  # fmt: skip
@@ -37,7 +41,7 @@ def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
 def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
     out = tmp_path / "keras.json"
     seeds.main(["conv", "--seeds", "1", "--epochs", "1", "--framework", "keras", *LIMIT,
-                "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+                "--data-dir", str(mnist_dir), "--json", str(out), "--workdir", str(tmp_path / "w")])  # fmt: skip
     run = json.loads(out.read_text())["runs"][0]
     assert run["framework"].startswith("keras 3") and run["trainable_params"] == 354_002
     # 32 steps: learning, not there yet. Keras's seeds 0-9 here gave 85.07-92.92% (`python -m
@@ -74,7 +78,7 @@ def test_collapsed_runs_are_counted_apart(mnist_dir, tmp_path, capsys):
     # it reached 84.3-85.9% and lost no whole layer, so its 0.8 bar has 4 points to spare.
     out = tmp_path / "seeds.json"
     seeds.main(["conv", "--seeds", "2", "--first-seed", "20", "--epochs", "1", "--train-limit",
-                "2560", "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+                "2560", "--data-dir", str(mnist_dir), "--json", str(out), "--workdir", str(tmp_path / "w")])  # fmt: skip
     r = json.loads(out.read_text())
     ok, collapsed = r["runs"]
     assert ok["collapsed_to"] is None and ok["val_accuracy"] > 0.8

@@ -1,0 +1,116 @@
+"""Several seeds of one stage in one command (`--seeds N`): each seed's result and their spread.
+
+Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run that `mnist_jax.evaluate`,
+`mnist_jax.restore` and the plots read as a single one. `--seed-mode`:
+  vmap  one compiled program over the seeds (`jax.vmap` over initial weights, data order and
+        dropout keys): on a GPU or TPU, N seeds cost about what one does;
+  turn  one after another in this process: seed s is bit for bit `--seed s`;
+  auto  vmap on GPU/TPU; on the CPU, vmap for the dense stages and turn for the convolutional
+        ones. XLA:CPU turns a convolution vmapped over per-seed weights into a grouped one,
+        4-5x slower than the seeds in turn (measured: docs/performance.md).
+A vmapped seed trains the same weights, batches and dropout masks as `--seed s`; its floats may
+differ in the last bits (a batched matmul rounds differently), and as any float change does, the
+runs drift apart within the seed spread. The summary (mean, std, median, min and max of the
+final and the best epoch's test accuracy) is printed and written to WORKDIR/seeds.json.
+"""
+
+import statistics
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from mnist_jax import diagnostics, flags, loop, metrics
+
+
+def mode(config: ml_collections.ConfigDict) -> str:
+    """The seed mode, vmap or turn: config.seed_mode, or (auto) per backend and model."""
+    if config.seed_mode != "auto":
+        return config.seed_mode
+    if config.seeds == 1 or jax.process_count() > 1:
+        return "turn"
+    if jax.default_backend() != "cpu":
+        return "vmap"
+    return "turn" if config.model.name == "conv" else "vmap"
+
+
+def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
+    """One seed: WORKDIR itself. Several: WORKDIR/seed_<s>/ each."""
+    if config.seeds == 1:
+        return [Path(workdir)]
+    return [Path(workdir) / f"seed_{config.seed + i}" for i in range(config.seeds)]
+
+
+def result(run, outcome: loop.Outcome, i: int) -> dict:
+    """Seed i of a trained group: its history (from metrics.jsonl), final and best accuracy."""
+    history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
+    best = max(history, key=lambda h: h["val_accuracy"])
+    state = loop.seed_state(outcome.progress.state, i, outcome.vmap)
+    return {
+        "seed": run.config.seed,
+        "workdir": str(run.workdir),
+        "epochs": history[-1]["epoch"],
+        "val_accuracy": history[-1]["val_accuracy"],
+        "best_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
+        "compile_s": round(outcome.compile_s, 2),
+        "collapsed_to": diagnostics.collapsed_to(outcome.predictions[i]),
+        "dead_units": diagnostics.dead_units(state, run.test_x),  # ReLUs 0 on every test image
+        "history": history,
+    }
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean, std (0 for one seed), median, min and max of the final and best accuracies."""
+    out = {}
+    for key in ("val_accuracy", "best_accuracy"):
+        xs = [r[key] for r in results]
+        out[key] = {
+            "mean": statistics.mean(xs),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "median": statistics.median(xs),
+            "min": min(xs),
+            "max": max(xs),
+        }
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
+          target: float | None = None) -> dict:  # fmt: skip
+    """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
+    their summary, also written to WORKDIR/seeds.json (several seeds, process 0)."""
+    dirs, how = workdirs(config, workdir), mode(config)
+    if how == "vmap":
+        outcome = loop.train_group(config, dirs, vmap=True, save=save, target=target)
+        results = [result(r, outcome, i) for i, r in enumerate(outcome.runs)]
+    else:
+        results = []
+        for i, d in enumerate(dirs):
+            c = ml_collections.ConfigDict(config.to_dict())
+            c.seed, c.seeds = config.seed + i, 1
+            if len(dirs) > 1 and jax.process_index() == 0:
+                print(f"seed {c.seed} ({i + 1} of {len(dirs)}), in {d}", flush=True)
+            outcome = loop.train_group(c, [d], save=save, target=target)
+            results.append(result(outcome.runs[0], outcome, 0))
+    summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
+    summary.update(summarize(results))
+    summary["runs"] = results
+    if len(results) > 1 and jax.process_index() == 0:
+        for r in results:
+            print(
+                f"seed {r['seed']}: final {r['val_accuracy']:.2%}, best {r['best_accuracy']:.2%} "
+                f"(epoch {r['best_epoch']}), {r['seconds']:.1f}s"
+            )
+        print(summary_line(summary))
+        flags.write_json(str(Path(workdir) / "seeds.json"), summary)
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    f, b = summary["val_accuracy"], summary["best_accuracy"]
+    return (
+        f"{summary['stage']} over {len(summary['seeds'])} seeds ({summary['mode']}): final "
+        f"{f['median']:.2%} median, {f['mean']:.2%} +- {f['std']:.2%}, {f['min']:.2%} to "
+        f"{f['max']:.2%}; best epoch {b['median']:.2%} median, {b['mean']:.2%} +- {b['std']:.2%}"
+    )

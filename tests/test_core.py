@@ -1,0 +1,169 @@
+"""The compiled training core: K steps in one call, N seeds in one vmapped program, --seeds N."""
+
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mnist_jax
+from experiments import dense_dropout, dense_relu
+from mnist_jax import cli, evaluate, metrics, runs, seeds, train
+
+STAGES = ["linear", "dense_sigmoid", "dense_relu", "dense_lr_decay", "dense_dropout", "conv",
+          "conv_dropout", "conv_bn"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def arrays(mnist):
+    return jax.device_put((mnist.train_images[:2048], mnist.train_labels[:2048]))
+
+
+def order_for(batch: int, steps: int, seed: int = 0) -> jax.Array:
+    idx = np.random.default_rng(seed).permutation(2048)[: steps * batch]
+    return jnp.asarray(idx.reshape(steps, batch), jnp.int32)
+
+
+def rel_diff(a, b) -> float:
+    """Largest difference over the leaves of a and b, relative to each leaf's largest value."""
+    return max(
+        (
+            float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        ),  # fmt: skip
+        default=0.0,
+    )
+
+
+def k_steps_and_single_steps(config, arrays, k):
+    x, y = arrays
+    b = config.batch_size
+    order, rng = order_for(b, k), jax.random.PRNGKey(3)
+    state = train.create_train_state(config, jax.random.PRNGKey(0), 16)
+    copy = lambda: jax.tree.map(jnp.copy, state)  # noqa: E731  (the calls donate the state)
+    one, losses = copy(), []
+    for i in range(k):
+        one, m = train.train_steps(one, x, y, order, np.int32(i), rng, 1)
+        losses.append(m["loss"])
+    many, m = train.train_steps(copy(), x, y, order, np.int32(0), rng, k)
+    return one, np.concatenate(losses), many, np.asarray(m["loss"])
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_k_steps_in_one_call_are_k_single_steps_bitwise_for_a_dense_stage(arrays, k):
+    one, l1, many, l2 = k_steps_and_single_steps(dense_dropout.get_config(), arrays, k)
+    jax.tree.map(np.testing.assert_array_equal, (many.params, many.opt_state), (one.params, one.opt_state))  # fmt: skip
+    np.testing.assert_array_equal(l2, l1)
+    assert int(many.step) == k
+
+
+def test_k_steps_in_one_call_match_single_steps_for_conv_bn(arrays):
+    # XLA:CPU compiles a convolution inside a loop body differently, and Adam turns a float
+    # difference in a near-zero gradient into up to a whole lr-sized step of that weight. Measured
+    # after 3 steps (2 draws of data): losses 7.4e-5 apart at most; 0% and 0.12% of the weights
+    # more than 0.1 lr apart (the largest 1.3e-5 and 0.012); batch-norm statistics 8e-4 relative.
+    config = importlib.import_module("experiments.conv_bn").get_config()
+    one, l1, many, l2 = k_steps_and_single_steps(config, arrays, 3)
+    d = np.concatenate([np.abs(np.ravel(u - v)) for u, v in zip(jax.tree.leaves(many.params), jax.tree.leaves(one.params))])  # fmt: skip
+    assert (d > 0.1 * config.opt.lr).mean() < 0.01
+    assert rel_diff(many.batch_stats, one.batch_stats) < 0.01
+    np.testing.assert_allclose(l2, l1, atol=5e-4)
+
+
+# One step from the same states, vmapped over 3 seeds against each seed alone (measured, CPU):
+# bitwise equal for the dense stages; conv, conv_dropout 6e-7 relative (largest parameter
+# difference over its tensor's largest value); conv_bn 8.4e-5 absolute, under 1% of Adam's lr
+# 0.01 step (batch norm's beta starts at 0, so relative figures mean little there).
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_vmapped_seed_takes_the_step_of_that_seed_alone(stage, arrays):
+    config = importlib.import_module(f"experiments.{stage}").get_config()
+    x, y = arrays
+    n, b = 3, config.batch_size
+    states = [train.create_train_state(config, jax.random.PRNGKey(i), 16) for i in range(n)]
+    orders = jnp.stack([order_for(b, 2, seed=i) for i in range(n)])
+    rngs = jnp.stack([jax.random.PRNGKey(10 + i) for i in range(n)])
+    stacked = runs.stack(states, None)
+    together, m = train.train_seeds(stacked, x, y, orders, np.int32(0), rngs, 1)
+    for i in range(n):
+        alone, mi = train.train_steps(states[i], x, y, orders[i], np.int32(0), rngs[i], 1)
+        seed_i = runs.seed_state(together, i, vmap=True)
+        if not stage.startswith("conv"):
+            jax.tree.map(np.testing.assert_array_equal, seed_i.params, alone.params)
+            np.testing.assert_array_equal(m["loss"][i], mi["loss"])
+            continue
+        diff = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(seed_i.params), jax.tree.leaves(alone.params)))  # fmt: skip
+        assert diff < 0.05 * config.opt.lr
+        np.testing.assert_allclose(m["loss"][i], mi["loss"], rtol=1e-5)
+
+
+def stage_run(get_config, mnist_dir, workdir, *extra):
+    cli.run(get_config, ["--epochs", "2", "--data-train-limit", "2560", "--data-test-limit", "2000",
+            "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra])  # fmt: skip
+
+
+def test_three_seeds_write_three_restorable_runs_and_their_spread(mnist_dir, tmp_path, capsys):
+    stage_run(dense_relu.get_config, mnist_dir, tmp_path, "--seeds", "3", "--seed", "4")
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [4, 5, 6] and summary["mode"] == "vmap"  # auto: dense on the CPU
+    finals = []
+    for seed in (4, 5, 6):
+        workdir = tmp_path / f"seed_{seed}"
+        rows = metrics.read(workdir / "metrics.jsonl")
+        assert [r["epoch"] for r in rows] == [1, 2]
+        assert json.loads((workdir / "config.json").read_text())["seed"] == seed
+        assert mnist_jax.restore(workdir).step == 2 * 2560 // 128
+        finals.append(rows[-1]["val_accuracy"])
+        assert f"seed {seed}: final {finals[-1]:.2%}" in out
+    assert len(set(finals)) == 3  # three draws, not one run three times
+    final = summary["val_accuracy"]
+    assert final["median"] == sorted(finals)[1] and final["min"] == min(finals)
+    assert final["mean"] == pytest.approx(np.mean(finals))
+    assert final["std"] == pytest.approx(np.std(finals, ddof=1))
+    assert "dense_relu over 3 seeds (vmap): final" in out
+
+    # Seed 5's directory is a single run to the commands that read one.
+    evaluate.main(["--workdir", str(tmp_path / "seed_5")])
+    assert f"{finals[1]:.2%}" in capsys.readouterr().out
+
+    # A vmapped dense seed is bitwise the run `--seed 5` trains (one step is: see above).
+    alone = tmp_path / "alone"
+    stage_run(dense_relu.get_config, mnist_dir, alone, "--seed", "5")
+    a, b = mnist_jax.restore(alone), mnist_jax.restore(tmp_path / "seed_5")
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+
+
+def test_seeds_in_turn_are_each_the_single_seed_run(mnist_dir, tmp_path):
+    stage_run(dense_dropout.get_config, mnist_dir, tmp_path / "g", "--seeds", "2", "--seed-mode", "turn", "--steps-per-call", "3")  # fmt: skip
+    stage_run(dense_dropout.get_config, mnist_dir, tmp_path / "one", "--seed", "1")
+    a, b = mnist_jax.restore(tmp_path / "one"), mnist_jax.restore(tmp_path / "g" / "seed_1")
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+    rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / "train_steps.jsonl")]  # noqa: E731  # fmt: skip
+    assert rows(tmp_path / "one") == rows(tmp_path / "g" / "seed_1")  # logged alike, K aside
+
+
+def test_steps_per_call_keeps_the_run_and_its_logs(mnist_dir, tmp_path):
+    """K = 7 does not divide the 20-step epoch, nor the log or checkpoint steps."""
+    stage_run(dense_dropout.get_config, mnist_dir, tmp_path / "k1", "--log-every", "5")
+    stage_run(dense_dropout.get_config, mnist_dir, tmp_path / "k7", "--log-every", "5", "--steps-per-call", "7", "--checkpoint-every", "6")  # fmt: skip
+    a, b = mnist_jax.restore(tmp_path / "k1"), mnist_jax.restore(tmp_path / "k7")
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+    for name in ("metrics.jsonl", "train_steps.jsonl"):
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+        assert strip(metrics.read(tmp_path / "k1" / name)) == strip(metrics.read(tmp_path / "k7" / name))  # fmt: skip
+    assert [r["step"] for r in metrics.read(tmp_path / "k7" / "train_steps.jsonl")][:4] == [5, 10, 15, 20]  # fmt: skip
+
+
+def test_seed_mode_auto_picks_per_backend_and_model():
+    assert seeds.mode(seeds_config("conv", "auto", 3)) == "turn"  # the CPU: conv in turn
+    assert seeds.mode(seeds_config("dense_relu", "auto", 3)) == "vmap"
+    assert seeds.mode(seeds_config("dense_relu", "auto", 1)) == "turn"
+    assert seeds.mode(seeds_config("conv", "vmap", 3)) == "vmap"
+
+
+def seeds_config(stage, mode, n):
+    config = importlib.import_module(f"experiments.{stage}").get_config()
+    config.seed_mode, config.seeds = mode, n
+    return config
