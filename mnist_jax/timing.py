@@ -1,8 +1,9 @@
 """Timing our own training: images per second of its step, and time to a test accuracy.
 
-`measure_ours` times train.train_batch, the loop's step, on device-resident data and returns one
-dict: first-step (compile) seconds apart, then the median images/s over several timed windows,
-seconds per 60,000-image epoch, and the process's peak resident memory. The Keras and PyTorch
+`measure_ours` times the loop's compiled call (train.train_steps; train.train_seeds for several
+seeds vmapped) on device-resident data and returns one dict: first-step (compile) seconds apart,
+then the median images/s over several timed windows, seconds per 60,000-image epoch, and the
+process's peak resident memory. The Keras and PyTorch
 references (experiments/references.py) report the same dict through `_summary`.
 `time_to_accuracy` trains a stage (its seed, schedule and batch) through the training loop
 itself, without checkpoints, to a test accuracy.
@@ -17,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, seeds, train
+from mnist_jax import data, loop, runs, seeds, train
 
 
 def _peak_rss_mib() -> float:
@@ -57,30 +58,44 @@ def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
     return idx[: steps * batch].reshape(steps, batch).astype(np.int32)
 
 
-def measure_ours(config, data_dir, windows: int, window_images: int) -> dict:
-    """Our training loop's work per step: train.train_batch on device-resident uint8 data."""
+def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int = 1) -> dict:
+    """Our training loop's work per step: the compiled call it makes (train.train_steps, K steps
+    as loop.steps_per_call picks: 1 on the CPU), on device-resident uint8 data and indices.
+
+    seeds > 1: that many seeds in one vmapped program (train.train_seeds); images/s then counts
+    every model's images (models x images per second).
+    """
     images, labels = _train_arrays(data_dir)
-    b = config.batch_size
-    steps = window_steps_for(b, window_images)
-    idx = _indices(len(images), b, 3 + windows * steps)
-    state = train.create_train_state(config, jax.random.PRNGKey(config.seed), len(images) // b)
+    b, n = config.batch_size, len(images)
+    k = loop.steps_per_call(config, n // b)
+    per_window = -(-window_steps_for(b, window_images) // k)  # calls per window
+    calls = 3 + windows * per_window
+    order = jax.device_put(_indices(n, b, calls * k))
     x, y = jax.device_put((images, labels))
-    rng = jax.random.PRNGKey(1)
+    states = [train.create_train_state(config, jax.random.PRNGKey(config.seed + i), n // b) for i in range(seeds)]  # fmt: skip
+    if seeds == 1:
+        state, rng, orders, fn = states[0], jax.random.PRNGKey(1), order, train.train_steps
+    else:
+        state = runs.stack(states, None)
+        rng = jax.random.split(jax.random.PRNGKey(1), seeds)
+        orders, fn = jax.numpy.stack([order] * seeds), train.train_seeds
     t = time.perf_counter()
-    step = train.train_batch.lower(state, x, y, idx[0], rng).compile()
+    step = fn.lower(state, x, y, orders, np.int32(0), rng, k).compile()
     compile_s = time.perf_counter() - t
     for i in range(3):  # warm-up: first calls allocate
-        state, m = step(state, x, y, idx[i], rng)
+        state, m = step(state, x, y, orders, np.int32(i * k), rng)
     jax.block_until_ready(m)
     seconds = []
     for w in range(windows):
         t = time.perf_counter()
-        for i in range(3 + w * steps, 3 + (w + 1) * steps):
-            state, m = step(state, x, y, idx[i], rng)
+        for i in range(3 + w * per_window, 3 + (w + 1) * per_window):
+            state, m = step(state, x, y, orders, np.int32(i * k), rng)
         jax.block_until_ready((state, m))
         seconds.append(time.perf_counter() - t)
-    summary = _summary("mnist_jax", f"jax {jax.__version__}", b, compile_s, seconds, steps)
-    summary["device"] = jax.default_backend()
+    name = "mnist_jax" if seeds == 1 else f"mnist_jax x{seeds}"
+    summary = _summary(name, f"jax {jax.__version__}", b, compile_s, seconds, per_window * k * seeds)  # fmt: skip
+    summary["epoch_s"] = round(summary["epoch_s"] * seeds, 2)  # every seed one epoch
+    summary.update(device=jax.default_backend(), steps_per_call=k, seeds=seeds)
     return summary
 
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import mnist_jax
-from experiments import benchmark, speedrun
+from experiments import benchmark, dense_relu, speedrun
+from mnist_jax import timing
 from tests.conftest import ROOT
 
 
@@ -34,6 +35,17 @@ def test_side_by_side_table_and_json(tmp_path):
     ours = by_name["mnist_jax"]["images_per_s"]
     assert result["ratios"]["mnist_jax/pytorch@32"] == pytest.approx(ours / by_name["pytorch"]["images_per_s"], abs=0.01)  # fmt: skip
     assert "images/s mnist_jax/keras@32" in out.stdout
+
+
+def test_seeds_throughput_counts_every_model(mnist_dir):
+    config = dense_relu.get_config()
+    one = timing.measure_ours(config, str(mnist_dir), windows=2, window_images=1280)
+    three = timing.measure_ours(config, str(mnist_dir), windows=2, window_images=1280, seeds=3)
+    assert one["framework"] == "mnist_jax" and three["framework"] == "mnist_jax x3"
+    assert three["seeds"] == 3 and three["steps_per_call"] == one["steps_per_call"] == 1  # CPU
+    # images/s counts the 3 models' images; an epoch is every seed's epoch.
+    assert three["images_per_s"] > 0 and len(three["window_images_per_s"]) == 2
+    assert three["epoch_s"] == pytest.approx(3 * 60_000 // 128 * 128 / three["images_per_s"], rel=1e-3)  # fmt: skip
 
 
 def test_missing_framework_is_skipped_with_a_message(monkeypatch, capsys):
