@@ -150,6 +150,10 @@ class Program:
             lower = lambda: train.train_steps.lower(
                 state, x, y, order, start, self.rngs, steps, r.sharding, shift
             )  # noqa: E731
+        if r.config.debug_nans:  # jax_debug_nans checks jitted calls, not compiled (AOT) ones
+            if self.vmap:
+                return train.train_seeds(state, x, y, order, start, self.rngs, steps, shift)
+            return train.train_steps(state, x, y, order, start, self.rngs, steps, r.sharding, shift)
         fn = self._get(("train", steps), lower)
         state, m = fn(state, x, y, order, start, self.rngs)
         return state, m  # [N, steps] vmapped, else [steps]: fetch adds the seed axis

@@ -2,8 +2,9 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` is pure and importable; it is not jitted here,
 so research code can wrap it (`jax.jit(train_step, donate_argnums=0)`, `jax.vmap`, a scan...).
-`train_batch` and `eval_dataset` are the jitted forms the training loop uses, on device-resident
-arrays: batches are sliced on the device; loop.py fetches metrics every `log_every` steps only.
+`train_steps` (K steps in one lax.scan), `train_seeds` (that, vmapped over N seeds) and
+`eval_dataset` are the jitted forms the training loop uses, on device-resident data and batch
+indices; `train_batch` is one step on given indices. loop.py fetches metrics between calls only.
 """
 
 from functools import partial
