@@ -41,8 +41,9 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
     return [Path(workdir) / f"seed_{config.seed + i}" for i in range(config.seeds)]
 
 
-def result(run, outcome: loop.Outcome, i: int) -> dict:
-    """Seed i of a trained group: its history (from metrics.jsonl), final and best accuracy."""
+def result(run, outcome: loop.Outcome, i: int, dead_units: bool = False) -> dict:
+    """Seed i of a trained group: its history (from metrics.jsonl), final and best accuracy;
+    dead_units: also its ReLUs 0 on every test image (a compiled pass over the test set)."""
     history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
     best = max(history, key=lambda h: h["val_accuracy"])
     state = loop.seed_state(outcome.progress.state, i, outcome.vmap)
@@ -56,7 +57,7 @@ def result(run, outcome: loop.Outcome, i: int) -> dict:
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
         "compile_s": round(outcome.compile_s, 2),
         "collapsed_to": diagnostics.collapsed_to(outcome.predictions[i]),
-        "dead_units": diagnostics.dead_units(state, run.test_x),  # ReLUs 0 on every test image
+        "dead_units": diagnostics.dead_units(state, run.test_x) if dead_units else None,
         "history": history,
     }
 
@@ -77,13 +78,13 @@ def summarize(results: list[dict]) -> dict:
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
-          target: float | None = None) -> dict:  # fmt: skip
+          target: float | None = None, dead_units: bool = False) -> dict:  # fmt: skip
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0)."""
     dirs, how = workdirs(config, workdir), mode(config)
     if how == "vmap":
         outcome = loop.train_group(config, dirs, vmap=True, save=save, target=target)
-        results = [result(r, outcome, i) for i, r in enumerate(outcome.runs)]
+        results = [result(r, outcome, i, dead_units) for i, r in enumerate(outcome.runs)]
     else:
         results = []
         for i, d in enumerate(dirs):
@@ -92,7 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
             if len(dirs) > 1 and jax.process_index() == 0:
                 print(f"seed {c.seed} ({i + 1} of {len(dirs)}), in {d}", flush=True)
             outcome = loop.train_group(c, [d], save=save, target=target)
-            results.append(result(outcome.runs[0], outcome, 0))
+            results.append(result(outcome.runs[0], outcome, 0, dead_units))
     summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
     summary.update(summarize(results))
     summary["runs"] = results
