@@ -55,7 +55,8 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
             c.seed, c.seeds = seed, 1
             runs.append(references.keras_train(c, data_dir))
     else:
-        runs = mnist_seeds.train(config, workdir or f"runs/seeds/{name}", dead_units=True)["runs"]
+        workdir = workdir or f"runs/seeds/{name}"
+        runs = mnist_seeds.train(config, workdir, dead_units=True, report=False)["runs"]
     for r in runs:
         best = max(r["history"], key=lambda h: h["val_accuracy"])
         r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]

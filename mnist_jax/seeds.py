@@ -78,9 +78,11 @@ def summarize(results: list[dict]) -> dict:
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
-          target: float | None = None, dead_units: bool = False) -> dict:  # fmt: skip
+          target: float | None = None, dead_units: bool = False,
+          report: bool = True) -> dict:  # fmt: skip
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
-    their summary, also written to WORKDIR/seeds.json (several seeds, process 0)."""
+    their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
+    the caller prints its own lines."""
     dirs, how = workdirs(config, workdir), mode(config)
     if how == "vmap":
         outcome = loop.train_group(config, dirs, vmap=True, save=save, target=target)
@@ -98,12 +100,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
     summary.update(summarize(results))
     summary["runs"] = results
     if len(results) > 1 and jax.process_index() == 0:
-        for r in results:
+        together = " (the seeds together)" if how == "vmap" else ""
+        for r in results if report else []:
             print(
                 f"seed {r['seed']}: final {r['val_accuracy']:.2%}, best {r['best_accuracy']:.2%} "
-                f"(epoch {r['best_epoch']}), {r['seconds']:.1f}s"
+                f"(epoch {r['best_epoch']}), {r['seconds']:.1f}s{together}"
             )
-        print(summary_line(summary))
+        if report:
+            print(summary_line(summary))
         flags.write_json(str(Path(workdir) / "seeds.json"), summary)
     return summary
 
