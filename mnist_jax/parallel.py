@@ -26,8 +26,8 @@ AXIS = "data"
 
 def initialize(dist: ml_collections.ConfigDict) -> None:
     """jax.distributed.initialize() when asked: by flags, or --distributed-auto (SLURM, MPI...)."""
-    if not (dist.auto or dist.coordinator):
-        return
+    if not (dist.auto or dist.coordinator) or jax.distributed.is_initialized():
+        return  # once a process: --seeds in turn trains several runs in it
     if dist.coordinator and (
         dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes
     ):

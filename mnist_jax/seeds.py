@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from mnist_jax import diagnostics, flags, loop, metrics
+from mnist_jax import diagnostics, flags, loop, metrics, parallel
 
 
 def mode(config: ml_collections.ConfigDict) -> str:
@@ -83,6 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
     the caller prints its own lines."""
+    parallel.initialize(config.distributed)  # first: the mode depends on the process count
     dirs, how = workdirs(config, workdir), mode(config)
     if how == "vmap":
         outcome = loop.train_group(config, dirs, vmap=True, save=save, target=target)
