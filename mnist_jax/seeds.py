@@ -95,7 +95,18 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
             c.seed, c.seeds = config.seed + i, 1
             if len(dirs) > 1 and jax.process_index() == 0:
                 print(f"seed {c.seed} ({i + 1} of {len(dirs)}), in {d}", flush=True)
-            outcome = loop.train_group(c, [d], save=save, target=target)
+            try:
+                outcome = loop.train_group(c, [d], save=save, target=target)
+            except loop.Interrupted as e:
+                if len(dirs) == 1:
+                    raise
+                where = str(e).split(";")[0]  # "interrupted (SIGTERM) at step N"
+                raise loop.Interrupted(
+                    e.exit_code - 128,
+                    f"{where} of seed {c.seed} ({i + 1} of {len(dirs)}); checkpoints saved in "
+                    f"{workdir}/seed_*. Resume by running the same command again with "
+                    f"--seeds {len(dirs)} --workdir {workdir}",
+                ) from None
             results.append(result(outcome.runs[0], outcome, 0, dead_units))
     summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
     summary.update(summarize(results))
