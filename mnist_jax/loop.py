@@ -141,21 +141,14 @@ class Program:
     def train(self, state, order, start: int, steps: int):
         """`steps` steps from row `start` of `order`: (state, metrics each [N, steps])."""
         r = self.runs[0]
-        x, y, shift, start = r.train_x, r.train_y, r.config.data.augment_shift, np.int32(start)
+        args = (state, r.train_x, r.train_y, order, np.int32(start), self.rngs)
         if self.vmap:
-            lower = lambda: train.train_seeds.lower(
-                state, x, y, order, start, self.rngs, steps, shift
-            )  # noqa: E731
+            fn, static = train.train_seeds, dict(steps=steps, shift=r.config.data.augment_shift)
         else:
-            lower = lambda: train.train_steps.lower(
-                state, x, y, order, start, self.rngs, steps, r.sharding, shift
-            )  # noqa: E731
+            fn, static = train.train_steps, dict(steps=steps, sharding=r.sharding, shift=r.config.data.augment_shift)  # fmt: skip
         if r.config.debug_nans:  # jax_debug_nans checks jitted calls, not compiled (AOT) ones
-            if self.vmap:
-                return train.train_seeds(state, x, y, order, start, self.rngs, steps, shift)
-            return train.train_steps(state, x, y, order, start, self.rngs, steps, r.sharding, shift)
-        fn = self._get(("train", steps), lower)
-        state, m = fn(state, x, y, order, start, self.rngs)
+            return fn(*args, **static)
+        state, m = self._get(("train", steps), lambda: fn.lower(*args, **static))(*args)
         return state, m  # [N, steps] vmapped, else [steps]: fetch adds the seed axis
 
     def evaluate(self, state) -> dict:
