@@ -15,6 +15,14 @@ MODELS = ("softmax", "mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("exponential", "onecycle")
 SEED_MODES = ("auto", "vmap", "turn")
+# XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME). experiments/xla_cpu.py measures
+# them; docs/performance.md has the speed and the error against float64 of each.
+XLA_CPU = {
+    "default": "",
+    # conv_bn's step 1.2x faster on the 2-core CPU, its gradient's error against float64 near
+    # the default's (4.2e-6 against 3.3e-6); opt-in until the stages' 5-seed medians are run.
+    "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -52,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
     # $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite sets one per run).
     config.compile_cache = "~/.cache/mnist_jax"
     config.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
+    config.xla_cpu = "default"  # a name in XLA_CPU: XLA_FLAGS set before JAX's backend starts
     config.dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs); params float32
     config.devices = 0  # data-parallel over this many devices (0: all); see parallel.py
     # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
@@ -101,6 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
     check(config.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
+    check(config.xla_cpu in XLA_CPU, "xla_cpu", f"must be one of {', '.join(XLA_CPU)}")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import data, diagnostics, parallel, runs, train
+from mnist_jax.config import XLA_CPU, flag_name, validate
 from mnist_jax.runs import Progress, Run, done_steps, seed_state, step_count
 
 
@@ -341,6 +342,24 @@ def enable_compile_cache(config: ml_collections.ConfigDict) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
 
 
+def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
+    """Add config.xla_cpu's XLA_FLAGS (config.XLA_CPU). XLA reads them once, when JAX's backend
+    starts, so this must run before anything touches a device."""
+    validate(config)  # a bad name: one line naming the flag
+    wanted = XLA_CPU[config.xla_cpu].split()
+    current = os.environ.get("XLA_FLAGS", "")
+    if all(f in current.split() for f in wanted):
+        return
+    from jax._src import xla_bridge  # no public way to ask whether the backend has started
+
+    if xla_bridge.backends_are_initialized():
+        raise runs.ConfigError(
+            f"{flag_name('xla_cpu')} {config.xla_cpu}: JAX's backend has already started in this "
+            f"process; set XLA_FLAGS={' '.join(wanted)!r} before JAX starts instead"
+        )
+    os.environ["XLA_FLAGS"] = " ".join([current, *wanted]).strip()
+
+
 def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
                 save: bool = True, target: float | None = None) -> Outcome:  # fmt: skip
     """Train seeds config.seed.. (one per work directory; several only vmapped) for
@@ -350,6 +369,7 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
     test accuracy reaches it. Each work directory gets config.json, summary.txt, metrics.jsonl
     (a line per epoch), train_steps.jsonl and tensorboard/ (sampled) and checkpoints/.
     """
+    set_xla_cpu(config)
     jax.config.update("jax_debug_nans", bool(config.debug_nans))
     enable_compile_cache(config)
     parallel.initialize(config.distributed)

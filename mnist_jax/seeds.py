@@ -83,6 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
     the caller prints its own lines."""
+    loop.set_xla_cpu(config)  # before JAX's backend starts
     parallel.initialize(config.distributed)  # first: the mode depends on the process count
     dirs, how = workdirs(config, workdir), mode(config)
     if how == "vmap":

@@ -51,6 +51,7 @@ def test_help_lists_every_config_field(capsys):
         (["--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
         (["--batch-size", "70000"], "--batch-size: 70000 is larger than the 60000 training images"),
         (["--data-dir", "/nonexistent"], "/nonexistent: directory not found"),
+        (["--xla-cpu", "fast"], "--xla-cpu: must be one of default, ynn-no-conv, got 'fast'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, args, message, capsys):
@@ -85,3 +86,19 @@ def test_workdir_that_cannot_be_created(mnist_dir, tmp_path, capsys):
     code, _, err = exits(capsys, stage(linear.get_config), argv)
     assert code == 2
     assert err.strip().startswith(f"error: --workdir {workdir}: cannot write there (")
+
+
+def test_xla_cpu_after_jax_started_is_one_line(mnist_dir, tmp_path, capsys, monkeypatch):
+    """XLA reads XLA_FLAGS once: asking for a setting too late must say so, not train without it."""
+    import jax
+
+    jax.devices()  # this test process's backend has started
+    monkeypatch.setenv("XLA_FLAGS", "")
+    argv = ["--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "w"), "--xla-cpu", "ynn-no-conv"]  # fmt: skip
+    code, _, err = exits(capsys, stage(linear.get_config), argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert (
+        len(lines) == 1 and "--xla-cpu ynn-no-conv: JAX's backend has already started" in lines[0]
+    )
+    assert not (tmp_path / "w").exists()  # nothing trained
