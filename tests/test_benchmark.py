@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 import mnist_jax
 from experiments import benchmark, dense_relu, speedrun
-from mnist_jax import timing
+from mnist_jax import cli, metrics, timing
 from tests.conftest import ROOT
 
 
@@ -110,3 +112,9 @@ def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
     assert "seed 1: final" in stdout and "mean over 2 seeds" in stdout
     # Through the stage's own loop: each seed a checkpointed run, as `--seeds` leaves them.
     assert mnist_jax.restore(tmp_path / "w" / "seed_1").step == 4096 // 64
+    # ... and seed 1 is, to the bit, the run the speedrun's config trains through the stage CLI.
+    cli.run(speedrun.get_config, ["--seed", "1", "--epochs", "1", "--data-train-limit", "4096",
+            "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "cli")])  # fmt: skip
+    a, b = mnist_jax.restore(tmp_path / "cli"), mnist_jax.restore(tmp_path / "w" / "seed_1")
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+    assert metrics.read(tmp_path / "cli" / "metrics.jsonl")[-1]["val_accuracy"] == accs[1]

@@ -254,11 +254,11 @@ def test_same_seed_same_run(reference, mnist_dir, tmp_path):
 
 
 def test_sigkill_with_seeds_and_steps_per_call_then_resume(mnist_dir, tmp_path, capsys):
-    """Two seeds vmapped (dense_dropout), K = 3 steps a call, checkpoints every 20 steps (not a
-    multiple of K): killed at random moments, then resumed, each seed ends bit for bit as the
+    """Two seeds vmapped (dense_dropout), K = 3 steps a call, 80 steps, a checkpoint every 20 (not
+    a multiple of K): killed at random moments, then resumed, each seed ends bit for bit as the
     uninterrupted run. Seeds save one after another, so a kill can fall between their saves."""
     args = ["--seeds", "2", "--steps-per-call", "3", "--epochs", "2", "--data-train-limit",
-            "12800", "--data-test-limit", "1000", "--checkpoint-every", "20", "--log-every", "5",
+            "5120", "--data-test-limit", "1000", "--checkpoint-every", "20", "--log-every", "5",
             "--plots", "false", "--data-dir", str(mnist_dir)]  # fmt: skip
     cli.run(dense_dropout.get_config, [*args, "--workdir", str(tmp_path / "reference")])
     work = tmp_path / "killed"
@@ -281,7 +281,7 @@ def test_sigkill_with_seeds_and_steps_per_call_then_resume(mnist_dir, tmp_path, 
     cli.run(dense_dropout.get_config, [*args, "--workdir", str(work)])
     for seed in ("seed_0", "seed_1"):
         a, b = mnist_jax.restore(tmp_path / "reference" / seed), mnist_jax.restore(work / seed)
-        assert a.step == b.step == 200
+        assert a.step == b.step == 80  # 2 epochs of 40 steps
         jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
         for name in ("metrics.jsonl", "train_steps.jsonl"):
             strip = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / seed / name)]  # noqa: E731  # fmt: skip
