@@ -11,6 +11,7 @@ Plots and reports read these files, never the live run, so they work on old runs
 """
 
 import json
+import sys
 from pathlib import Path
 
 EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
@@ -36,14 +37,29 @@ def write(path: str | Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def summary_writer():
+    """tensorboardX's SummaryWriter, without torch: tensorboardX imports torch when it is
+    installed (the `bench` extra), only to accept torch tensors, which we never pass; that is
+    2.7 s of every training command's start-up here. A None in sys.modules makes `import torch`
+    raise ImportError, which tensorboardX handles. A torch already imported is left as it is."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """Appends epoch and step rows to the JSON-lines files and to TensorBoard."""
 
     def __init__(self, workdir: str | Path):
-        from tensorboardX import SummaryWriter
-
         self.workdir = Path(workdir)
-        self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.tb = summary_writer()(str(self.workdir / "tensorboard"))
 
     def truncate(self, last_epoch: dict | None, step: int) -> None:
         """On (re)start at `step`, keep each epoch and step row once: drop rows written after

@@ -1,10 +1,12 @@
 """The package's layers: each module imports only modules below it, read from the source with ast.
 
 Imports inside functions count: an import that points up, even a lazy one, is a circle waiting
-to happen. No jax import here: this reads files only.
+to happen. No jax import in this process: it reads files (one test starts a process of its own).
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,20 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
         ("matplotlib", True), ("config", True), ("data", True), ("loop", False),
         ("__init__", False), ("torch", False),
     ]  # fmt: skip
+
+
+def test_writing_metrics_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports torch when it is installed (the `bench` extra, as in CI): 2.7 s of
+    every training command's start-up. The writer must not pay it, and torch must still import
+    afterwards for code that wants it. (A process of its own: this one may hold torch already.)"""
+    code = (
+        "import sys; from mnist_jax import metrics; w = metrics.Writer(sys.argv[1]); "
+        "w.epoch({'epoch': 1, 'step': 1, 'val_accuracy': 0.5}); w.close(); "
+        "print('torch' in sys.modules); import torch; print(torch.tensor([1]).item())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "1"]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
