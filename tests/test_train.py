@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import conv_bn, dense_dropout, dense_lr_decay, dense_relu, linear
-from mnist_jax import data, train, train_step
+from mnist_jax import data, models, train, train_step
 
 step = jax.jit(train_step)
 
@@ -25,6 +25,18 @@ def test_train_step_changes_params_and_keeps_loss_finite(mnist):
     assert not np.allclose(
         state.batch_stats["BatchNorm_0"]["mean"], new.batch_stats["BatchNorm_0"]["mean"]
     )
+
+
+def test_initial_variables_are_those_of_model_init_bitwise():
+    """create_train_state compiles model.init as one program; it must draw the same weights as
+    Flax's op-by-op init (the README's seed results were trained from those). conv_bn has every
+    kind of layer the stages use."""
+    config, rng = conv_bn.get_config(), jax.random.PRNGKey(3)
+    model = models.build(**config.model, dtype="float32")
+    expected = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+    state = train.create_train_state(config, rng)
+    jax.tree.map(np.testing.assert_array_equal, expected["params"], state.params)
+    jax.tree.map(np.testing.assert_array_equal, expected.get("batch_stats", {}), state.batch_stats)
 
 
 def test_sgd_step_equals_the_analytic_softmax_gradient(mnist):
