@@ -39,6 +39,25 @@ def steps(mnist_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def on_devices(mnist_dir, tmp_path_factory):
+    """The stage commands that need several devices, all in one process with 4 (each process
+    start is seconds here): (their work directories' parent, {name: code, stdout, stderr})."""
+    root = tmp_path_factory.mktemp("devices")
+    data = ["--data-dir", str(mnist_dir)]
+    seeds = ["dense_relu", "--seed-mode", "vmap", "--devices", "2", *SMALL, *data]
+    commands = {
+        "data parallel": ["conv_bn", *SMALL[:-4], "--epochs", "1", "--plots", "false", "--devices", "4", "--workdir", str(root / "dp")],  # data: $MNIST_DATA_DIR
+        "seeds": [*seeds, "--seeds", "2", "--workdir", str(root / "two")],
+        "3 seeds": [*seeds, "--seeds", "3", "--workdir", str(root / "three")],
+        "--devices 3": ["conv_bn", *SMALL, "--workdir", str(root / "w3"), *data, "--devices", "3"],
+        "--devices 8": ["conv_bn", *SMALL, "--workdir", str(root / "w8"), *data, "--devices", "8"],
+    }  # fmt: skip
+    out = python("tests.helpers.commands", json.dumps(list(commands.values())), devices=4, data_dir=mnist_dir)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return root, dict(zip(commands, json.loads(out.stdout.strip().splitlines()[-1])))
+
+
 def test_four_devices_match_one_device(steps):
     """Same global batches and seed: SGD parameters agree to float rounding (8e-7 seen)."""
     r = steps["sgd"]
@@ -58,16 +77,16 @@ def test_four_devices_adam_tracks_one_device(steps):
     np.testing.assert_allclose(r["loss_n"], r["loss_1"], rtol=2e-2)
 
 
-def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path, capsys):
+def test_data_parallel_run_resumes_on_one_device(on_devices, mnist_dir, capsys):
     """A 4-device run's checkpoint resumes on 1 device (this process's); then runs on."""
-    workdir = str(tmp_path / "dp")
-    first = python("experiments.conv_bn", *SMALL[:-4], "--epochs", "1", "--plots", "false", "--devices", "4", "--workdir", workdir, devices=4, data_dir=mnist_dir)  # fmt: skip
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "Data-parallel over 4 cpu devices" in first.stdout
+    root, results = on_devices
+    first, workdir = results["data parallel"], str(root / "dp")
+    assert first["code"] == 0, first["stderr"][-2000:]
+    assert "Data-parallel over 4 cpu devices" in first["stdout"]
     capsys.readouterr()
     cli.run(conv_bn.get_config, [*SMALL, "--workdir", workdir, "--data-dir", str(mnist_dir)])
     assert "Resumed" in capsys.readouterr().out
-    rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    rows = [json.loads(line) for line in (root / "dp" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
@@ -80,31 +99,31 @@ def test_data_parallel_run_resumes_on_one_device(mnist_dir, tmp_path, capsys):
         (["--distributed-coordinator", "localhost:1"], 1, "--distributed-coordinator needs --distributed-num-processes N"),
     ],
 )  # fmt: skip
-def test_bad_parallel_flags_are_one_line(args, devices, message, mnist_dir, tmp_path, capsys):
-    argv = [*SMALL, "--workdir", str(tmp_path / "w"), "--data-dir", str(mnist_dir), *args]
+def test_bad_parallel_flags_are_one_line(args, devices, message, on_devices, mnist_dir, tmp_path, capsys):  # fmt: skip
     if devices == 1:  # this process has one device: no process needed
+        argv = [*SMALL, "--workdir", str(tmp_path / "w"), "--data-dir", str(mnist_dir), *args]
         with pytest.raises(SystemExit) as e:
             cli.run(conv_bn.get_config, argv)
         code, err = e.value.code, capsys.readouterr().err
     else:
-        out = python("experiments.conv_bn", *argv, devices=devices)
-        code, err = out.returncode, out.stderr
+        result = on_devices[1][" ".join(args)]
+        code, err = result["code"], result["stderr"]
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_vmapped_seeds_spread_over_the_devices(mnist_dir, tmp_path):
+def test_vmapped_seeds_spread_over_the_devices(on_devices, mnist_dir, tmp_path):
     """--seeds 2 on 2 devices: one seed a device, no gradient traffic; each seed's run is the
     single-device run of that seed (dense: float for float, measured equal)."""
-    args = ["experiments.dense_relu", "--seeds", "2", "--seed-mode", "vmap", *SMALL, "--data-dir", str(mnist_dir)]  # fmt: skip
-    out = python(*args, "--workdir", str(tmp_path / "two"), devices=2)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "2 seeds (0-1) in one vmapped program, 1 per device on 2 devices" in out.stdout
+    root, results = on_devices
+    out = results["seeds"]
+    assert out["code"] == 0, out["stderr"][-2000:]
+    assert "2 seeds (0-1) in one vmapped program, 1 per device on 2 devices" in out["stdout"]
     for seed in (0, 1):
         cli.run(dense_relu.get_config, [*SMALL, "--seed", str(seed), "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / f"one_{seed}")])  # fmt: skip
-        a, b = mnist_jax.restore(tmp_path / f"one_{seed}"), mnist_jax.restore(tmp_path / "two" / f"seed_{seed}")  # fmt: skip
+        a, b = mnist_jax.restore(tmp_path / f"one_{seed}"), mnist_jax.restore(root / "two" / f"seed_{seed}")  # fmt: skip
         assert a.step == b.step == 2 * 2048 // 128
         for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    bad = python(*args[:2], "3", *args[3:], "--workdir", str(tmp_path / "three"), devices=2)
-    assert bad.returncode == 2 and "--seeds: 3 seeds do not spread over 2 devices" in bad.stderr
+    bad = results["3 seeds"]
+    assert bad["code"] == 2 and "--seeds: 3 seeds do not spread over 2 devices" in bad["stderr"]
