@@ -147,23 +147,30 @@ def test_killed_before_the_first_checkpoint_the_same_command_goes_on(reference, 
     assert_same_run(reference, tmp_path)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_says_how_to_resume(reference, mnist_dir, tmp_path, signum, capsys):
-    proc = subprocess.Popen(
-        command(tmp_path, mnist_dir),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("epoch   1/3"):  # inside epoch 2 now
-            proc.send_signal(signum)
-            break
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signum
-    assert f"interrupted ({signal.Signals(signum).name})" in err and f"--workdir {tmp_path}" in err
-    assert len(err.strip().splitlines()) == 1
+def test_signals_save_and_say_how_to_resume(reference, mnist_dir, tmp_path, capsys):
+    """SIGTERM (a scheduler's preemption) in epoch 2, then SIGINT (Ctrl-C) to the resumed run in
+    epoch 3: each saves, exits 128 + the signal with one line that says how to resume; then the
+    same command ends as the uninterrupted run. (One chain: a process start is seconds here.)"""
+    for signum, after in ((signal.SIGTERM, "epoch   1/3"), (signal.SIGINT, "epoch   2/3")):
+        proc = subprocess.Popen(
+            command(tmp_path, mnist_dir),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(after):  # inside the next epoch now
+                proc.send_signal(signum)
+                break
+        out, err = proc.communicate(timeout=300)
+        out = "".join(lines) + out
+        assert proc.returncode == 128 + signum, (signum, err[-2000:])
+        assert f"interrupted ({signal.Signals(signum).name})" in err and f"--workdir {tmp_path}" in err  # fmt: skip
+        assert len(err.strip().splitlines()) == 1
+    assert "Resumed" in out  # the SIGINT went to a resumed run
     resumed = run(tmp_path, mnist_dir, capsys=capsys)
     assert resumed.returncode == 0 and "Resumed" in resumed.stdout
     assert_same_run(reference, tmp_path)
