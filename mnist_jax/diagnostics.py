@@ -6,11 +6,10 @@ net predicts one class for every image: the collapse the training loop warns of 
 (experiments/references.py), so both frameworks follow one rule.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax import data, parallel
+from mnist_jax import parallel, train
 
 
 def collapsed_to(predictions) -> int | None:
@@ -35,9 +34,7 @@ def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict) -> str
     )
 
 
-def fired(activations):
-    """Per unit (last axis), whether it is > 0 for any image or position: numpy or jax arrays."""
-    return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
+fired = train.fired  # the rule: a unit is alive if > 0 for some image or position
 
 
 def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
@@ -45,20 +42,11 @@ def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
     return {k: (int((~v).sum()), int(v.size)) for k, v in sorted(alive.items())}
 
 
-@jax.jit
-def _alive(state, images):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, out = state.apply_fn(
-        variables, data.normalize(images), train=False, mutable=["intermediates"]
-    )
-    hidden = out.get("intermediates", {})  # none in the one-layer softmax
-    return {k: fired(a) for k, (a,) in hidden.items()}
-
-
 def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image."""
-    alive = None
-    for start in range(0, len(images), batch_size):
-        a = _alive(state, images[start : start + batch_size])
-        alive = a if alive is None else jax.tree.map(jnp.logical_or, alive, a)
+    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image.
+
+    The count `train.eval_dataset` makes in its pass over the test set, which the training
+    loop and `evaluate` read without this second pass."""
+    labels = jnp.zeros(len(images), jnp.int32)  # unused: only the activations count here
+    alive = train.eval_dataset(state, images, labels, batch_size)["alive"]
     return dead_counts(parallel.to_host(alive))  # to_host: arrays may span other processes

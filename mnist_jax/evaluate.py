@@ -33,7 +33,7 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
         "loss": float(out["loss"]),
         "num_examples": len(test_y),
         # {hidden layer: [dead, units]}
-        "dead_units": diagnostics.dead_units(train.inference_state(restored), test_x),
+        "dead_units": diagnostics.dead_counts(out["alive"]),  # counted in the same pass
     }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from mnist_jax import data, diagnostics, parallel, runs, train
 from mnist_jax.config import XLA_CPU, flag_name, validate
-from mnist_jax.runs import Progress, Run, done_steps, seed_state, step_count
+from mnist_jax.runs import Progress, Run, done_steps, step_count
 
 
 class Diverged(Exception):
@@ -153,7 +153,8 @@ class Program:
         return state, m  # [N, steps] vmapped, else [steps]: fetch adds the seed axis
 
     def evaluate(self, state) -> dict:
-        """Test loss, accuracy [N] and predictions [N, n], on the host."""
+        """Test loss, accuracy [N], predictions [N, n] and units alive {layer: [N, units]},
+        on the host."""
         r = self.runs[0]
         tx, ty = r.test_x, r.test_y
         if self.vmap:
@@ -249,8 +250,9 @@ def train_epoch(group: list[Run], program: Program, progress: Progress, epoch: i
 
 
 def end_epoch(group: list[Run], program: Program, progress: Progress, epoch: int, seconds: float,
-              save: bool = True) -> tuple[Progress, np.ndarray]:  # fmt: skip
-    """Evaluate, checkpoint, log and print the finished epoch; also its test predictions."""
+              save: bool = True) -> tuple[Progress, dict]:  # fmt: skip
+    """Evaluate, checkpoint, log and print the finished epoch; also its evaluation
+    (Program.evaluate: predictions, units alive)."""
     p = progress.partial
     ev = program.evaluate(progress.state)
     step = step_count(progress.state)
@@ -289,19 +291,23 @@ def end_epoch(group: list[Run], program: Program, progress: Progress, epoch: int
                 f"  lr {row['learning_rate']:.3g}  {seconds:.1f}s",
                 flush=True,
             )
-    return progress, ev["predictions"]
+    return progress, ev
 
 
-def warn_if_collapsed(group: list[Run], program: Program, progress: Progress, predictions,
-                      warned: set) -> None:  # fmt: skip
+def dead_units(alive: dict, i: int) -> dict[str, tuple[int, int]]:
+    """Seed i's dead units from an evaluation's units alive {layer: [N, units]}."""
+    return diagnostics.dead_counts({k: v[i] for k, v in alive.items()})
+
+
+def warn_if_collapsed(group: list[Run], progress: Progress, ev: dict, warned: set) -> None:
     """Warn (process 0, stderr), once a seed, if a model predicts one class for every image."""
     for i, run in enumerate(group):
-        label = diagnostics.collapsed_to(predictions[i])
+        label = diagnostics.collapsed_to(ev["predictions"][i])
         if label is None or i in warned:
             continue
         warned.add(i)
-        # Every process: dead_units runs a jitted program over the (global) test arrays.
-        dead = diagnostics.dead_units(seed_state(progress.state, i, program.vmap), run.test_x)
+        # Counted in the evaluation's own pass: no second pass, no collective here.
+        dead = dead_units(ev["alive"], i)
         if run.primary:
             row = progress.last_epoch[i]
             warning = diagnostics.collapse_warning(row["epoch"], label, row["val_accuracy"], dead)
@@ -325,12 +331,13 @@ def _bar(run: Run, epoch: int, done: int):
 
 
 class Outcome(NamedTuple):
-    """What train_group leaves: the runs, their final progress, the last test predictions
-    [N, n] and the seconds spent compiling."""
+    """What train_group leaves: the runs, their final progress, the last evaluation's test
+    predictions [N, n] and units alive {layer: [N, units]}, the seconds spent compiling."""
 
     runs: list[Run]
     progress: Progress
     predictions: np.ndarray
+    alive: dict
     compile_s: float
     vmap: bool
 
@@ -385,7 +392,7 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
             f"--epochs: {group[0].workdir} holds a run past epoch {config.epochs} (step {step}); "
             "ask for more epochs, or add --restart to start over"
         )
-    start, warned, predictions = time.perf_counter(), set(), None
+    start, warned, ev = time.perf_counter(), set(), None
     with _Signals(jax.process_count()) as signals:
         try:
             for epoch in range(step // spe, config.epochs):
@@ -394,10 +401,8 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
                     progress = train_epoch(group, program, progress, epoch, signals, bar, save)
                 if done_steps(progress) == spe:  # the epoch finished
                     seconds = time.perf_counter() - t0 - (program.compile_s - c0)
-                    progress, predictions = end_epoch(
-                        group, program, progress, epoch, seconds, save
-                    )
-                    warn_if_collapsed(group, program, progress, predictions, warned)
+                    progress, ev = end_epoch(group, program, progress, epoch, seconds, save)
+                    warn_if_collapsed(group, progress, ev, warned)
                 if signals.stopping:
                     where = group[0].workdir if len(group) == 1 else group[0].workdir.parent
                     raise Interrupted(
@@ -409,7 +414,7 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
                     )
                 if (
                     target is not None
-                    and predictions is not None
+                    and ev is not None
                     and all(r["val_accuracy"] >= target for r in progress.last_epoch)
                 ):
                     break
@@ -422,15 +427,15 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
             runs.close(group)
             raise
     runs.close(group)
-    if predictions is None:  # nothing left to train: the run had finished
-        predictions = program.evaluate(progress.state)["predictions"]
+    if ev is None:  # nothing left to train: the run had finished
+        ev = program.evaluate(progress.state)
     if group[0].primary:
         print(
             f"Done in {time.perf_counter() - start:.1f}s (compiling {program.compile_s:.1f}s); "
             f"work director{'y' if len(group) == 1 else 'ies'} "
             + (str(group[0].workdir) if len(group) == 1 else f"{group[0].workdir.parent}/seed_*")
         )
-    return Outcome(group, progress, predictions, program.compile_s, vmap)
+    return Outcome(group, progress, ev["predictions"], ev["alive"], program.compile_s, vmap)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> train.TrainState:

@@ -143,7 +143,7 @@ class MLP(nn.Module):
         x = x.reshape((x.shape[0], -1))
         for i, n in enumerate(self.features):
             x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
-            self.sow("intermediates", f"hidden_{i}", x)  # for diagnostics.dead_units
+            self.sow("intermediates", f"hidden_{i}", x)  # dead units: train.eval_dataset
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
@@ -181,8 +181,8 @@ class ConvNet(nn.Module):
         for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
             x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
-            # Kept only when apply asks for mutable=["intermediates"] (diagnostics.dead_units does);
-            # flax's init leaves that collection out.
+            # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to count
+            # dead units); flax's init leaves that collection out.
             self.sow("intermediates", f"hidden_{i}", x)
         x = x.reshape((x.shape[0], -1))
         x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)

@@ -43,10 +43,9 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
 
 def result(run, outcome: loop.Outcome, i: int, dead_units: bool = False) -> dict:
     """Seed i of a trained group: its history (from metrics.jsonl), final and best accuracy;
-    dead_units: also its ReLUs 0 on every test image (a compiled pass over the test set)."""
+    dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
     history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
     best = max(history, key=lambda h: h["val_accuracy"])
-    state = loop.seed_state(outcome.progress.state, i, outcome.vmap)
     return {
         "seed": run.config.seed,
         "workdir": str(run.workdir),
@@ -57,7 +56,7 @@ def result(run, outcome: loop.Outcome, i: int, dead_units: bool = False) -> dict
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
         "compile_s": round(outcome.compile_s, 2),
         "collapsed_to": diagnostics.collapsed_to(outcome.predictions[i]),
-        "dead_units": diagnostics.dead_units(state, run.test_x) if dead_units else None,
+        "dead_units": loop.dead_units(outcome.alive, i) if dead_units else None,
         "history": history,
     }
 

@@ -166,18 +166,38 @@ def train_step(
     return state, metrics
 
 
-def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
-    """Per-example loss, correctness and prediction, with batch norm in inference mode."""
+def fired(activations):
+    """Per unit (last axis), whether it is > 0 for any image or position: numpy or jax arrays.
+
+    The dead-unit rule (diagnostics.py; Keras's units too), here so that evaluation applies it
+    in its own forward pass."""
+    return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
+
+
+def _eval_batch(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict:
+    """eval_step's values and, per example, which units of each hidden layer fired."""
     images, labels = batch
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    logits, sown = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        images,
+        train=False,
+        mutable=["intermediates"],  # the hidden activations models.py sows; none in `linear`
     )
     prediction = jnp.argmax(logits, -1)
+    hidden = sown.get("intermediates", {})
     return {
         "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
         "correct": prediction == labels,
         "prediction": prediction,
+        "fired": {k: jax.vmap(fired)(a) for k, (a,) in hidden.items()},  # [B, units]
     }
+
+
+def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example loss, correctness and prediction, with batch norm in inference mode."""
+    out = _eval_batch(state, batch)
+    del out["fired"]  # unused, so jit drops its computation
+    return out
 
 
 def _split(x, sharding):
@@ -250,7 +270,8 @@ def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0
 def _eval_dataset(
     state, images, labels, batch_size: int = 1000, sharding=None
 ) -> dict[str, jax.Array]:
-    """Loss, accuracy and per-example predictions over uint8 images [N,28,28,1], in one call.
+    """Loss, accuracy, per-example predictions and the hidden units alive (> 0 on some image)
+    over uint8 images [N,28,28,1], in one call.
 
     With `sharding`, batch_size is rounded up to a multiple of the device count.
     """
@@ -266,11 +287,15 @@ def _eval_dataset(
     )
 
     def one(batch):
-        return eval_step(state, jax.tree.map(lambda x: _split(x, sharding), batch))
+        return _eval_batch(state, jax.tree.map(lambda x: _split(x, sharding), batch))
 
     out = jax.lax.map(one, batches)
+    per_unit = out.pop("fired")
     out = jax.tree.map(lambda x: x.reshape(-1)[:n], out)
     return {
+        # Units that fired on some test image (not on the zero padding): diagnostics counts
+        # the dead ones without a pass of its own.
+        "alive": {k: v.reshape(-1, v.shape[-1])[:n].any(0) for k, v in per_unit.items()},
         "loss": out["loss"].mean(),
         # A count over n, correctly rounded: XLA turns "/ constant" into "* (1 / constant)",
         # which makes 9,950/10,000 0.99499995 (under 99.5%); the barrier hides the constant.
