@@ -1,7 +1,7 @@
 """Data parallelism over a device mesh (several processes: tests/test_multihost.py).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=N gives N CPU devices; it must be set before
-JAX starts, so each case runs in a subprocess.
+JAX starts, so every case that needs several devices runs in one shared subprocess (on_devices).
 """
 
 import json
@@ -32,14 +32,6 @@ def python(*args, devices=1, data_dir=None, wait=True):
 
 
 @pytest.fixture(scope="module")
-def steps(mnist_dir):
-    """10 conv_bn steps on 1 and on 4 devices, same batches, under SGD and under Adam."""
-    out = python("tests.helpers.dp_steps", "4", "10", str(mnist_dir), "sgd,adam", devices=4)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
 def on_devices(mnist_dir, tmp_path_factory):
     """The stage commands that need several devices, all in one process with 4 (each process
     start is seconds here): (their work directories' parent, {name: code, stdout, stderr})."""
@@ -52,10 +44,17 @@ def on_devices(mnist_dir, tmp_path_factory):
         "3 seeds": [*seeds, "--seeds", "3", "--workdir", str(root / "three")],
         "--devices 3": ["conv_bn", *SMALL, "--workdir", str(root / "w3"), *data, "--devices", "3"],
         "--devices 8": ["conv_bn", *SMALL, "--workdir", str(root / "w8"), *data, "--devices", "8"],
+        "steps": ["tests.helpers.dp_steps", "4", "10", str(mnist_dir), "sgd,adam"],
     }  # fmt: skip
     out = python("tests.helpers.commands", json.dumps(list(commands.values())), devices=4, data_dir=mnist_dir)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return root, dict(zip(commands, json.loads(out.stdout.strip().splitlines()[-1])))
+
+
+@pytest.fixture(scope="module")
+def steps(on_devices):
+    """10 conv_bn steps on 1 and on 4 devices, same batches, under SGD and under Adam."""
+    return on_devices[1]["steps"]
 
 
 def test_four_devices_match_one_device(steps):

@@ -1,6 +1,7 @@
 """Train conv_bn a few steps on 1 device and on N devices (same global batches); print JSON.
 
-Run with XLA_FLAGS=--xla_force_host_platform_device_count=N (tests/test_parallel.py does).
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=N: `python -m tests.helpers.dp_steps N
+STEPS DATA_DIR sgd,adam`, or as a `tests.helpers.commands` item (tests/test_parallel.py).
 """
 
 import json
@@ -32,8 +33,9 @@ def run(devices: int, steps: int, images, labels, opt: str):
     return state, losses, float(ev["accuracy"]), len(shards)
 
 
-def main():
-    n, steps, data_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def measure(n: str, steps: str, data_dir: str, opts: str) -> dict:
+    """The 1-device and n-device runs of `steps` steps under each optimizer in opts ("sgd,adam")."""
+    n, steps = int(n), int(steps)
     ds = data.load_idx(data_dir)
     images, labels = ds.train_images[: steps * 64], ds.train_labels[: steps * 64]
     diff = lambda a, b: max(
@@ -41,7 +43,7 @@ def main():
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     )
     out = {"devices": len(jax.devices())}
-    for opt in sys.argv[4].split(","):
+    for opt in opts.split(","):
         one, loss1, acc1, _ = run(1, steps, images, labels, opt)
         many, loss_n, acc_n, copies = run(n, steps, images, labels, opt)
         out[opt] = {
@@ -53,8 +55,8 @@ def main():
             "eval_acc_1": acc1,
             "eval_acc_n": acc_n,
         }
-    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(measure(*sys.argv[1:5])))
