@@ -37,14 +37,14 @@ FRAMEWORKS = ("mnist_jax", "keras")
 
 
 def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
-          data_dir=None, train_limit=0, workdir=None) -> dict:  # fmt: skip
+          data_dir=None, train_limit=0, workdir=None, restart=False) -> dict:  # fmt: skip
     """Train `get_config()` with seeds `seeds` (a range); print a line per seed; return every
     run and the summary. mnist_jax: one `--seeds` run (mnist_jax.seeds) in `workdir`."""
     config = get_config()
     config.name, config.seed, config.seeds = name, seeds[0], len(seeds)
     if epochs is not None:
         config.epochs = epochs
-    config.data.train_limit = train_limit
+    config.data.train_limit, config.restart = train_limit, restart
     if data_dir:
         config.data.dir = str(data_dir)
     validate(config)
@@ -131,6 +131,7 @@ def main(argv=None):
     json_help = "default runs/seeds_<stage>[_keras].json"
     flags.add(p, "data_dir", "train_limit", json={"help": json_help})
     p.add_argument("--workdir", default="", help="default runs/seeds/<stage> (seed_<s>/ in it)")
+    flags.add(p, "restart")
     args = p.parse_args(argv)
     try:
         stage = importlib.import_module(f"experiments.{args.stage}")
@@ -150,7 +151,8 @@ def main(argv=None):
     target = args.target or getattr(stage, "TARGET", None)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     summary = run_study(stage.get_config, args.stage, seeds, args.epochs, target,
-                        args.framework, args.data_dir, args.train_limit, args.workdir)  # fmt: skip
+                        args.framework, args.data_dir, args.train_limit, args.workdir,
+                        args.restart)  # fmt: skip
     suffix = "_keras" if args.framework == "keras" else ""
     flags.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
 

@@ -1,7 +1,8 @@
 """mnist_jax: the codelab "TensorFlow, Keras and deep learning, without a PhD" in JAX + Flax.
 
 Modules, bottom to top (each imports only modules before it here; tests/test_layers.py checks):
-config, flags, data, models, metrics, parallel, checkpoint, train (state and pure steps),
+config, flags, data, models, metrics, parallel, checkpoint, recipe (a run against the command
+that starts it again), train (state and pure steps),
 diagnostics (collapse, dead units), evaluate / predict / plots (commands over a work directory),
 runs (a run's set-up and checkpointed progress), loop (the training loop), seeds (--seeds N),
 timing, cli.

@@ -7,27 +7,29 @@ Each checkpoint holds three items, so each reader takes only what it needs:
 """
 
 import json
-import shutil
-import sys
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from mnist_jax import models
 from mnist_jax.config import ConfigError
 
-# Fields a resumed run must share with the checkpoint: they fix shapes, data order or step count.
-RESUME_KEYS = ("model", "batch_size", "seed", "data.train_limit")
 # Written once a first checkpoint is committed: from then on a work directory with no readable
 # checkpoint has lost work (refused), before then it has lost none (started afresh).
 COMMITTED = "checkpoint_committed"
+DAMAGED = "damaged"  # WORKDIR/damaged/<step>: checkpoints that could not be read, moved aside
+# What --restart deletes: everything a run writes but config.json and summary.txt, rewritten.
 RUN_FILES = (
     "checkpoints",
     COMMITTED,
+    DAMAGED,
+    "config_history.jsonl",
     "metrics.jsonl",
     "train_steps.jsonl",
     "tensorboard",
@@ -36,78 +38,96 @@ RUN_FILES = (
 )
 
 
-def _lookup(config, path: str):
-    for part in path.split("."):
-        config = config.get(part) if config is not None else None
-    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+class Damaged(Exception):
+    """A checkpoint that cannot be read: metadata unparseable, files truncated or missing."""
 
 
-def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Create the work directory; refuse to resume a run whose model or batching differ.
-
-    With config.restart, first delete what an earlier run left (checkpoints, metrics, plots).
-    """
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
-    if config.restart:
-        for name in RUN_FILES:
-            path = workdir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    old_path = workdir / "config.json"
-    has_checkpoints = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
-    if old_path.exists() and has_checkpoints:
-        old = ml_collections.ConfigDict(json.loads(old_path.read_text()))
-        for path in RESUME_KEYS:
-            was, now = _lookup(old, path), _lookup(config, path)
-            if json.dumps(was, default=list) != json.dumps(now, default=list):
-                raise ConfigError(
-                    f"--workdir {workdir}: holds a run with {path}={was}, not {now}; "
-                    "choose another --workdir, or add --restart to start over there"
-                )
-    old_path.write_text(config.to_json(indent=2) + "\n")
+def steps(workdir: Path) -> list[int]:
+    """The committed checkpoints' steps, newest first (Orbax renames a finished one to its step)."""
+    found = (p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit() and p.is_dir())
+    return sorted((int(p.name) for p in found), reverse=True)
 
 
-def _screen(directory: Path, repair: bool) -> None:
-    """Orbax's manager parses each step's metadata when it starts: screen them first.
-
-    An unparseable one is deleted with a warning when `repair` (training resumes from an older
-    checkpoint), else reported as one line.
-    """
-    for step_dir in sorted(p for p in directory.glob("*") if p.name.isdigit()):
-        meta = step_dir / "_CHECKPOINT_METADATA"
+def screen(workdir: Path) -> list[tuple[int, str]]:
+    """(step, reason) of the checkpoints whose _CHECKPOINT_METADATA does not parse: Orbax's
+    manager parses them all when it starts, and fails on such a one."""
+    bad = []
+    for step in steps(workdir):
+        meta = workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA"
         try:
             if meta.exists():
                 json.loads(meta.read_text())
         except (ValueError, OSError) as e:
-            if not repair:
-                raise FileNotFoundError(
-                    f"{step_dir}: damaged checkpoint ({type(e).__name__})"
-                ) from None
-            print(
-                f"warning: checkpoint {step_dir} is unreadable ({type(e).__name__} in its "
-                "metadata); deleting it and trying the previous one",
-                file=sys.stderr,
-            )
-            shutil.rmtree(step_dir)
+            bad.append((step, f"{type(e).__name__} in its metadata"))
+    return bad
 
 
-def manager(
-    workdir: str | Path, keep_period: int | None = None, repair: bool = False
-) -> ocp.CheckpointManager:
+def _empty(x) -> bool:
+    return x is None or (isinstance(x, (dict, list, tuple)) and not x)
+
+
+def _same(a, b) -> bool:
+    """Two leaves of a tree and a checkpoint's metadata: the same shape and dtype, or both empty."""
+    if _empty(a) or _empty(b):
+        return _empty(a) and _empty(b)
+    return (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype)
+
+
+def _describe(x) -> str:
+    """One side of an Orbax tree difference, in words."""
+    if x is None:
+        return "absent"
+    if hasattr(x, "shape"):
+        return f"{tuple(x.shape)} {x.dtype}"
+    if isinstance(x, type):
+        return f"a {x.__name__}"
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], type):
+        return f"a {x[0].__name__} of {x[1]}"
+    return "present"
+
+
+def mismatch(step_dir: Path, items: dict) -> str | None:
+    """Where checkpoint `step_dir` differs from `items` ({"model": tree, "train": tree} of arrays
+    or shapes) in structure, shapes or dtypes, as "the first differing leaf: here, there"; None
+    if it fits. Damaged if its metadata cannot be read."""
+    handler = ocp.StandardCheckpointHandler()
+    for name, tree in items.items():
+        try:
+            saved = handler.metadata(Path(step_dir) / name).tree
+        except Exception as e:  # Orbax and tensorstore raise many types
+            raise Damaged(f"its {name} metadata: {reason(e)}") from None
+        tree = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), tree)
+        ours = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)  # a fresh state's step is 0
+        is_leaf = lambda x: _empty(x) or hasattr(x, "shape")  # noqa: E731
+        diff = ocp.tree.tree_difference(ours, saved, is_leaf=is_leaf, leaves_equal=_same)
+        if diff is not None:
+            is_diff = lambda x: type(x).__name__ == "Diff"  # noqa: E731 (Orbax's, not exported)
+            flat = ocp.tree.to_flat_dict(diff, is_leaf=is_diff)
+            path, d = min(flat.items(), key=lambda item: [str(k) for k in item[0]])
+            where = ".".join([name, *map(str, path)])
+            return f"{where} is {_describe(d.lhs)} here, {_describe(d.rhs)} in the checkpoint"
+    return None
+
+
+def reason(e: Exception) -> str:
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
+
+
+def manager(workdir: str | Path, keep_period: int | None = None) -> ocp.CheckpointManager:
     """Keeps the newest 3 checkpoints, and every one at a multiple of keep_period (epoch ends)."""
     directory = Path(workdir).absolute() / "checkpoints"
-    _screen(directory, repair)
     options = ocp.CheckpointManagerOptions(
         create=True, cleanup_tmp_directories=True, max_to_keep=3, keep_period=keep_period
     )
     return ocp.CheckpointManager(directory, options=options)
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """Orbax logs a warning per option a read-only manager turns off: notes for its developers."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return "read_only=True" not in message and "directory is read only" not in message
 
 
 def reader(workdir: str | Path) -> ocp.CheckpointManager:
@@ -116,86 +136,69 @@ def reader(workdir: str | Path) -> ocp.CheckpointManager:
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'}: no checkpoint found")
-    _screen(directory, repair=False)
+    for step, reason in screen(Path(workdir)):
+        raise FileNotFoundError(f"{directory / str(step)}: damaged checkpoint ({reason})")
     me = jax.process_index()
-    options = ocp.CheckpointManagerOptions(
-        read_only=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=me, active_processes={me}
-        ),
-    )
-    return ocp.CheckpointManager(directory, options=options)
+    quiet, log = _ReadOnlyNotices(), logging.getLogger("absl")
+    log.addFilter(quiet)
+    try:
+        options = ocp.CheckpointManagerOptions(
+            read_only=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            ),
+        )
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        log.removeFilter(quiet)
 
 
 def mark_committed(workdir: Path) -> None:
     """Call after `wait_until_finished`: note that a checkpoint has been committed, if one has."""
     marker = workdir / COMMITTED
-    if not marker.exists() and any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+    if not marker.exists() and steps(workdir):
         marker.touch()
 
 
-def _model_item(state) -> dict:
+def model_item(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _train_item(state) -> dict:
-    return {"opt_state": state.opt_state, "step": state.step}
+def items(state) -> dict:
+    """What a checkpoint holds of a TrainState, by item."""
+    return {"model": model_item(state), "train": {"opt_state": state.opt_state, "step": state.step}}
 
 
 def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int) -> None:
     """Save asynchronously; Orbax copies the arrays before returning, so `state` may be donated."""
+    trees = items(state)
     mngr.save(
         step,
         args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_model_item(state)),
-            train=ocp.args.StandardSave(_train_item(state)),
+            model=ocp.args.StandardSave(trees["model"]),
+            train=ocp.args.StandardSave(trees["train"]),
             metrics=ocp.args.JsonSave(metrics),
         ),
     )
 
 
+def abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 def restore_state(mngr: ocp.CheckpointManager, state, step: int | None = None):
     """(state, metrics) from checkpoint `step` (default latest), shaped like `state`."""
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    trees = items(state)
     restored = mngr.restore(
         mngr.latest_step() if step is None else step,
         args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(_model_item(state))),
-            train=ocp.args.StandardRestore(abstract(_train_item(state))),
+            model=ocp.args.StandardRestore(abstract(trees["model"])),
+            train=ocp.args.StandardRestore(abstract(trees["train"])),
             metrics=ocp.args.JsonRestore(),
         ),
     )
     state = state.replace(**restored["model"], **restored["train"])
     return state, restored["metrics"]
-
-
-def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
-    """(state, metrics) from the newest readable checkpoint, or None for a new run.
-
-    An unreadable checkpoint (half-written, truncated, files missing) is reported and deleted,
-    and the one before it is tried: the run goes on from the last good one, never loops on a
-    bad one. A work directory that holds a run's metrics but no readable checkpoint is refused
-    rather than silently started over (--restart does that); one that never committed a
-    checkpoint (killed in its first steps, or during its first save) lost nothing: it starts anew.
-    """
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
-        try:
-            return restore_state(mngr, state, step)
-        except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            print(
-                f"warning: checkpoint {mngr.directory / str(step)} is unreadable "
-                f"({type(e).__name__}: {reason}); deleting it and trying the previous one",
-                file=sys.stderr,
-            )
-            mngr.delete(step)
-    if (workdir / COMMITTED).exists():
-        raise ConfigError(
-            f"--workdir {workdir}: holds a run but no readable checkpoint in "
-            f"{mngr.directory}; add --restart to start over"
-        )
-    return None
 
 
 class Restored(NamedTuple):
@@ -207,35 +210,75 @@ class Restored(NamedTuple):
     step: int
 
 
-def restore(workdir: str | Path, step: int | None = None) -> Restored:
-    """Model, variables and config of a run's checkpoint (default: latest); no optimizer needed."""
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path}: not found; is {workdir} a training work directory?"
-        )
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {workdir} a training work directory?")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a readable config ({e})") from None
+
+
+def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict, int]:
+    """(params and batch statistics shaped like `target`, step) of checkpoint `step` (default
+    latest), on this process's first device; ConfigError if the checkpoint does not fit."""
     mngr = reader(workdir)
-    steps = mngr.all_steps()
-    if not steps:
+    found = mngr.all_steps()
+    if not found:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint found")
     if step is None:
-        step = max(steps)
-    elif step not in steps:
+        step = max(found)
+    elif step not in found:
         raise FileNotFoundError(
-            f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(steps)})"
+            f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(found)})"
         )
-    # Restore onto this process's first device, whatever devices or processes saved it.
-    model = models.build(**config.model)
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), target)
+    step_dir = workdir / "checkpoints" / str(step)
+    try:
+        diff = mismatch(step_dir, {"model": target})
+    except Damaged as e:
+        raise FileNotFoundError(f"{step_dir}: damaged checkpoint ({e})") from None
+    if diff is not None:
+        raise ConfigError(f"{step_dir}: does not fit the model this code builds ({diff})")
+    item = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    return item["model"], step
+
+
+def restore(workdir: str | Path, step: int | None = None) -> Restored:
+    """Model, variables and config of a run's checkpoint (default: latest); no optimizer needed.
+
+    FileNotFoundError or ConfigError, one line, for a directory that holds no run this code can
+    restore (no checkpoint, a damaged one, a model that does not fit config.json's)."""
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    try:
+        model = models.build(**config.model)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{workdir / 'config.json'}: this code cannot build its model ({e})"
+        ) from None
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 1)), train=False)
     )
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
-        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
-    )
-    item = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    variables = {"params": item["model"]["params"], "batch_stats": item["model"]["batch_stats"]}
+    target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    variables, step = _restore_model(workdir, step, target)
     return Restored(model, variables, config, step)
+
+
+def init_from(state, source: Path, seed: int):
+    """`state` with the trained params and batch statistics of the run in `source` (its
+    seed_<seed>/ when it has seed directories), and {"dir", "step"}: where they come from."""
+    seeded = sorted(p.name for p in source.glob("seed_*") if p.is_dir())
+    if seeded:
+        if f"seed_{seed}" not in seeded:
+            raise ConfigError(
+                f"--init-from {source}: holds {', '.join(seeded)}, no seed_{seed}/ for seed {seed}"
+            )
+        source = source / f"seed_{seed}"
+    try:
+        variables, step = _restore_model(source, None, abstract(model_item(state)))
+    except (FileNotFoundError, ConfigError) as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    return state.replace(**variables), {"dir": str(source.resolve()), "step": step}

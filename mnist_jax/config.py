@@ -11,7 +11,6 @@ class ConfigError(ValueError):
     """A config value that cannot be trained with. The message names the flag."""
 
 
-MODELS = ("softmax", "mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("exponential", "onecycle")
 SEED_MODES = ("auto", "vmap", "turn")
@@ -23,6 +22,68 @@ XLA_CPU = {
     # the default's (4.2e-6 against 3.3e-6); opt-in until the stages' 5-seed medians are run.
     "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 }
+
+
+# What a change to each field means when a command finds a run in its work directory (recipe.py
+# compares the two configs; docs/design.md has the table). Every leaf has a class here, the one
+# place (tests/test_recipe.py fails on a leaf without one).
+RECIPE = "recipe"  # changes what is trained or what its metrics measure: refused
+ARITHMETIC = "arithmetic"  # the same recipe computed in another order: allowed, recorded, said
+LENGTH = "length"  # epochs: a recipe field when the schedule spans the run, else allowed, recorded
+NEITHER = "neither"  # how the run is watched, or where its files are: allowed, recorded
+FIELD_CLASSES = {
+    "name": NEITHER,  # the stage's name; its recipe is in the other fields
+    "workdir": NEITHER,
+    "seed": RECIPE,
+    "seeds": NEITHER,  # each seed's run is its own work directory, with seeds = 1
+    "seed_mode": ARITHMETIC,
+    "epochs": LENGTH,
+    "batch_size": RECIPE,
+    "init_from": RECIPE,
+    "data.dir": NEITHER,  # where the files are; what they hold is dataset.*
+    "data.train_limit": RECIPE,
+    "data.test_limit": RECIPE,  # the test images every epoch's metrics are measured on
+    "data.augment_shift": RECIPE,
+    "model.name": RECIPE,  # every field of every model (models.fields)
+    "model.features": RECIPE,
+    "model.activation": RECIPE,
+    "model.dropout": RECIPE,
+    "model.channels": RECIPE,
+    "model.kernels": RECIPE,
+    "model.strides": RECIPE,
+    "model.dense": RECIPE,
+    "model.batch_norm": RECIPE,
+    "opt.name": RECIPE,
+    "opt.lr": RECIPE,
+    "opt.decay": RECIPE,
+    "opt.schedule": RECIPE,
+    "steps_per_call": ARITHMETIC,
+    "log_every": NEITHER,
+    "plots": NEITHER,
+    "checkpoint_every": ARITHMETIC,
+    "restart": NEITHER,
+    "compile_cache": NEITHER,
+    "debug_nans": NEITHER,  # checks each operation's output; computes the same values
+    "xla_cpu": ARITHMETIC,
+    "dtype": RECIPE,
+    "devices": ARITHMETIC,
+    "distributed.auto": NEITHER,
+    "distributed.coordinator": NEITHER,
+    "distributed.process_id": NEITHER,
+    "distributed.heartbeat_timeout": NEITHER,
+    "distributed.shutdown_timeout": NEITHER,
+    "distributed.init_timeout": NEITHER,
+    "distributed.num_processes": ARITHMETIC,
+    # Not flags: what the data are, found when the run starts (data.identity).
+    "dataset.source": NEITHER,
+    "dataset.sha256": RECIPE,
+    "dataset.num_train": RECIPE,
+    "dataset.num_test": RECIPE,
+    "dataset.image_shape": RECIPE,
+    "dataset.num_classes": RECIPE,
+}
+# Schedules whose learning rate at a step depends on the run's length (epochs x steps).
+SPANNING_SCHEDULES = ("onecycle",)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -56,6 +117,9 @@ def base() -> ml_collections.ConfigDict:
     config.plots = True  # draw WORKDIR/plots/ at the end of a run
     config.checkpoint_every = 0  # also checkpoint every N steps in epochs (0: at epoch ends only)
     config.restart = False  # start over: delete the work directory's checkpoints and metrics first
+    # Start a new run from another run's trained weights (params and batch statistics; not its
+    # optimizer state or step): a work directory; with --seeds, its seed_<s>/ when it has them.
+    config.init_from = ""
     # JAX's persistent compilation cache: a second run of a stage skips compiling. "": off.
     # $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite sets one per run).
     config.compile_cache = "~/.cache/mnist_jax"
@@ -114,19 +178,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")
-    check(config.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}")
     check(config.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(config.opt.lr > 0, "opt.lr", "must be positive")
     check(
         config.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}"
     )
     check(0 < config.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
-    if "dropout" in config.model:
-        check(0 <= config.model.dropout < 1, "model.dropout", "must be in [0, 1)")
-    for key in ("features", "channels"):
-        if key in config.model:
-            check(
-                len(config.model[key]) > 0 and all(n >= 1 for n in config.model[key]),
-                f"model.{key}",
-                "must be positive sizes",
-            )
+    # The model's fields are checked by models.build, which knows each model's fields.

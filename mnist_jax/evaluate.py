@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from mnist_jax import checkpoint, data, diagnostics, flags, train
+from mnist_jax.config import ConfigError
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
@@ -41,7 +42,7 @@ def main(argv=None):
     parser = flags.Parser(prog="python -m mnist_jax.evaluate", description=__doc__.splitlines()[0])
     flags.add(parser, "workdir", "data_dir", "step")
     args = parser.parse_args(argv)
-    with flags.user_errors(FileNotFoundError, data.DataError):
+    with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
         result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
     print(
         f"step {result['step']}: test accuracy {result['accuracy']:.2%}"

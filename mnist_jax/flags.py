@@ -30,6 +30,7 @@ COMMON = {
     "epochs": dict(type=int, default=None, help="default: the stage's"),
     "train_limit": dict(type=int, default=0, help="first N training images (0: all)"),
     "json": dict(default="", help="where to write the results (default %(default)s)"),
+    "restart": dict(action="store_true", help="discard the runs already in the work directory"),
 }
 
 

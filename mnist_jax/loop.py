@@ -386,12 +386,7 @@ def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = 
     progress = runs.resume(group, state, vmap)
     program = Program(group, vmap)
     spe = group[0].steps_per_epoch
-    step = step_count(progress.state)
-    if step > config.epochs * spe:
-        raise runs.ConfigError(
-            f"--epochs: {group[0].workdir} holds a run past epoch {config.epochs} (step {step}); "
-            "ask for more epochs, or add --restart to start over"
-        )
+    step = step_count(progress.state)  # recipe.check refused a run past config.epochs
     start, warned, ev = time.perf_counter(), set(), None
     with _Signals(jax.process_count()) as signals:
         try:

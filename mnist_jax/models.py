@@ -5,6 +5,7 @@ biases, BatchNorm momentum 0.99 and epsilon 1e-3. Models return logits; the soft
 loss (optax's fused softmax cross-entropy), which is what keeps the codelab's NaNs away.
 """
 
+import dataclasses
 from functools import partial
 from typing import Sequence
 
@@ -12,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mnist_jax.config import ConfigError, flag_name
 
 NUM_CLASSES = 10
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -193,10 +196,56 @@ class ConvNet(nn.Module):
         return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
+
+
+def fields(name: str) -> dict:
+    """A model's config fields and their defaults: {"features": (200, 60), ...}."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(MODELS[name])
+        if f.name not in ("parent", "name", "dtype")
+    }
+
+
+def _check(name: str, kwargs: dict) -> None:
+    """ConfigError naming the flag for a field `name` lacks or a value it cannot train with."""
+    if name not in MODELS:
+        raise ConfigError(f"--model-name: must be one of {', '.join(MODELS)}, got {name!r}")
+    known = fields(name)
+    foreign = sorted(k for k in kwargs if k not in known and k != "dtype")
+    if foreign:
+        raise ConfigError(
+            f"--model-name {name}: the {name} model has no "
+            + ", ".join(flag_name(f"model.{k}") for k in foreign)
+            + " (set by the stage or a flag); its fields are "
+            + (", ".join(flag_name(f"model.{k}") for k in known) or "none")
+            + "; use a stage built on that model"
+        )
+    values = {**known, **kwargs}
+    n = len(values.get("channels", ()))
+    sizes = lambda v: len(v) > 0 and all(x >= 1 for x in v)  # noqa: E731
+    per_layer = (lambda v: len(v) == n and sizes(v), f"must be {n} positive sizes, one a layer")
+    rules = {
+        "features": (sizes, "must be positive sizes"),
+        "channels": (sizes, "must be positive sizes"),
+        "kernels": per_layer,  # one per --model-channels entry
+        "strides": per_layer,
+        "dense": (lambda v: v >= 1, "must be at least 1"),
+        "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
+    }
+    for key, (ok, what) in rules.items():
+        if key in values and not ok(values[key]):
+            raise ConfigError(f"{flag_name('model.' + key)}: {what}, got {values[key]!r}")
+
+
 def build(name: str, **kwargs) -> nn.Module:
-    """A model from its config section: `build(**config.model)`."""
+    """A model from its config section: `build(**config.model)`. A field the model does not have,
+    or a value it cannot train with, is a ConfigError naming the flag."""
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}[name](**kwargs)
+    _check(name, kwargs)
+    return MODELS[name](**kwargs)
 
 
 def summary(model: nn.Module) -> str:

@@ -130,6 +130,13 @@ def reached_preemption(step: int) -> bool:
     return multihost_utils.reached_preemption_sync_point(step)
 
 
+def agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process: the same answer on all (a collective all must enter)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 def sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

@@ -23,6 +23,7 @@ from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from mnist_jax import checkpoint, data, evaluate, flags, metrics, predict  # noqa: E402
+from mnist_jax.config import ConfigError  # noqa: E402
 
 FONTS = [
     "DejaVu Sans",
@@ -185,6 +186,7 @@ def confusion(matrix: np.ndarray, title: str, out: Path) -> None:
 def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     """Draw the five figures into WORKDIR/plots/; returns their paths."""
     workdir = Path(workdir)
+    restored = checkpoint.restore(workdir)  # first: a run it cannot restore is left untouched
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
     paths = {
@@ -193,8 +195,6 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     }
     curves(workdir, paths["curves"])
     learning_rate(workdir, paths["learning_rate"])
-
-    restored = checkpoint.restore(workdir)
     images, labels, _ = font_digits()
     predicted = predict.probabilities(restored, images).argmax(-1)
     _digit_grid(
@@ -230,7 +230,7 @@ def main(argv=None):
     parser = flags.Parser(prog="python -m mnist_jax.plots", description=__doc__.splitlines()[0])
     flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
-    with flags.user_errors(FileNotFoundError, data.DataError):
+    with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
         paths = draw_all(args.workdir, args.data_dir)
     for path in paths:
         print(path)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mnist_jax import checkpoint, data, flags
+from mnist_jax.config import ConfigError
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     flags.add(parser, "workdir", "step")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     args = parser.parse_args(argv)
-    with flags.user_errors(FileNotFoundError):
+    with flags.user_errors(FileNotFoundError, ConfigError):
         restored = checkpoint.restore(args.workdir, args.step)
     failed = 0
     for path in args.images:

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, metrics, models, parallel, train
+from mnist_jax import checkpoint, data, metrics, models, parallel, recipe, train
 from mnist_jax.config import ConfigError, validate
 
 STEP_KEYS = ("loss", "accuracy", "learning_rate")  # the per-step metrics a run keeps
@@ -98,9 +98,11 @@ def setup(config: ml_collections.ConfigDict, workdirs: list[Path], vmap: bool = 
 
     One run per work directory, seeds config.seed, config.seed + 1, ...; vmap: they train in
     one program, their states stacked on a leading axis (spread over the devices when there
-    are several: each device trains its own seeds). Else a group is one run.
+    are several: each device trains its own seeds). Else a group is one run. A work directory
+    that holds a run of another recipe is refused before anything is written (recipe.py).
     """
     validate(config)
+    models.build(**config.model)  # a model field or value the model cannot take: one line
     mesh = parallel.make_mesh(config.devices)
     n = len(workdirs)
     assert vmap or n == 1, "seeds that do not train vmapped train one run at a time"
@@ -112,21 +114,39 @@ def setup(config: ml_collections.ConfigDict, workdirs: list[Path], vmap: bool = 
     if not vmap:
         parallel.check_batch(config.batch_size, mesh)
     primary = parallel.is_primary()
-    arrays = split_data(data.load(config.data.dir or None), config)
-    configs = []
+    ds = data.load(config.data.dir or None)
+    arrays = split_data(ds, config)
+    steps_per_epoch = len(arrays[0]) // config.batch_size
+    runtime = dict(devices=mesh.size, processes=jax.process_count(),
+                   platform=mesh.devices.flat[0].platform, jax=jax.__version__)  # fmt: skip
+    dataset = data.identity(ds, config.data.dir or None)  # recorded: a run resumes on the same
+    configs, plans = [], []  # the recipe first: a refused command builds nothing
     for i, workdir in enumerate(workdirs):
         c = ml_collections.ConfigDict(config.to_dict())
-        c.seed, c.seeds = config.seed + i, 1
+        c.seed, c.seeds, c.dataset = config.seed + i, 1, dataset
         configs.append(c)
-        if primary:
-            checkpoint.prepare_workdir(workdir, c)
-    parallel.sync("workdir ready")
-    steps_per_epoch = len(arrays[0]) // config.batch_size
+        plans.append(recipe.check(workdir, c, runtime))  # on every process: reads only
     states, keys = [], []
-    for c in configs:
+    for i, (workdir, c) in enumerate(zip(workdirs, configs)):
         init_rng, data_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)
         states.append(train.create_train_state(c, init_rng, steps_per_epoch))
         keys.append((data_rng, dropout_rng))
+        plans[i] = recipe.find_checkpoint(workdir, plans[i], c, states[i], steps_per_epoch)
+    parallel.sync("work directories checked")  # every process has read them before any change
+    if config.init_from and any(plan.step is None for plan in plans):
+        for i, c in enumerate(configs):  # a seed that resumes replaces this state
+            states[i], source = checkpoint.init_from(states[i], Path(config.init_from), c.seed)
+            if plans[i].step is None:
+                plans[i] = plans[i]._replace(init=source)
+    error = None
+    if primary:
+        try:
+            for workdir, c, plan in zip(workdirs, configs, plans):
+                recipe.prepare(workdir, c, plan)
+        except ConfigError as e:
+            error = e
+    if not parallel.agree(error is None):  # every process stops, or none
+        raise error or ConfigError(f"--workdir: process 0 could not prepare {workdirs[0]}")
     if vmap:
         state = stack(states, parallel.seed_sharding(mesh))
     else:
@@ -161,7 +181,7 @@ def setup(config: ml_collections.ConfigDict, workdirs: list[Path], vmap: bool = 
             train_y=train_y,
             test_x=test_x,
             test_y=test_y,
-            mngr=checkpoint.manager(workdir, keep_period=steps_per_epoch, repair=primary),
+            mngr=checkpoint.manager(workdir, keep_period=steps_per_epoch),
             writer=metrics.Writer(workdir) if primary else metrics.NullWriter(),
         )
         for c, workdir, (data_rng, dropout_rng) in zip(configs, workdirs, keys)
@@ -173,10 +193,11 @@ def resume(runs: list[Run], state: train.TrainState, vmap: bool = False) -> Prog
     """The newest checkpoint all seeds have, or a fresh start; metrics files cut to match.
 
     Seeds save one after another, so a run killed between two seeds' saves has them one
-    checkpoint apart: the newer ones are deleted and every seed goes on from the older one.
+    checkpoint apart: every seed goes on from the older one, and the newer ones are deleted,
+    the one deletion a run makes itself: the vmapped program writes them again, bit for bit.
     """
     found = [
-        checkpoint.restore_latest(r.mngr, seed_state(state, i, vmap), r.workdir)
+        recipe.restore_latest(r.mngr, seed_state(state, i, vmap), r.workdir)
         for i, r in enumerate(runs)
     ]
     step = min((step_count(f[0]) if f else 0) for f in found)

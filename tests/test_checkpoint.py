@@ -93,5 +93,5 @@ def test_refuses_to_resume_a_different_model(mnist_dir, two_epoch_run):
     workdir, _ = two_epoch_run
     config = small_config(mnist_dir, 3)
     config.model.channels = (8, 16, 32)
-    with pytest.raises(ConfigError, match="holds a run with model="):
+    with pytest.raises(ConfigError, match="--model-channels: 12,24,32 in that run, 8,16,32 here"):
         loop.train_and_evaluate(config, workdir)

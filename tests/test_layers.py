@@ -23,6 +23,7 @@ ORDER = [
     "metrics",
     "parallel",
     "checkpoint",
+    "recipe",
     "train",
     "diagnostics",
     "evaluate",
@@ -36,7 +37,7 @@ ORDER = [
     "__init__",
 ]
 TRAINING_PATH = [
-    "config", "flags", "data", "models", "metrics", "parallel", "checkpoint", "train",
+    "config", "flags", "data", "models", "metrics", "parallel", "checkpoint", "recipe", "train",
     "diagnostics", "runs", "loop", "seeds", "cli",
 ]  # fmt: skip
 HEAVY = {"matplotlib", "tensorflow", "tensorflow_datasets", "keras", "torch", "tensorboardX"}

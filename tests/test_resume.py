@@ -202,7 +202,10 @@ def test_damaged_latest_checkpoint_falls_back(reference, two_epochs, mnist_dir, 
     _damage(tmp_path / "checkpoints" / "20", how)
     result = run(tmp_path, mnist_dir, capsys=capsys)
     assert result.returncode == 0, result.stderr
-    assert f"checkpoint {tmp_path / 'checkpoints' / '20'} is unreadable" in result.stderr
+    moved = tmp_path / "damaged" / "20"
+    assert f"checkpoint {tmp_path / 'checkpoints' / '20'} is damaged (" in result.stderr
+    assert f"moved to {moved}, trying the previous one" in result.stderr
+    assert moved.is_dir() and any(moved.rglob("*"))  # kept, out of Orbax's way
     assert "Resumed" in result.stdout and "at step 18" in result.stdout
     assert_same_run(reference, tmp_path)
 

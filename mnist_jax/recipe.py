@@ -1,0 +1,260 @@
+"""A work directory's run against the command that starts it again: same recipe, or refused.
+
+`check` (every process, reading only) compares the command's config with the run's config.json
+field by field, each by its class (config.FIELD_CLASSES): a recipe field that differs refuses the
+command before anything is written. `find_checkpoint` (reading only too) finds the newest
+checkpoint that fits what the command builds, passing over damaged ones; an intact one that
+does not fit is refused.
+`prepare` (process 0) then acts: --restart's deletions, damaged checkpoints moved aside to
+WORKDIR/damaged/, config.json written, and this start appended to config_history.jsonl with
+every allowed change since the last one, so the directory says what trained each epoch.
+`restore_latest` resumes from the newest checkpoint every process can restore, moving aside
+the damaged ones it meets: nothing here deletes a file.
+"""
+
+import datetime
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mnist_jax import checkpoint, flags, metrics, models, parallel
+from mnist_jax import config as config_lib
+from mnist_jax.config import ARITHMETIC, FIELD_CLASSES, LENGTH, RECIPE, ConfigError, flag_name
+
+HISTORY = "config_history.jsonl"
+
+
+class Plan(NamedTuple):
+    """What `check` found, for `prepare` to act on."""
+
+    step: int | None  # the newest checkpoint that fits; None: nothing to resume
+    damaged: list[tuple[int, str]]  # (step, reason) of checkpoints to move aside
+    changed: dict[str, list]  # {field: [before, now]}: allowed changes since the last start
+    runtime: dict  # where this start runs: devices, processes, platform, jax version
+    init: dict | None = None  # --init-from: {"dir", "step"} the weights came from
+
+
+def _flat(tree) -> dict:
+    """{dotted path: value} of a config or its JSON, tuples as lists (as in config.json)."""
+    return {p: json.loads(json.dumps(v)) for p, v in flags.leaves(ml_collections.ConfigDict(tree))}
+
+
+def _default(path: str, tree: dict):
+    """The value of a field a config.json lacks: its default when the field was added (the
+    base config's, or the model's own), so that a new field does not lock out older runs."""
+    section, _, key = path.partition(".")
+    if section == "model":
+        name = tree.get("model", {}).get("name")
+        value = models.fields(name).get(key) if name in models.MODELS else None
+    else:
+        value = _flat(config_lib.base()).get(path)
+    return json.loads(json.dumps(value))
+
+
+def _label(path: str) -> str:
+    if path.startswith("dataset."):
+        return f"the data's {path.split('.', 1)[1]} (--data-dir)"
+    if path.startswith("runtime."):
+        return f"the {path.split('.', 1)[1]} in use"
+    return flag_name(path)
+
+
+def _show(value) -> str:
+    """A value as its flag takes it: 12,24,32 for a tuple; a sha256 by its first 12 digits."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, str):
+        return value[:12] if len(value) == 64 else value or '""'
+    return json.dumps(value)
+
+
+def compare(old: dict, new: ml_collections.ConfigDict) -> tuple[list[str], dict]:
+    """(one line per recipe field that differs, {field: [before, now]} for the allowed changes)
+    between a run's config.json and a command's config."""
+    now_tree = new.to_dict()
+    was_flat, now_flat = _flat(old), _flat(now_tree)
+    spans = now_flat.get("opt.schedule") in config_lib.SPANNING_SCHEDULES
+    other_model = was_flat.get("model.name") != now_flat.get("model.name")
+    refused, changed = [], {}
+    for path in sorted(was_flat.keys() | now_flat.keys()):
+        if path not in now_flat and path not in FIELD_CLASSES:
+            continue  # a field this code no longer has
+        if other_model and path.startswith("model.") and path != "model.name":
+            continue  # the model's name says it
+        was = was_flat[path] if path in was_flat else _default(path, old)
+        now = now_flat[path] if path in now_flat else _default(path, now_tree)
+        if was == now:
+            continue
+        kind = FIELD_CLASSES.get(path, RECIPE)  # a field with no class yet counts as recipe
+        if path.startswith("dataset.") and was is None:
+            kind = config_lib.NEITHER  # a run from before the data were recorded
+        if kind == RECIPE or (kind == LENGTH and spans):
+            why = f" (--opt-schedule {now_flat['opt.schedule']} spans the whole run)" if kind == LENGTH else ""  # fmt: skip
+            refused.append(f"  {_label(path)}: {_show(was)} in that run, {_show(now)} here{why}")
+        else:
+            changed[path] = [was, now]
+    return refused, changed
+
+
+def move_aside(workdir: Path, step: int, reason: str) -> None:
+    """Move a damaged checkpoint out of checkpoints/ (which Orbax scans), to WORKDIR/damaged/."""
+    source = workdir / "checkpoints" / str(step)
+    target, n = workdir / checkpoint.DAMAGED / str(step), 1
+    while target.exists():
+        n += 1
+        target = workdir / checkpoint.DAMAGED / f"{step}.{n}"
+    target.parent.mkdir(exist_ok=True)
+    shutil.move(source, target)
+    print(
+        f"warning: checkpoint {source} is damaged ({reason}); moved to {target}, "
+        "trying the previous one",
+        file=sys.stderr,
+    )
+
+
+def misfit(workdir: Path, step: int, diff: str) -> ConfigError:
+    """The refusal for an intact checkpoint that does not fit what this code builds."""
+    return ConfigError(
+        f"--workdir {workdir}: checkpoint {workdir / 'checkpoints' / str(step)} does not fit "
+        f"what this code builds ({diff}); it is kept as it is: use another --workdir, or the "
+        "code that wrote it"
+    )
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
+    """(state, metrics) from the newest checkpoint every process can read, or None for a new run.
+
+    A damaged checkpoint (truncated, files missing) is moved aside to WORKDIR/damaged/, once
+    every process has tried it (process 0 moves it), and the one before it is tried. An intact
+    one that does not fit `state` is a ConfigError and stays. A work directory that holds a
+    run's metrics but no readable checkpoint is refused rather than silently started over
+    (--restart does that); one that never committed a checkpoint (killed in its first steps,
+    or during its first save) lost nothing: it starts anew.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            diff = checkpoint.mismatch(workdir / "checkpoints" / str(step), checkpoint.items(state))
+            if diff is not None:
+                raise misfit(workdir, step, diff)
+            restored, reason = checkpoint.restore_state(mngr, state, step), None
+        except checkpoint.Damaged as e:
+            restored, reason = None, str(e)
+        except ConfigError:
+            raise
+        except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+            restored, reason = None, checkpoint.reason(e)
+        if parallel.agree(reason is None):
+            return restored
+        if parallel.is_primary():
+            move_aside(workdir, step, reason or "unreadable on another process")
+        parallel.sync(f"checkpoint {step} moved aside")
+        mngr.reload()
+    if (workdir / checkpoint.COMMITTED).exists():
+        raise ConfigError(
+            f"--workdir {workdir}: holds a run but no readable checkpoint in "
+            f"{mngr.directory}; add --restart to start over"
+        )
+    return None
+
+
+def check(workdir: Path, config, runtime: dict) -> Plan:
+    """Compare the command's config with the run's, changing nothing: ConfigError, a line per
+    recipe field that differs; else the plan, with what else changed since the last start."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
+    if config.restart or not workdir.is_dir():
+        return Plan(None, [], {}, runtime)
+    changed = {}
+    trained = checkpoint.steps(workdir) or (workdir / checkpoint.COMMITTED).exists()
+    if (workdir / "config.json").exists() and trained:
+        refused, changed = compare(checkpoint.read_config(workdir).to_dict(), config)
+        if refused:
+            raise ConfigError(
+                f"--workdir {workdir}: holds a run of another recipe, left as it is:\n"
+                + "\n".join(refused)
+                + f"\nTo keep it, use another --workdir (add --init-from {workdir} to start from "
+                "its weights); to discard it, add --restart."
+            )
+    history = metrics.read(workdir / HISTORY)
+    if history:
+        before = history[-1].get("runtime", {})
+        changed.update({f"runtime.{k}": [before.get(k), v] for k, v in runtime.items() if before.get(k) != v})  # fmt: skip
+    return Plan(None, [], changed, runtime)
+
+
+def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: int) -> Plan:
+    """The plan with the newest checkpoint that fits `state` (the TrainState this command
+    builds) and the damaged ones newer than it, changing nothing: ConfigError if the newest
+    intact one does not fit, or if the run is past config.epochs."""
+    if config.restart or not workdir.is_dir():
+        return plan
+    damaged = checkpoint.screen(workdir)
+    step = None
+    for s in checkpoint.steps(workdir):
+        if s in dict(damaged):
+            continue
+        try:
+            diff = checkpoint.mismatch(workdir / "checkpoints" / str(s), checkpoint.items(state))
+        except checkpoint.Damaged as e:
+            damaged.append((s, str(e)))
+            continue
+        if diff is not None:
+            raise misfit(workdir, s, diff)
+        step = s
+        break
+    if step is not None and step > config.epochs * steps_per_epoch:
+        raise ConfigError(
+            f"--epochs: {workdir} holds a run past epoch {config.epochs} (step {step}); ask for "
+            "more epochs, or add --restart to start over"
+        )
+    return plan._replace(step=step, damaged=damaged)
+
+
+def prepare(workdir: Path, config, plan: Plan) -> None:
+    """Act on `check`'s plan (process 0): --restart's deletions, damaged checkpoints moved
+    aside, config.json, and a line in config_history.jsonl; a note for an arithmetic change."""
+    if config.restart:
+        for name in checkpoint.RUN_FILES:
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
+    for step, reason in plan.damaged:
+        move_aside(workdir, step, reason)
+    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    metrics.append(
+        workdir / HISTORY,
+        {
+            "step": plan.step or 0,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "changed": plan.changed,
+            "runtime": plan.runtime,
+            **({"init_from": plan.init} if plan.init else {}),
+        },
+    )
+    if plan.init:
+        print(f"Starting from the weights of {plan.init['dir']} at step {plan.init['step']}")
+    arithmetic = {
+        k: v
+        for k, v in plan.changed.items()
+        if k.startswith("runtime.") or FIELD_CLASSES.get(k) == ARITHMETIC
+    }
+    if arithmetic and plan.step:
+        what = ", ".join(
+            f"{_label(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in arithmetic.items()
+        )
+        print(
+            f"note: {what} since this run's last start: the same recipe computed in another "
+            f"order, so from step {plan.step} it is no longer bit for bit the uninterrupted run "
+            f"(recorded in {workdir / HISTORY})"
+        )
