@@ -218,14 +218,18 @@ def _check(name: str, kwargs: dict) -> None:
         raise ConfigError(
             f"--model-name {name}: the {name} model has no "
             + ", ".join(flag_name(f"model.{k}") for k in foreign)
-            + " (set by the stage or a flag); its fields are "
-            + (", ".join(flag_name(f"model.{k}") for k in known) or "none")
+            + " (set by the stage or a flag); "
+            + (
+                f"its fields are {', '.join(flag_name(f'model.{k}') for k in known)}"
+                if known
+                else "it has no fields"
+            )  # fmt: skip
             + "; use a stage built on that model"
         )
     values = {**known, **kwargs}
     n = len(values.get("channels", ()))
     sizes = lambda v: len(v) > 0 and all(x >= 1 for x in v)  # noqa: E731
-    per_layer = (lambda v: len(v) == n and sizes(v), f"must be {n} positive sizes, one a layer")
+    per_layer = (lambda v: len(v) == n and sizes(v), f"must be {n} positive sizes, one per layer")
     rules = {
         "features": (sizes, "must be positive sizes"),
         "channels": (sizes, "must be positive sizes"),

@@ -342,7 +342,12 @@ def test_every_model_name_on_every_stage_trains_or_is_one_line(name):
 BAD_VALUES = [  # stage, flag, value, the message's start
     ("conv", "--model-channels", "", "--model-channels: must be positive sizes"),
     ("conv", "--model-channels", "12,0,32", "--model-channels: must be positive sizes"),
-    ("conv", "--model-channels", "8,16", "--model-kernels: must be 2 positive sizes, one a layer"),
+    (
+        "conv",
+        "--model-channels",
+        "8,16",
+        "--model-kernels: must be 2 positive sizes, one per layer",
+    ),
     ("conv", "--model-kernels", "3,0,6", "--model-kernels: must be 3 positive sizes"),
     ("conv", "--model-strides", "1,2", "--model-strides: must be 3 positive sizes"),
     ("conv", "--model-strides", "1,-2,2", "--model-strides: must be 3 positive sizes"),
