@@ -35,7 +35,8 @@ import subprocess
 import sys
 
 from experiments import conv_bn, references
-from mnist_jax import flags, timing
+from mnist_jax import flags, startup, timing
+from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
@@ -160,7 +161,8 @@ def time_to_accuracy(args) -> dict:
     except (ImportError, AttributeError):
         flags.fail(f"--time-to-accuracy: no stage named {args.time_to_accuracy!r} in experiments/")
     config.name, config.seed = args.time_to_accuracy, args.seed
-    with flags.user_errors(DataError):
+    with flags.user_errors(ConfigError, DataError):
+        startup.start(config)
         r = timing.time_to_accuracy(config, args.target, args.max_epochs, args.data_dir)
     for h in r["history"]:
         print(f"epoch {h['epoch']:3d}  val_acc {h['val_accuracy']:.2%}  {h['seconds']:.1f}s")

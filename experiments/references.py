@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from mnist_jax import data, diagnostics, runs, train
+from mnist_jax import data, diagnostics, loop, train
 from mnist_jax.timing import _indices, _summary, _train_arrays, window_steps_for
 
 
@@ -127,7 +127,7 @@ def keras_train(config, data_dir=None) -> dict:
     Returns the test accuracy after each epoch, in timing.time_to_accuracy's format.
     """
     keras, model = _keras_compiled(config)
-    x, y, tx, ty = runs.split_data(data.load(data_dir or config.data.dir or None), config)
+    x, y, tx, ty = loop.split_data(data.load(data_dir or config.data.dir or None), config)
     lr, decay = config.opt.lr, config.opt.decay
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     start = time.perf_counter()

@@ -28,9 +28,9 @@ import statistics
 import ml_collections
 
 from experiments import references
-from mnist_jax import diagnostics, flags, loop
+from mnist_jax import diagnostics, flags, loop, startup
 from mnist_jax import seeds as mnist_seeds
-from mnist_jax.config import ConfigError, validate
+from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras")
@@ -47,7 +47,7 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
     config.data.train_limit, config.restart = train_limit, restart
     if data_dir:
         config.data.dir = str(data_dir)
-    validate(config)
+    startup.start(config)  # validates it, and sets up this process
     if framework == "keras":
         runs = []
         for seed in seeds:

@@ -1,8 +1,8 @@
 """The command of every stage: parse its flags, train and evaluate, then draw the plots.
 
 `python -m experiments.<stage> [--flag value ...]`: each config field is a flag (flags.py);
-`--seeds N` trains N seeds (seeds.py). The one place that wires training, plots and exit codes
-together: user mistakes (bad flags, bad data, unusable work directory) print one line and exit
+`--seeds N` trains N seeds (seeds.py), and the plots are drawn by a hook (hooks.Plots). The one
+place that wires the process's set-up, training and exit codes together: user mistakes (bad flags, bad data, unusable work directory) print one line and exit
 2, a diverged run exits 3, a signal 128 + its number, a process that loses another process of
 its run 4.
 """
@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from mnist_jax import flags, loop, parallel, seeds
+from mnist_jax import flags, hooks, loop, seeds, startup
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
@@ -33,13 +33,9 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     workdir = config.workdir or f"runs/{stage}"
     try:
         with flags.user_errors(ConfigError, DataError):
-            seeds.train(config, workdir)  # --seeds 1: train_and_evaluate(config, workdir)
-            if config.plots and parallel.is_primary():  # process 0 writes the files
-                from mnist_jax import plots  # matplotlib only when drawing
-
-                for d in seeds.workdirs(config, workdir):
-                    plots.draw_all(d, config.data.dir or None)
-                    print(f"Plots in {Path(d) / 'plots'}")
+            startup.start(config)  # the process's set-up, once: XLA flags, caches, hosts
+            plots = [hooks.Plots()] if config.plots else []  # on process 0, at each run's end
+            seeds.train(config, workdir, hooks=plots)  # --seeds 1: loop.train(config, [workdir])
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:

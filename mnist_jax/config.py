@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("exponential", "onecycle")
 SEED_MODES = ("auto", "vmap", "turn")
+CONV_GRADS = ("auto", "space_to_depth", "xla")
 # XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME). experiments/xla_cpu.py measures
 # them; docs/performance.md has the speed and the error against float64 of each.
 XLA_CPU = {
@@ -65,6 +66,7 @@ FIELD_CLASSES = {
     "compile_cache": NEITHER,
     "debug_nans": NEITHER,  # checks each operation's output; computes the same values
     "xla_cpu": ARITHMETIC,
+    "conv_grad": ARITHMETIC,
     "dtype": RECIPE,
     "devices": ARITHMETIC,
     "distributed.auto": NEITHER,
@@ -125,6 +127,9 @@ def base() -> ml_collections.ConfigDict:
     config.compile_cache = "~/.cache/mnist_jax"
     config.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
     config.xla_cpu = "default"  # a name in XLA_CPU: XLA_FLAGS set before JAX's backend starts
+    # Stride-2 convolutions' input gradient: space_to_depth (a stride-1 convolution, 4x faster on
+    # XLA:CPU) or xla's own; auto: per backend (startup.resolve). The same values either way.
+    config.conv_grad = "auto"
     config.dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs); params float32
     config.devices = 0  # data-parallel over this many devices (0: all); see parallel.py
     # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
@@ -175,6 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
     check(config.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
     check(config.xla_cpu in XLA_CPU, "xla_cpu", f"must be one of {', '.join(XLA_CPU)}")
+    check(config.conv_grad in CONV_GRADS, "conv_grad", f"must be one of {', '.join(CONV_GRADS)}")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")

@@ -1,36 +1,36 @@
-"""The training loop: compiled calls of K steps, evaluation, logging, checkpoints and resume.
+"""The training loop: a run from its set-up to its end, in one module.
 
 A run is a function of (config, seed): the data order of an epoch comes from (seed, epoch), the
 dropout key of a step from (seed, step). A checkpoint stores the model, the optimizer and the
-per-step metrics of the unfinished epoch, so a run resumed from any checkpoint, mid-epoch
-included, ends bit for bit as the uninterrupted run (tests/test_resume.py kills runs to check).
+step metrics of the unfinished epoch, so a run resumed from any checkpoint, mid-epoch included,
+ends bit for bit as the uninterrupted run (tests/test_resume.py kills runs to check).
 
-`train_group` is the whole loop, for one seed or for N seeds vmapped in one program:
-`runs.setup` and `runs.resume`, then per epoch `train_epoch` and `end_epoch`. An epoch's batch
-indices go to the device once; the epoch runs in calls of `steps_per_call` steps (a compiled
-lax.scan, `train.train_steps`), aligned to multiples of K within the epoch and to checkpoints,
-so the calls of a resumed run are those of the uninterrupted one. Host work (fetching metrics,
-the NaN check, log rows, checkpoints, signals) happens between calls, at the first call end
-past a log row; with K = 1 (the CPU) that is every `log_every` steps, as before.
-Every command that trains (the stage CLI, --seeds, experiments.seeds and speedrun, the
-benchmark's time to accuracy) trains through `train_group`.
+`train` is the whole of it. `setup` checks each work directory against the command
+(recipe.py), puts the data on the devices and builds the members' states; `resume` restores
+them. An epoch puts its batch indices on the device once and runs in compiled calls of K steps
+(`train.train_steps`, a lax.scan), ending at multiples of K and at checkpoint steps, so that a
+resumed run makes the calls of the uninterrupted one. Between calls the host fetches the step
+metrics, stops on a NaN and calls the hooks; after the epoch, the test set's evaluation is one
+compiled call. Everything else (files, checkpoints, signals, printing, plots) is a hook
+(hooks.py). `Members` is the one place that knows how many runs train together, and how.
 """
 
-import os
+import contextlib
+import dataclasses
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, diagnostics, parallel, runs, train
-from mnist_jax.config import XLA_CPU, flag_name, validate
-from mnist_jax.runs import Progress, Run, done_steps, step_count
+from mnist_jax import checkpoint, data, models, parallel, recipe, startup
+from mnist_jax import train as train_lib  # train.py: the pure step, its compiled forms
+from mnist_jax.config import ConfigError, validate
+from mnist_jax.hooks import LAST, call, defaults
+from mnist_jax.members import Members
 
 
 class Diverged(Exception):
@@ -45,59 +45,115 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-class _Signals:
-    """SIGINT and SIGTERM, turned into a stop that every process takes at the same chunk's end.
+@dataclasses.dataclass(eq=False)
+class Run:
+    """A group's run: what it fixes at its start, and what training changes. Hooks read it."""
 
-    One process: Python handlers set `received`, which also ends a chunk early. Several: JAX's
-    preemption sync manager hears SIGTERM itself (a Python handler would take the signal from
-    it), a Ctrl-C becomes a SIGTERM to this process, and `stop` asks JAX whether all processes
-    have reached the agreed step, so they save one checkpoint together and exit alike.
+    config: ml_collections.ConfigDict  # resolved (startup.resolve); members' seeds from .seed
+    members: Members
+    steps_per_epoch: int
+    arrays: tuple  # train_x, train_y, test_x, test_y on the devices (replicated)
+    mngrs: list  # a checkpoint manager per member
+    state: Any  # the TrainState, stacked over members when they are vmapped
+    primary: bool  # process 0: writes the files; every process trains and checkpoints
+    summary: str  # the model's table
+    step_fn: Any = train_lib.train_step
+    eval_metrics: tuple = train_lib.EVAL_METRICS
+    partial: dict = dataclasses.field(default_factory=dict)  # the epoch's step metrics [N, done]
+    rows: list = None  # each member's row of its last finished epoch
+    evaluation: dict | None = None  # the last epoch's (Members.evaluate)
+    interrupt: int | None = None  # a signal heard (hooks.Preemption): ends the call early
+    stop: int | None = None  # the signal to stop at: checkpoint and stop
+    finished: bool = False  # stop after this epoch (hooks.StopAt)
+    error: BaseException | None = None
+
+    @property
+    def step(self) -> int:
+        return int(np.ravel(parallel.to_host(self.state.step))[0])
+
+    @property
+    def done(self) -> int:
+        """Steps done in the unfinished epoch."""
+        return next(iter(self.partial.values())).shape[1] if self.partial else 0
+
+
+def split_data(ds: data.Dataset, config: ml_collections.ConfigDict):
+    """(train_x, train_y, test_x, test_y) with the config's limits applied and checked."""
+    train_n, test_n = config.data.train_limit or None, config.data.test_limit or None
+    arrays = (
+        ds.train_images[:train_n],
+        ds.train_labels[:train_n],
+        ds.test_images[:test_n],
+        ds.test_labels[:test_n],
+    )
+    if config.batch_size > len(arrays[0]):
+        raise ConfigError(
+            f"--batch-size: {config.batch_size} is larger than the {len(arrays[0])} training images"
+        )
+    return arrays
+
+
+def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) -> Run:
+    """Check the config and each work directory (a run of another recipe is refused before
+    anything is written: recipe.py), load the data, build the members' initial states."""
+    validate(config)
+    models.build(**config.model)  # a model field or value the model cannot take: one line
+    mesh = parallel.make_mesh(config.devices)
+    members = Members(config, workdirs, mesh, vmap)
+    ds = data.load(config.data.dir or None)
+    arrays = split_data(ds, config)
+    spe = len(arrays[0]) // config.batch_size
+    runtime = dict(devices=mesh.size, processes=jax.process_count(),
+                   platform=mesh.devices.flat[0].platform, jax=jax.__version__,
+                   steps_per_call=config.steps_per_call, conv_grad=config.conv_grad,
+                   seed_mode=members.mode)  # fmt: skip
+    dataset = data.identity(ds, config.data.dir or None)  # a run resumes on the same data
+    recorded = []  # as the command gives them: config.json; the resolved choices are runtime's
+    for seed, workdir in zip(members.seeds, members.workdirs):
+        c = ml_collections.ConfigDict(given.to_dict())
+        c.seed, c.seeds, c.dataset = seed, 1, dataset
+        recorded.append(c)
+    plans = [recipe.check(w, c, runtime) for w, c in zip(members.workdirs, recorded)]
+    states = [train_lib.create_train_state(config, r, spe) for r in members.init_rngs]
+    plans = [recipe.find_checkpoint(w, p, c, s, spe) for w, p, c, s in zip(members.workdirs, plans, recorded, states)]  # fmt: skip
+    parallel.sync("work directories checked")  # every process has read them before any change
+    if config.init_from and any(plan.step is None for plan in plans):
+        for i, seed in enumerate(members.seeds):  # a member that resumes replaces this state
+            states[i], source = checkpoint.init_from(states[i], Path(config.init_from), seed)
+            plans[i] = plans[i]._replace(init=source) if plans[i].step is None else plans[i]
+    recipe.prepare_all(members.workdirs, recorded, plans)
+    summary = models.summary(models.build(**config.model))
+    if parallel.is_primary():
+        for workdir in members.workdirs:
+            (workdir / "summary.txt").write_text(summary + "\n")
+    return Run(config=config, members=members, steps_per_epoch=spe,
+               arrays=parallel.put_replicated(arrays, mesh), state=members.put(states),
+               mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],
+               primary=parallel.is_primary(), summary=summary, rows=[None] * len(workdirs))  # fmt: skip
+
+
+def resume(run: Run) -> None:
+    """The newest checkpoint all members have, or a fresh start.
+
+    Members save one after another, so a run killed between two members' saves has them one
+    checkpoint apart: every member goes on from the older one, and the newer ones are deleted,
+    the one deletion a run makes itself: the vmapped program writes them again, bit for bit.
     """
-
-    def __init__(self, processes: int):
-        self.multi = processes > 1
-        self.received = None  # one process: the signal to stop at; several: never set
-        self.pressed = False  # several processes: Ctrl-C seen once
-        self.stopping = None
-
-    def __enter__(self):
-        kinds = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
-        self.previous = {s: signal.signal(s, self._handle) for s in kinds}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None or self.pressed:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        if self.multi:  # JAX's notifier takes it from here
-            self.pressed = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            self.received = signum
-
-    def stop(self, steps: range) -> int | None:
-        """At the end of a chunk that trained `steps`: the signal to stop for, or None.
-
-        Several processes: JAX's sync point is a step id, given once per step in order (Orbax's
-        save gives the step it saves too), so the chunk's steps go to it one by one; all
-        processes stop at the end of the same chunk.
-        """
-        if self.stopping is None:
-            if not self.multi:
-                self.stopping = self.received
-            elif any(parallel.reached_preemption(s) for s in steps):
-                self.stopping = signal.SIGTERM
-        return self.stopping
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def steps_per_call(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """config.steps_per_call, or per backend: 1 on the CPU (see train.train_steps), else the
-    whole epoch."""
-    k = config.steps_per_call or (1 if jax.default_backend() == "cpu" else steps_per_epoch)
-    return min(k, steps_per_epoch)
+    members = run.members
+    states = [members.take(run.state, i) for i in range(len(run.mngrs))]
+    found = [recipe.restore_latest(m, s, w) for m, s, w in zip(run.mngrs, states, members.workdirs)]  # fmt: skip
+    steps = [int(f[0].step) if f else 0 for f in found]
+    step = min(steps)
+    for i, mngr in enumerate(run.mngrs):
+        if steps[i] > step:
+            for s in [s for s in mngr.all_steps() if s > step]:
+                mngr.delete(s)
+            found[i] = checkpoint.restore_state(mngr, states[i], step) if step else None
+    if step:
+        run.state = members.put([f[0] for f in found])
+        run.rows = [f[1]["last_epoch"] for f in found]
+        partials = [f[1]["partial"] or {} for f in found]
+        run.partial = {k: np.stack([np.asarray(p[k], np.float32) for p in partials]) for k in partials[0]}  # fmt: skip
 
 
 def call_end(config, k: int, done: int, step: int, steps_per_epoch: int) -> int:
@@ -109,330 +165,114 @@ def call_end(config, k: int, done: int, step: int, steps_per_epoch: int) -> int:
     return min(ends)
 
 
-class Program:
-    """The group's compiled functions, compiled on first use; `compile_s` sums their times."""
-
-    def __init__(self, group: list[Run], vmap: bool):
-        self.runs, self.vmap, self.compiled, self.compile_s = group, vmap, {}, 0.0
-        r = group[0]
-        self.mesh = r.train_x.sharding.mesh
-        self.rngs = (
-            jax.device_put(
-                jnp.stack([x.dropout_rng for x in group]), parallel.seed_sharding(self.mesh)
-            )
-            if vmap
-            else r.dropout_rng
-        )
-
-    def _get(self, key, lower):
-        if key not in self.compiled:
-            t = time.perf_counter()
-            self.compiled[key] = lower().compile()
-            self.compile_s += time.perf_counter() - t
-        return self.compiled[key]
-
-    def order(self, epoch: int):
-        """The epoch's batch indices on the device: [S, B], or [N, S, B] for vmapped seeds."""
-        b, n = self.runs[0].config.batch_size, len(self.runs[0].train_x)
-        orders = [np.asarray(data.epoch_batches(r.data_rng, epoch, n, b)) for r in self.runs]
-        if self.vmap:
-            return jax.device_put(np.stack(orders), parallel.seed_sharding(self.mesh))
-        return parallel.put_replicated(orders[0], self.mesh)
-
-    def train(self, state, order, start: int, steps: int):
-        """`steps` steps from row `start` of `order`: (state, metrics each [N, steps])."""
-        r = self.runs[0]
-        args = (state, r.train_x, r.train_y, order, np.int32(start), self.rngs)
-        if self.vmap:
-            fn, static = train.train_seeds, dict(steps=steps, shift=r.config.data.augment_shift)
-        else:
-            fn, static = train.train_steps, dict(steps=steps, sharding=r.sharding, shift=r.config.data.augment_shift)  # fmt: skip
-        if r.config.debug_nans:  # jax_debug_nans checks jitted calls, not compiled (AOT) ones
-            return fn(*args, **static)
-        state, m = self._get(("train", steps), lambda: fn.lower(*args, **static))(*args)
-        return state, m  # [N, steps] vmapped, else [steps]: fetch adds the seed axis
-
-    def evaluate(self, state) -> dict:
-        """Test loss, accuracy [N], predictions [N, n] and units alive {layer: [N, units]},
-        on the host."""
-        r = self.runs[0]
-        tx, ty = r.test_x, r.test_y
-        if self.vmap:
-            fn = self._get("eval", lambda: train.eval_seeds.lower(state, tx, ty))
-            return parallel.to_host(fn(state, tx, ty))
-        fn = self._get("eval", lambda: train.eval_dataset.lower(state, tx, ty, sharding=r.sharding))
-        return jax.tree.map(lambda v: v[None], parallel.to_host(fn(state, tx, ty)))
-
-
-def fetch(group: list[Run], partial: dict, chunk: list, epoch: int) -> dict:
-    """`partial` extended by a chunk's step metrics, brought to the host; stop on NaN or inf."""
+def fetch(run: Run, chunk: list, epoch: int) -> dict:
+    """A chunk's step metrics on the host, each [members, steps], appended to run.partial;
+    Diverged at a NaN or infinite loss."""
     # Joined on the host: no device op that --debug-nans would stop on before this check.
-    host = parallel.to_host(chunk)
-    w = {
-        k: np.concatenate([m[k].reshape(len(group), -1) for m in host], axis=1)
-        for k in runs.STEP_KEYS
-    }
-    bad = np.argwhere(~np.isfinite(w["loss"]))
+    host = run.members.to_host(chunk)
+    new = {k: np.concatenate([m[k] for m in host], axis=1) for k in host[0]}
+    bad = np.argwhere(~np.isfinite(new["loss"]))
     if len(bad):
         i, j = bad[0]
-        run, spe = group[i], group[i].steps_per_epoch
-        step = epoch * spe + partial["loss"].shape[1] + int(j) + 1
-        kept = run.mngr.latest_step()
-        who = f"seed {run.config.seed}: " if len(group) > 1 else ""
+        step = epoch * run.steps_per_epoch + run.done + int(j) + 1
+        kept = run.mngrs[i].latest_step()
+        lr = f" (lr {new['learning_rate'][i, j]:.3g})" if "learning_rate" in new else ""
         raise Diverged(
-            f"{who}training loss became {w['loss'][i, j]} at epoch {epoch + 1}, step {step} "
-            f"(lr {w['learning_rate'][i, j]:.3g}); "
+            f"{run.members.label(i)}training loss became {new['loss'][i, j]} at epoch {epoch + 1}, "
+            f"step {step}{lr}; "
             + (f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint kept")
             + "; try a smaller --opt-lr, or --debug-nans to find the operation"
         )
-    return {k: np.concatenate([partial[k], w[k]], axis=1) for k in runs.STEP_KEYS}
+    run.partial = {k: np.concatenate([run.partial[k], v], 1) if run.partial else v for k, v in new.items()}  # fmt: skip
+    return new
 
 
-def log_rows(group: list[Run], partial: dict, first: int, done: int, epoch: int, bar) -> None:
-    """The train_steps.jsonl rows of the log points in (first, done] (each the mean of the steps
-    since the previous one), and the epoch's end; then the bar's figures."""
-    config, spe = group[0].config, group[0].steps_per_epoch
-    ends = [b for b in range(first + 1, done + 1) if b % config.log_every == 0 or b == spe]
-    for end in ends:
-        start = (end - 1) // config.log_every * config.log_every
-        for i, run in enumerate(group):
-            row = {"step": epoch * spe + end}
-            row.update({k: float(partial[k][i, start:end].mean()) for k in ("loss", "accuracy")})
-            row["learning_rate"] = float(partial["learning_rate"][i, end - 1])
-            run.writer.step(row)
-    if ends:
-        bar.set_postfix(
-            loss=f"{partial['loss'][:, -1].mean():.4f}",
-            acc=f"{partial['accuracy'][:, -1].mean():.2%}",
-            lr=f"{partial['learning_rate'][0, -1]:.3g}",
-            refresh=False,
-        )
-
-
-def train_epoch(group: list[Run], program: Program, progress: Progress, epoch: int,
-                signals: _Signals, bar, save: bool = True) -> Progress:  # fmt: skip
-    """The epoch's steps (its rest, after a resume); stops early, checkpointed, at a signal."""
-    config, spe = group[0].config, group[0].steps_per_epoch
-    k = steps_per_call(config, spe)
-    order = program.order(epoch)
-    done = done_steps(progress)
-    state = progress.state
-    while done < spe:
-        first, chunk = done, []
-        while True:  # calls until host work is due
-            step = epoch * spe + done
-            end = call_end(config, k, done, step, spe)
+def train_epoch(run: Run, epoch: int, hook_list: list) -> None:
+    """The epoch's steps (its rest, after a resume); stops early at a signal."""
+    config, spe = run.config, run.steps_per_epoch
+    k = min(config.steps_per_call or spe, spe)
+    x, y = run.arrays[:2]
+    order = run.members.order(epoch, len(x), config.batch_size)
+    while run.done < spe and run.stop is None:
+        done, chunk = run.done, []
+        while True:  # calls until host work is due: a log row, a checkpoint, the end, a signal
+            end = call_end(config, k, done, epoch * spe + done, spe)
             try:
-                state, m = program.train(state, order, done, end - done)
+                run.state, m = run.members.train(run.state, x, y, order, done, end - done, config, run.step_fn)  # fmt: skip
             except FloatingPointError as e:  # raised under --debug-nans
-                raise Diverged(
-                    f"{e} at epoch {epoch + 1}, steps {step + 1}-{step + end - done}; "
-                    f"last good checkpoint: step {group[0].mngr.latest_step()}"
-                ) from None
+                raise Diverged(f"{e} at epoch {epoch + 1}, steps {epoch * spe + done + 1}-{epoch * spe + end}; last good checkpoint: step {run.mngrs[0].latest_step()}") from None  # fmt: skip
             chunk.append(m)
+            due = config.checkpoint_every and (epoch * spe + end) % config.checkpoint_every == 0
+            logged = end // config.log_every > done // config.log_every
             done = end
-            step = epoch * spe + done
-            due = config.checkpoint_every and step % config.checkpoint_every == 0
-            logged = done // config.log_every > first // config.log_every
-            if done == spe or due or logged or signals.received:
+            if end == spe or due or logged or run.interrupt is not None:
                 break
-        progress = progress._replace(
-            state=state, partial=fetch(group, progress.partial, chunk, epoch)
-        )
-        bar.update((done - first) * config.batch_size)
-        log_rows(group, progress.partial, first, done, epoch, bar)
-        stop = signals.stop(range(epoch * spe + first + 1, step + 1))
-        if save and done < spe and (due or stop):
-            runs.save(group, progress, program.vmap)  # at the epoch's end, end_epoch saves
-        if stop:
-            break
-    return progress
+        call(hook_list, "after_steps", run, fetch(run, chunk, epoch))
 
 
-def end_epoch(group: list[Run], program: Program, progress: Progress, epoch: int, seconds: float,
-              save: bool = True) -> tuple[Progress, dict]:  # fmt: skip
-    """Evaluate, checkpoint, log and print the finished epoch; also its evaluation
-    (Program.evaluate: predictions, units alive)."""
-    p = progress.partial
-    ev = program.evaluate(progress.state)
-    step = step_count(progress.state)
+def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
+    """Evaluate the finished epoch, make each member's row and call the hooks."""
+    ev = run.members.evaluate(run.state, *run.arrays[2:], run.eval_metrics)
     rows = []
-    for i, run in enumerate(group):
-        rows.append({
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": float(p["loss"][i].mean()),
-            "train_accuracy": float(p["accuracy"][i].mean()),
-            "val_loss": float(ev["loss"][i]),
-            "val_accuracy": float(ev["accuracy"][i]),
-            "learning_rate": float(p["learning_rate"][i, -1]),
-            "seconds": seconds,
-        })  # fmt: skip
-    progress = Progress(progress.state, runs.no_steps(len(group)), rows)
-    if save:
-        runs.save(group, progress, program.vmap)
-    for run, row in zip(group, rows):
-        run.writer.epoch(row)
-    if group[0].primary:
-        row, epochs = rows[0], group[0].config.epochs
-        if len(group) == 1:
-            print(
-                f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}"
-                f"  acc {row['train_accuracy']:.2%}  val_loss {row['val_loss']:.4f}"
-                f"  val_acc {row['val_accuracy']:.2%}  lr {row['learning_rate']:.3g}"
-                f"  {seconds:.1f}s",
-                flush=True,
-            )
-        else:
-            acc = ev["accuracy"]
-            print(
-                f"epoch {row['epoch']:3d}/{epochs}  {len(group)} seeds: val_acc "
-                f"{np.median(acc):.2%} median, {acc.min():.2%} to {acc.max():.2%}"
-                f"  lr {row['learning_rate']:.3g}  {seconds:.1f}s",
-                flush=True,
-            )
-    return progress, ev
+    for i in range(len(run.rows)):
+        row = {"epoch": epoch + 1, "step": run.step}
+        row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in LAST})  # fmt: skip
+        row.update({k: float(v[i, -1]) for k, v in run.partial.items() if k in LAST})
+        for name, _ in run.eval_metrics:
+            value = np.ravel(ev[name][i])
+            names = [f"val_{name}"] if ev[name][i].ndim == 0 else [f"val_{name}_{j}" for j in range(len(value))]  # fmt: skip
+            row.update({key: float(v) for key, v in zip(names, value)})
+        rows.append({**row, "seconds": seconds})
+    run.partial, run.rows, run.evaluation = {}, rows, ev
+    call(hook_list, "on_epoch_end", run, rows, ev)
 
 
-def dead_units(alive: dict, i: int) -> dict[str, tuple[int, int]]:
-    """Seed i's dead units from an evaluation's units alive {layer: [N, units]}."""
-    return diagnostics.dead_counts({k: v[i] for k, v in alive.items()})
+def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
+          hooks: tuple = (), save: bool = True, step_fn=train_lib.train_step,
+          eval_metrics: dict | None = None) -> Run:  # fmt: skip
+    """Train members config.seed, config.seed + 1, ... (one per work directory; several only
+    vmapped) for config.epochs epochs, evaluating on the test set after each; resume if possible.
 
-
-def warn_if_collapsed(group: list[Run], progress: Progress, ev: dict, warned: set) -> None:
-    """Warn (process 0, stderr), once a seed, if a model predicts one class for every image."""
-    for i, run in enumerate(group):
-        label = diagnostics.collapsed_to(ev["predictions"][i])
-        if label is None or i in warned:
-            continue
-        warned.add(i)
-        # Counted in the evaluation's own pass: no second pass, no collective here.
-        dead = dead_units(ev["alive"], i)
-        if run.primary:
-            row = progress.last_epoch[i]
-            warning = diagnostics.collapse_warning(row["epoch"], label, row["val_accuracy"], dead)
-            who = f"seed {run.config.seed}: " if len(group) > 1 else ""
-            print(who + warning, file=sys.stderr)
-
-
-def _bar(run: Run, epoch: int, done: int):
-    from tqdm.auto import tqdm
-
-    batch = run.config.batch_size
-    return tqdm(
-        total=run.steps_per_epoch * batch,
-        initial=done * batch,
-        unit="img",
-        unit_scale=True,
-        desc=f"epoch {epoch + 1}/{run.config.epochs}",
-        leave=False,
-        disable=None if run.primary else True,  # None: no bar when not on a terminal (CI logs)
-    )
-
-
-class Outcome(NamedTuple):
-    """What train_group leaves: the runs, their final progress, the last evaluation's test
-    predictions [N, n] and units alive {layer: [N, units]}, the seconds spent compiling."""
-
-    runs: list[Run]
-    progress: Progress
-    predictions: np.ndarray
-    alive: dict
-    compile_s: float
-    vmap: bool
-
-
-def enable_compile_cache(config: ml_collections.ConfigDict) -> None:
-    """JAX's persistent compilation cache in config.compile_cache, unless the environment
-    names one ($JAX_COMPILATION_CACHE_DIR, which JAX reads itself)."""
-    if config.compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
-
-
-def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
-    """Add config.xla_cpu's XLA_FLAGS (config.XLA_CPU). XLA reads them once, when JAX's backend
-    starts, so this must run before anything touches a device."""
-    validate(config)  # a bad name: one line naming the flag
-    wanted = XLA_CPU[config.xla_cpu].split()
-    current = os.environ.get("XLA_FLAGS", "")
-    if all(f in current.split() for f in wanted):
-        return
-    from jax._src import xla_bridge  # no public way to ask whether the backend has started
-
-    if xla_bridge.backends_are_initialized():
-        raise runs.ConfigError(
-            f"{flag_name('xla_cpu')} {config.xla_cpu}: JAX's backend has already started in this "
-            f"process; set XLA_FLAGS={' '.join(wanted)!r} before JAX starts instead"
-        )
-    os.environ["XLA_FLAGS"] = " ".join([current, *wanted]).strip()
-
-
-def train_group(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
-                save: bool = True, target: float | None = None) -> Outcome:  # fmt: skip
-    """Train seeds config.seed.. (one per work directory; several only vmapped) for
-    config.epochs epochs, evaluating on the test set after each; resume if possible.
-
-    save=False: no checkpoints (timing runs). target: stop after the epoch where every seed's
-    test accuracy reaches it. Each work directory gets config.json, summary.txt, metrics.jsonl
-    (a line per epoch), train_steps.jsonl and tensorboard/ (sampled) and checkpoints/.
+    hooks: the caller's, called after the built-in ones (hooks.defaults; save=False: no
+    checkpoints). step_fn: the step (train.train_step; a researcher's own may return more
+    metrics, logged by name). eval_metrics: {name: fn(logits, labels)}, beside loss and accuracy.
+    Each work directory gets config.json, summary.txt, metrics.jsonl, train_steps.jsonl,
+    tensorboard/ and checkpoints/. Returns the run: its state, rows and last evaluation.
     """
-    set_xla_cpu(config)
-    jax.config.update("jax_debug_nans", bool(config.debug_nans))
-    enable_compile_cache(config)
-    parallel.initialize(config.distributed)
-    if vmap and jax.process_count() > 1:
-        raise runs.ConfigError("--seed-mode vmap: one process only; use --seed-mode turn")
-    group, state = runs.setup(config, [Path(w) for w in workdirs], vmap)
-    progress = runs.resume(group, state, vmap)
-    program = Program(group, vmap)
-    spe = group[0].steps_per_epoch
-    step = step_count(progress.state)  # recipe.check refused a run past config.epochs
-    start, warned, ev = time.perf_counter(), set(), None
-    with _Signals(jax.process_count()) as signals:
+    # For this call only; only when asked: a config value set in a context is part of every
+    # jitted function's cache key, so a context always on would compile apart from callers'.
+    with jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext():
+        run = setup(config, startup.resolve(config), workdirs, vmap)
+        run.step_fn = step_fn
+        run.eval_metrics = train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items()))
+        resume(run)
+        hook_list, spe = [*defaults(save), *hooks], run.steps_per_epoch
         try:
-            for epoch in range(step // spe, config.epochs):
-                t0, c0 = time.perf_counter(), program.compile_s
-                with _bar(group[0], epoch, done_steps(progress)) as bar:
-                    progress = train_epoch(group, program, progress, epoch, signals, bar, save)
-                if done_steps(progress) == spe:  # the epoch finished
-                    seconds = time.perf_counter() - t0 - (program.compile_s - c0)
-                    progress, ev = end_epoch(group, program, progress, epoch, seconds, save)
-                    warn_if_collapsed(group, progress, ev, warned)
-                if signals.stopping:
-                    where = group[0].workdir if len(group) == 1 else group[0].workdir.parent
-                    raise Interrupted(
-                        signals.stopping,
-                        f"interrupted ({signal.Signals(signals.stopping).name}) at step "
-                        f"{step_count(progress.state)}; checkpoint saved in "
-                        f"{where / 'checkpoints' if len(group) == 1 else where}. Resume by "
-                        f"running the same command again with --workdir {where}",
-                    )
-                if (
-                    target is not None
-                    and ev is not None
-                    and all(r["val_accuracy"] >= target for r in progress.last_epoch)
-                ):
+            call(hook_list, "on_train_start", run)
+            for epoch in range(run.step // spe, config.epochs):
+                t0, c0 = time.perf_counter(), run.members.compile_s
+                train_epoch(run, epoch, hook_list)
+                if run.done == spe:  # the epoch finished (not stopped short by a signal)
+                    seconds = time.perf_counter() - t0 - (run.members.compile_s - c0)
+                    end_epoch(run, epoch, seconds, hook_list)
+                if run.stop is not None:
+                    name, where = signal.Signals(run.stop).name, run.members.where
+                    raise Interrupted(run.stop, f"interrupted ({name}) at step {run.step}; checkpoint saved in {run.members.saved_in}. Resume by running the same command again with --workdir {where}")  # fmt: skip
+                if run.finished:
                     break
-        except jax.errors.JaxRuntimeError:
-            if jax.process_count() > 1:
-                raise  # another process is gone: no collective (close's included) can complete
-            runs.close(group)
+            if run.evaluation is None:  # nothing left to train: the run had finished
+                run.evaluation = run.members.evaluate(run.state, *run.arrays[2:], run.eval_metrics)  # fmt: skip
+        except BaseException as e:
+            run.error = e
+            if not (isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1):
+                call(hook_list, "on_train_end", run)  # not when another process is gone
             raise
-        except BaseException:
-            runs.close(group)
-            raise
-    runs.close(group)
-    if ev is None:  # nothing left to train: the run had finished
-        ev = program.evaluate(progress.state)
-    if group[0].primary:
-        print(
-            f"Done in {time.perf_counter() - start:.1f}s (compiling {program.compile_s:.1f}s); "
-            f"work director{'y' if len(group) == 1 else 'ies'} "
-            + (str(group[0].workdir) if len(group) == 1 else f"{group[0].workdir.parent}/seed_*")
-        )
-    return Outcome(group, progress, ev["predictions"], ev["alive"], program.compile_s, vmap)
+        call(hook_list, "on_train_end", run)
+    return run
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> train.TrainState:
-    """Train one seed, config.seed, in `workdir` (see train_group): its final TrainState."""
-    return train_group(config, [workdir]).progress.state
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path
+) -> train_lib.TrainState:
+    """Train one seed, config.seed, in `workdir` (see train): its final TrainState."""
+    return train(config, [workdir]).state

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from mnist_jax.config import ConfigError, flag_name
 
@@ -38,58 +39,42 @@ def _conv_s2(x, k):
     return lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=NHWC)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def conv_stride2(x, k):
     """A SAME, stride-2 convolution on even-sized NHWC images, kernel sides 2, 6, 10...: same values.
 
-    Only its input gradient is computed differently: XLA:CPU runs the transposed strided
-    convolution (a convolution over a dilated input) 4x slower than the equal stride-1
-    convolution over space-to-depth images: 17.9 -> 4.4 ms for conv_bn's second layer at batch
-    64 (experiments/benchmark.py's docstring has the step-level figures).
+    Only its input gradient is computed differently: its derivative along x is written as the
+    equal stride-1 convolution over space-to-depth images, whose transpose (reverse mode) XLA:CPU
+    runs 4x faster than the transposed strided convolution: 17.9 -> 4.4 ms for conv_bn's second
+    layer at batch 64. A custom JVP, not a custom VJP, so forward mode (jvp, jacfwd, linearize)
+    works too; reverse mode transposes it into the same backward pass, bit for bit.
     """
     return _conv_s2(x, k)
 
 
-def _conv_stride2_fwd(x, k):
-    return _conv_s2(x, k), (x, k)
+def _conv_stride2_jvp(primals, tangents):
+    (x, k), (dx, dk) = primals, tangents
+    parts = []
+    if type(dx) is not SymbolicZero:  # the x-derivative: 2x2 blocks, a stride-1 kernel
+        s2d = (_space_to_depth(dx), _kernel_to_depth(k))
+        parts.append(lax.conv_general_dilated(*s2d, (1, 1), "SAME", dimension_numbers=NHWC))
+    if type(dk) is not SymbolicZero:
+        parts.append(_conv_s2(x, dk))
+    # Zero tangents stay symbolic (no convolution spent on a zero). Instantiated, conv_bn's
+    # jacfwd in its input (1,568 directions) came out as garbage in 11 of 80 XLA:CPU compiles.
+    return _conv_s2(x, k), sum(parts[1:], parts[0])
 
 
-def _conv_stride2_bwd(residuals, g):
-    x, k = residuals
-
-    def as_stride1(x):  # the same convolution, as 3x3 stride 1 over 2x2 blocks
-        return lax.conv_general_dilated(
-            _space_to_depth(x), _kernel_to_depth(k), (1, 1), "SAME", dimension_numbers=NHWC
-        )
-
-    dx = jax.vjp(as_stride1, x)[1](g)[0]
-    dk = jax.vjp(lambda k: _conv_s2(x, k), k)[1](g)[0]
-    return dx, dk
+conv_stride2.defjvp(_conv_stride2_jvp, symbolic_zeros=True)
 
 
-conv_stride2.defvjp(_conv_stride2_fwd, _conv_stride2_bwd)
-
-
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-):
-    """lax.conv_general_dilated, with conv_stride2 where it applies (nn.Conv calls this).
-
-    On the CPU only: the workaround was measured faster on XLA:CPU; elsewhere the convolution's
-    own gradient is the one the compiler is tuned for. Decided when the model is traced.
-    """
+def conv_s2d_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, precision=None):  # fmt: skip
+    """lax.conv_general_dilated for nn.Conv, with conv_stride2 where it applies: a model's
+    choice (ConvNet.s2d_grad), which startup.resolve makes on the CPU."""
     plain = lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
     if (
         plain
-        and jax.default_backend() == "cpu"
         and tuple(window_strides) == (2, 2)
         and padding == "SAME"
         and feature_group_count == 1
@@ -99,26 +84,12 @@ def conv_general_dilated(
         and all(n % 4 == 2 for n in rhs.shape[:2])  # SAME pads whole 2x2 blocks
     ):
         return conv_stride2(lhs, rhs)
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        precision=precision,
-    )
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, precision=precision)  # fmt: skip
 
 
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
-Conv = partial(
-    nn.Conv,
-    kernel_init=nn.initializers.glorot_uniform(),
-    padding="SAME",
-    conv_general_dilated=conv_general_dilated,
-)
+Conv = partial(nn.Conv, kernel_init=nn.initializers.glorot_uniform(), padding="SAME")
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 
 
@@ -166,10 +137,12 @@ class ConvNet(nn.Module):
     batch_norm: bool = False
     dropout: float = 0.0
     dtype: str = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs), params float32
+    s2d_grad: bool = False  # stride-2 input gradients via space-to-depth (conv_stride2): the CPU's
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         bn = self.batch_norm
+        conv = partial(Conv, conv_general_dilated=conv_s2d_grad) if self.s2d_grad else Conv
         norm = partial(
             nn.BatchNorm,
             use_running_average=not train,
@@ -182,7 +155,7 @@ class ConvNet(nn.Module):
             dtype=self.dtype,  # statistics are still reduced in float32
         )
         for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
-            x = Conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
+            x = conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
             # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to count
             # dead units); flax's init leaves that collection out.
@@ -197,6 +170,7 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
+COMPUTE = ("dtype", "s2d_grad")  # how a model computes, not what: build's keywords, not fields
 
 
 def fields(name: str) -> dict:
@@ -204,7 +178,7 @@ def fields(name: str) -> dict:
     return {
         f.name: f.default
         for f in dataclasses.fields(MODELS[name])
-        if f.name not in ("parent", "name", "dtype")
+        if f.name not in ("parent", "name", *COMPUTE)
     }
 
 
@@ -213,7 +187,7 @@ def _check(name: str, kwargs: dict) -> None:
     if name not in MODELS:
         raise ConfigError(f"--model-name: must be one of {', '.join(MODELS)}, got {name!r}")
     known = fields(name)
-    foreign = sorted(k for k in kwargs if k not in known and k != "dtype")
+    foreign = sorted(k for k in kwargs if k not in known)
     if foreign:
         raise ConfigError(
             f"--model-name {name}: the {name} model has no "
@@ -244,12 +218,15 @@ def _check(name: str, kwargs: dict) -> None:
             raise ConfigError(f"{flag_name('model.' + key)}: {what}, got {values[key]!r}")
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """A model from its config section: `build(**config.model)`. A field the model does not have,
-    or a value it cannot train with, is a ConfigError naming the flag."""
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    _check(name, kwargs)
-    return MODELS[name](**kwargs)
+def build(name: str, *, dtype: str = "float32", s2d_grad: bool = False, **fields) -> nn.Module:
+    """A model from its config section: `build(**config.model)`, and how it computes (COMPUTE:
+    the models that have those fields take them). A field the model does not have, or a value
+    it cannot train with, is a ConfigError naming the flag."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    _check(name, fields)
+    cls = MODELS[name]
+    compute = {k: v for k, v in dict(dtype=dtype, s2d_grad=s2d_grad).items() if hasattr(cls, k)}
+    return cls(**fields, **compute)
 
 
 def summary(model: nn.Module) -> str:

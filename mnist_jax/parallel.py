@@ -83,15 +83,17 @@ def seed_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def put_replicated(tree, mesh: Mesh):
-    """Host arrays -> global arrays with a full copy on every device of the mesh.
-
-    Works with several processes: each process supplies the copies of its own devices.
-    """
+    """Host arrays -> global arrays with a full copy on every device of the mesh (arrays already
+    so are kept). Works with several processes: each supplies the copies of its own devices."""
     sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
-        jax.device_get(tree),
-    )
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    return jax.tree.map(put, tree)
 
 
 def to_host(tree):

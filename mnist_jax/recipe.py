@@ -59,8 +59,9 @@ def _default(path: str, tree: dict):
 def _label(path: str) -> str:
     if path.startswith("dataset."):
         return f"the data's {path.split('.', 1)[1]} (--data-dir)"
-    if path.startswith("runtime."):
-        return f"the {path.split('.', 1)[1]} in use"
+    if path.startswith("runtime."):  # what ran: the count of devices, a flag's "auto" resolved
+        key = path.split(".", 1)[1]
+        return flag_name(key) if key in FIELD_CLASSES else f"the {key} in use"
     return flag_name(path)
 
 
@@ -244,10 +245,12 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
     )
     if plan.init:
         print(f"Starting from the weights of {plan.init['dir']} at step {plan.init['step']}")
-    arithmetic = {
+    arithmetic = {  # what ran, when both a flag and what it resolved to changed
         k: v
         for k, v in plan.changed.items()
-        if k.startswith("runtime.") or FIELD_CLASSES.get(k) == ARITHMETIC
+        if k.startswith("runtime.")
+        or FIELD_CLASSES.get(k) == ARITHMETIC
+        and f"runtime.{k}" not in plan.changed
     }
     if arithmetic and plan.step:
         what = ", ".join(
@@ -258,3 +261,16 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
             f"order, so from step {plan.step} it is no longer bit for bit the uninterrupted run "
             f"(recorded in {workdir / HISTORY})"
         )
+
+
+def prepare_all(workdirs: list[Path], configs: list, plans: list[Plan]) -> None:
+    """`prepare` each work directory on process 0; every process stops if one could not."""
+    error = None
+    if parallel.is_primary():
+        try:
+            for workdir, config, plan in zip(workdirs, configs, plans):
+                prepare(workdir, config, plan)
+        except ConfigError as e:
+            error = e
+    if not parallel.agree(error is None):
+        raise error or ConfigError(f"--workdir: process 0 could not prepare {workdirs[0]}")

@@ -20,18 +20,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from mnist_jax import diagnostics, flags, loop, metrics, parallel
-
-
-def mode(config: ml_collections.ConfigDict) -> str:
-    """The seed mode, vmap or turn: config.seed_mode, or (auto) per backend and model."""
-    if config.seed_mode != "auto":
-        return config.seed_mode
-    if config.seeds == 1 or jax.process_count() > 1:
-        return "turn"
-    if jax.default_backend() != "cpu":
-        return "vmap"
-    return "turn" if config.model.name == "conv" else "vmap"
+from mnist_jax import diagnostics, flags, loop, metrics, startup
+from mnist_jax.hooks import StopAt
 
 
 def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
@@ -41,22 +31,24 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
     return [Path(workdir) / f"seed_{config.seed + i}" for i in range(config.seeds)]
 
 
-def result(run, outcome: loop.Outcome, i: int, dead_units: bool = False) -> dict:
-    """Seed i of a trained group: its history (from metrics.jsonl), final and best accuracy;
+def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:
+    """Member i of a trained run: its history (from metrics.jsonl), final and best accuracy;
     dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
-    history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
+    workdir, ev = run.members.workdirs[i], run.evaluation
+    history = metrics.read(workdir / metrics.EPOCHS_FILE)
     best = max(history, key=lambda h: h["val_accuracy"])
+    alive = {k: v[i] for k, v in ev["alive"].items()}
     return {
-        "seed": run.config.seed,
-        "workdir": str(run.workdir),
+        "seed": run.members.seeds[i],
+        "workdir": str(workdir),
         "epochs": history[-1]["epoch"],
         "val_accuracy": history[-1]["val_accuracy"],
         "best_accuracy": best["val_accuracy"],
         "best_epoch": best["epoch"],
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
-        "compile_s": round(outcome.compile_s, 2),
-        "collapsed_to": diagnostics.collapsed_to(outcome.predictions[i]),
-        "dead_units": loop.dead_units(outcome.alive, i) if dead_units else None,
+        "compile_s": round(run.members.compile_s, 2),
+        "collapsed_to": diagnostics.collapsed_to(ev["predictions"][i]),
+        "dead_units": diagnostics.dead_counts(alive) if dead_units else None,
         "history": history,
     }
 
@@ -77,37 +69,34 @@ def summarize(results: list[dict]) -> dict:
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
-          target: float | None = None, dead_units: bool = False,
-          report: bool = True) -> dict:  # fmt: skip
+          target: float | None = None, dead_units: bool = False, report: bool = True,
+          hooks: tuple = ()) -> dict:  # fmt: skip
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
-    the caller prints its own lines."""
-    loop.set_xla_cpu(config)  # before JAX's backend starts
-    parallel.initialize(config.distributed)  # first: the mode depends on the process count
-    dirs, how = workdirs(config, workdir), mode(config)
-    if how == "vmap":
-        outcome = loop.train_group(config, dirs, vmap=True, save=save, target=target)
-        results = [result(r, outcome, i, dead_units) for i, r in enumerate(outcome.runs)]
-    else:
-        results = []
-        for i, d in enumerate(dirs):
-            c = ml_collections.ConfigDict(config.to_dict())
-            c.seed, c.seeds = config.seed + i, 1
-            if len(dirs) > 1 and jax.process_index() == 0:
-                print(f"seed {c.seed} ({i + 1} of {len(dirs)}), in {d}", flush=True)
-            try:
-                outcome = loop.train_group(c, [d], save=save, target=target)
-            except loop.Interrupted as e:
-                if len(dirs) == 1:
-                    raise
-                where = str(e).split(";")[0]  # "interrupted (SIGTERM) at step N"
-                raise loop.Interrupted(
-                    e.exit_code - 128,
-                    f"{where} of seed {c.seed} ({i + 1} of {len(dirs)}); checkpoints saved in "
-                    f"{workdir}/seed_*. Resume by running the same command again with "
-                    f"--seeds {len(dirs)} --workdir {workdir}",
-                ) from None
-            results.append(result(outcome.runs[0], outcome, 0, dead_units))
+    the caller prints its own lines. vmap: the seeds are one group of members (members.Members);
+    turn: a group each, one after another. hooks go to every group's loop.train."""
+    dirs, how = workdirs(config, workdir), startup.resolve(config).seed_mode
+    size = len(dirs) if how == "vmap" else 1
+    extra = (*hooks, *([StopAt(target)] if target is not None else []))
+    results = []
+    for start in range(0, len(dirs), size):
+        group, c = dirs[start : start + size], ml_collections.ConfigDict(config.to_dict())
+        c.seed = config.seed + start
+        if size < len(dirs) and jax.process_index() == 0:
+            print(f"seed {c.seed} ({start + 1} of {len(dirs)}), in {group[0]}", flush=True)
+        try:
+            run = loop.train(c, group, vmap=how == "vmap", hooks=extra, save=save)
+        except loop.Interrupted as e:
+            if size == len(dirs):
+                raise
+            where = str(e).split(";")[0]  # "interrupted (SIGTERM) at step N"
+            raise loop.Interrupted(
+                e.exit_code - 128,
+                f"{where} of seed {c.seed} ({start + 1} of {len(dirs)}); checkpoints saved in "
+                f"{workdir}/seed_*. Resume by running the same command again with "
+                f"--seeds {len(dirs)} --workdir {workdir}",
+            ) from None
+        results += [result(run, i, dead_units) for i in range(len(group))]
     summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
     summary.update(summarize(results))
     summary["runs"] = results

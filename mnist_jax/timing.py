@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, loop, runs, seeds, train
+from mnist_jax import data, members, parallel, seeds, startup, train
 
 
 def _peak_rss_mib() -> float:
@@ -60,40 +60,37 @@ def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
 
 def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int = 1) -> dict:
     """Our training loop's work per step: the compiled call it makes (train.train_steps, K steps
-    as loop.steps_per_call picks: 1 on the CPU), on device-resident uint8 data and indices.
+    as startup.resolve picks: 1 on the CPU), on device-resident uint8 data and indices.
 
     seeds > 1: that many seeds in one vmapped program (train.train_seeds); images/s then counts
     every model's images (models x images per second).
     """
+    config = startup.resolve(config)
     images, labels = _train_arrays(data_dir)
     b, n = config.batch_size, len(images)
-    k = loop.steps_per_call(config, n // b)
+    k = min(config.steps_per_call or n // b, n // b)
     per_window = -(-window_steps_for(b, window_images) // k)  # calls per window
     calls = 3 + windows * per_window
-    order = jax.device_put(_indices(n, b, calls * k))
     x, y = jax.device_put((images, labels))
-    states = [train.create_train_state(config, jax.random.PRNGKey(config.seed + i), n // b) for i in range(seeds)]  # fmt: skip
-    if seeds == 1:
-        state, rng, orders, fn = states[0], jax.random.PRNGKey(1), order, train.train_steps
-    else:
-        state = runs.stack(states, None)
-        rng = jax.random.split(jax.random.PRNGKey(1), seeds)
-        orders, fn = jax.numpy.stack([order] * seeds), train.train_seeds
-    t = time.perf_counter()
-    step = fn.lower(state, x, y, orders, np.int32(0), rng, k).compile()
-    compile_s = time.perf_counter() - t
-    for i in range(3):  # warm-up: first calls allocate
-        state, m = step(state, x, y, orders, np.int32(i * k), rng)
+    group = members.Members(config, [f"seed_{i}" for i in range(seeds)], parallel.make_mesh(1), seeds > 1)  # fmt: skip
+    state = group.put([train.create_train_state(config, r, n // b) for r in group.init_rngs])
+    orders = group.put([_indices(n, b, calls * k)] * seeds)
+
+    def call(state, i):
+        return group.train(state, x, y, orders, i * k, k, config, train.train_step)
+
+    for i in range(3):  # compile, then warm-up: first calls allocate
+        state, m = call(state, i)
     jax.block_until_ready(m)
     seconds = []
     for w in range(windows):
         t = time.perf_counter()
         for i in range(3 + w * per_window, 3 + (w + 1) * per_window):
-            state, m = step(state, x, y, orders, np.int32(i * k), rng)
+            state, m = call(state, i)
         jax.block_until_ready((state, m))
         seconds.append(time.perf_counter() - t)
     name = "mnist_jax" if seeds == 1 else f"mnist_jax x{seeds}"
-    summary = _summary(name, f"jax {jax.__version__}", b, compile_s, seconds, per_window * k * seeds)  # fmt: skip
+    summary = _summary(name, f"jax {jax.__version__}", b, group.compile_s, seconds, per_window * k * seeds)  # fmt: skip
     summary["epoch_s"] = round(60_000 // b * b * seeds / summary["images_per_s"], 2)  # every seed
     summary.update(device=jax.default_backend(), steps_per_call=k, seeds=seeds)
     return summary

@@ -106,7 +106,8 @@ def create_train_state(
     """Initialise the model and optimizer of `config`. steps_per_epoch sizes the lr schedule."""
     if steps_per_epoch is None:
         steps_per_epoch = (config.data.train_limit or NUM_TRAIN) // config.batch_size
-    model = models.build(**config.model, dtype=config.get("dtype", "float32"))
+    s2d = config.get("conv_grad") == "space_to_depth"  # startup.resolve decides "auto"
+    model = models.build(**config.model, dtype=config.get("dtype", "float32"), s2d_grad=s2d)
     variables = _init(model, rng, jnp.zeros((1, 28, 28, 1), jnp.float32))
     return TrainState.create(
         apply_fn=model.apply,
@@ -174,30 +175,45 @@ def fired(activations):
     return (activations.reshape(-1, activations.shape[-1]) > 0).any(0)
 
 
-def _eval_batch(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict:
-    """eval_step's values and, per example, which units of each hidden layer fired."""
-    images, labels = batch
+def _eval_batch(state: TrainState, images: jax.Array) -> tuple[jax.Array, dict]:
+    """Logits, with batch norm in inference mode, and per example which units of each hidden
+    layer fired."""
     logits, sown = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
         images,
         train=False,
         mutable=["intermediates"],  # the hidden activations models.py sows; none in `linear`
     )
-    prediction = jnp.argmax(logits, -1)
     hidden = sown.get("intermediates", {})
-    return {
-        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-        "correct": prediction == labels,
-        "prediction": prediction,
-        "fired": {k: jax.vmap(fired)(a) for k, (a,) in hidden.items()},  # [B, units]
-    }
+    return logits, {k: jax.vmap(fired)(a) for k, (a,) in hidden.items()}  # [B, units]
 
 
 def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
     """Per-example loss, correctness and prediction, with batch norm in inference mode."""
-    out = _eval_batch(state, batch)
-    del out["fired"]  # unused, so jit drops its computation
-    return out
+    images, labels = batch
+    logits, _ = _eval_batch(state, images)  # the units' activity is unused: jit drops it
+    prediction = jnp.argmax(logits, -1)
+    return {
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        "correct": prediction == labels,
+        "prediction": prediction,
+    }
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    # A count over n, correctly rounded: XLA turns "/ constant" into "* (1 / constant)", which
+    # makes 9,950/10,000 0.99499995 (under 99.5%); the barrier hides the constant.
+    n = jax.lax.optimization_barrier(jnp.float32(labels.shape[0]))
+    return (jnp.argmax(logits, -1) == labels).sum() / n
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+# The evaluation's metrics, by name: each a function of the test set's logits [n, classes] and
+# labels [n], to a scalar or an array (logged as name_0, name_1, ...). loop.train takes more.
+EVAL_METRICS = (("loss", cross_entropy), ("accuracy", accuracy))
 
 
 def _split(x, sharding):
@@ -215,13 +231,13 @@ def random_shift(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array
     return jax.vmap(crop)(padded, offsets)
 
 
-def _train_on(state, images, labels, idx, rng, sharding, shift):
-    """train_step on images[idx], labels[idx], normalised (and shifted) on the device."""
+def _train_on(state, images, labels, idx, rng, sharding, shift, step=train_step):
+    """step (train_step) on images[idx], labels[idx], normalised (and shifted) on the device."""
     x = data.normalize(images[idx])
     if shift:  # augmentation: its own key stream, a function of (rng, step) as dropout's
         x = random_shift(x, jax.random.fold_in(jax.random.fold_in(rng, 1), state.step), shift)
     batch = (_split(x, sharding), _split(labels[idx], sharding))
-    return train_step(state, batch, rng)
+    return step(state, batch, rng)
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=("sharding", "shift"))
@@ -235,79 +251,68 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     return _train_on(state, images, labels, idx, rng, sharding, shift)
 
 
-def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift):
+def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step):
     """`steps` steps on the batches order[start : start + steps]: (state, metrics [steps])."""
     rows = jax.lax.dynamic_slice_in_dim(order, start, steps)
-    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift)  # noqa: E731
+    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step)  # noqa: E731
     if steps == 1:  # no loop: XLA:CPU compiles a convolution in a loop body slower
         state, m = one(state, rows[0])
         return state, jax.tree.map(lambda x: x[None], m)
     return jax.lax.scan(one, state, rows)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift"))
-def train_steps(state, images, labels, order, start, rng, steps: int, sharding=None, shift=0):
+@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift", "step"))
+def train_steps(state, images, labels, order, start, rng, steps: int, sharding=None, shift=0,
+                step=train_step):  # fmt: skip
     """`steps` training steps in one call: a lax.scan over the rows start..start+steps-1 of the
     device-resident batch indices `order` [S, B]; returns the state and each step's metrics.
+    `step` is the step function (train_step, or a researcher's with the same signature).
 
     No host round trip inside, so on a GPU or TPU the whole epoch can be one call. XLA:CPU runs
     convolutions inside a loop body several times slower (jax-ml/jax#12868: 270-460 ms a conv_bn
     step in a scan against 22-51 ms called one by one), so on the CPU the loop calls it with
     steps=1, which has no loop at all.
     """
-    return _train_rows(state, images, labels, order, start, rng, steps, sharding, shift)
+    return _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift"))
-def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0):
+@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift", "step"))
+def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0,
+                step=train_step):  # fmt: skip
     """train_steps for N seeds in one vmapped program: states stacked on a leading axis,
     orders [N, S, B], rngs [N] (each seed its own weights, batch order and dropout keys; the
     data are shared). Metrics come back [N, steps]."""
-    one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift)  # noqa: E731
+    one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step)  # noqa: E731
     return jax.vmap(one)(states, orders, rngs)
 
 
-def _eval_dataset(
-    state, images, labels, batch_size: int = 1000, sharding=None
-) -> dict[str, jax.Array]:
-    """Loss, accuracy, per-example predictions and the hidden units alive (> 0 on some image)
-    over uint8 images [N,28,28,1], in one call.
+def _eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None,
+                  metrics=EVAL_METRICS) -> dict:  # fmt: skip
+    """`metrics` (EVAL_METRICS: loss, accuracy) over uint8 images [n, ...] and their labels, the
+    predictions [n], and the hidden units alive (> 0 on some image), in one call.
 
     With `sharding`, batch_size is rounded up to a multiple of the device count.
     """
     if sharding is not None:
         batch_size = -(-batch_size // sharding.mesh.size) * sharding.mesh.size
     n = images.shape[0]
-    pad = -n % batch_size
-    images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
-    labels = jnp.pad(labels, (0, pad))
-    batches = (
-        data.normalize(images).reshape(-1, batch_size, *images.shape[1:]),
-        labels.reshape(-1, batch_size),
-    )
-
-    def one(batch):
-        return _eval_batch(state, jax.tree.map(lambda x: _split(x, sharding), batch))
-
-    out = jax.lax.map(one, batches)
-    per_unit = out.pop("fired")
-    out = jax.tree.map(lambda x: x.reshape(-1)[:n], out)
+    pad = ((0, -n % batch_size),) + ((0, 0),) * (images.ndim - 1)
+    batches = data.normalize(jnp.pad(images, pad)).reshape(-1, batch_size, *images.shape[1:])
+    logits, per_unit = jax.lax.map(lambda x: _eval_batch(state, _split(x, sharding)), batches)
+    logits = logits.reshape(-1, logits.shape[-1])[:n]
     return {
+        **{name: fn(logits, labels) for name, fn in metrics},
+        "predictions": jnp.argmax(logits, -1),
         # Units that fired on some test image (not on the zero padding): diagnostics counts
         # the dead ones without a pass of its own.
         "alive": {k: v.reshape(-1, v.shape[-1])[:n].any(0) for k, v in per_unit.items()},
-        "loss": out["loss"].mean(),
-        # A count over n, correctly rounded: XLA turns "/ constant" into "* (1 / constant)",
-        # which makes 9,950/10,000 0.99499995 (under 99.5%); the barrier hides the constant.
-        "accuracy": out["correct"].sum() / jax.lax.optimization_barrier(jnp.float32(n)),
-        "predictions": out["prediction"],
     }
 
 
-eval_dataset = jax.jit(_eval_dataset, static_argnames=("batch_size", "sharding"))
+eval_dataset = jax.jit(_eval_dataset, static_argnames=("batch_size", "sharding", "metrics"))
 
 
-@partial(jax.jit, static_argnames=("batch_size",))
-def eval_seeds(states, images, labels, batch_size: int = 1000):
+@partial(jax.jit, static_argnames=("batch_size", "metrics"))
+def eval_seeds(states, images, labels, batch_size: int = 1000, metrics=EVAL_METRICS):
     """eval_dataset of N seeds stacked on a leading axis, vmapped: each value gains that axis."""
-    return jax.vmap(lambda s: _eval_dataset(s, images, labels, batch_size))(states)
+    return jax.vmap(lambda s: _eval_dataset(s, images, labels, batch_size, None, metrics))(states)

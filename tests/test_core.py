@@ -10,7 +10,7 @@ import pytest
 
 import mnist_jax
 from experiments import dense_dropout, dense_relu
-from mnist_jax import cli, evaluate, metrics, runs, seeds, train
+from mnist_jax import cli, evaluate, members, metrics, parallel, startup, train
 
 STAGES = ["linear", "dense_sigmoid", "dense_relu", "dense_lr_decay", "dense_dropout", "conv",
           "conv_dropout", "conv_bn"]  # fmt: skip
@@ -84,11 +84,11 @@ def test_a_vmapped_seed_takes_the_step_of_that_seed_alone(stage, arrays):
     states = [train.create_train_state(config, jax.random.PRNGKey(i), 16) for i in range(n)]
     orders = jnp.stack([order_for(b, 2, seed=i) for i in range(n)])
     rngs = jnp.stack([jax.random.PRNGKey(10 + i) for i in range(n)])
-    stacked = runs.stack(states, None)
-    together, m = train.train_seeds(stacked, x, y, orders, np.int32(0), rngs, 1)
+    group = members.Members(config, [f"seed_{i}" for i in range(n)], parallel.make_mesh(1), True)
+    together, m = train.train_seeds(group.put(states), x, y, orders, np.int32(0), rngs, 1)
     for i in range(n):
         alone, mi = train.train_steps(states[i], x, y, orders[i], np.int32(0), rngs[i], 1)
-        seed_i = runs.seed_state(together, i, vmap=True)
+        seed_i = group.take(together, i)
         if not stage.startswith("conv"):
             jax.tree.map(np.testing.assert_array_equal, seed_i.params, alone.params)
             np.testing.assert_array_equal(m["loss"][i], mi["loss"])
@@ -157,10 +157,11 @@ def test_steps_per_call_keeps_the_run_and_its_logs(mnist_dir, tmp_path):
 
 
 def test_seed_mode_auto_picks_per_backend_and_model():
-    assert seeds.mode(seeds_config("conv", "auto", 3)) == "turn"  # the CPU: conv in turn
-    assert seeds.mode(seeds_config("dense_relu", "auto", 3)) == "vmap"
-    assert seeds.mode(seeds_config("dense_relu", "auto", 1)) == "turn"
-    assert seeds.mode(seeds_config("conv", "vmap", 3)) == "vmap"
+    mode = lambda *args: startup.resolve(seeds_config(*args)).seed_mode  # noqa: E731
+    assert mode("conv", "auto", 3) == "turn"  # the CPU: conv in turn
+    assert mode("dense_relu", "auto", 3) == "vmap"
+    assert mode("dense_relu", "auto", 1) == "turn"
+    assert mode("conv", "vmap", 3) == "vmap"
 
 
 def seeds_config(stage, mode, n):

@@ -22,14 +22,16 @@ ORDER = [
     "models",
     "metrics",
     "parallel",
+    "startup",
     "checkpoint",
     "recipe",
     "train",
+    "members",
     "diagnostics",
     "evaluate",
     "predict",
     "plots",
-    "runs",
+    "hooks",
     "loop",
     "seeds",
     "timing",
@@ -37,8 +39,8 @@ ORDER = [
     "__init__",
 ]
 TRAINING_PATH = [
-    "config", "flags", "data", "models", "metrics", "parallel", "checkpoint", "recipe", "train",
-    "diagnostics", "runs", "loop", "seeds", "cli",
+    "config", "flags", "data", "models", "metrics", "parallel", "startup", "checkpoint", "recipe",
+    "train", "members", "diagnostics", "hooks", "loop", "seeds", "cli",
 ]  # fmt: skip
 HEAVY = {"matplotlib", "tensorflow", "tensorflow_datasets", "keras", "torch", "tensorboardX"}
 NEVER = {"keras", "torch", "tensorflow", "experiments", "tests"}

@@ -5,8 +5,10 @@ import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+import mnist_jax
 from mnist_jax import metrics
 from tests.conftest import ROOT
 
@@ -53,3 +55,16 @@ def test_restore_example_predicts_what_training_logged(trained_conv_bn, mnist):
     logged = metrics.read(workdir / metrics.EPOCHS_FILE)[-1]
     assert correct / len(mnist.test_labels) == pytest.approx(logged["val_accuracy"], abs=1e-6)
     assert namespace["step"] == logged["step"]
+
+
+def test_hook_example_prints_the_weight_norm_at_each_epochs_end(mnist_dir, tmp_path, capsys):
+    code = block("class WeightNorm")
+    assert README_DATA_DIR in code and '"runs/weight_norm"' in code
+    code = code.replace(README_DATA_DIR, repr(str(mnist_dir)))
+    code = code.replace('"runs/weight_norm"', repr(str(tmp_path)))
+    exec(compile(code, "README.md", "exec"), {})
+
+    printed = [line for line in capsys.readouterr().out.splitlines() if "|w|" in line]
+    final = optax.tree.norm(mnist_jax.restore(tmp_path).variables["params"])
+    assert printed[0].startswith("epoch 1: |w| = ") and len(printed) == 2
+    assert printed[1] == f"epoch 2: |w| = {final:.3f}"

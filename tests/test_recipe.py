@@ -26,7 +26,7 @@ from mnist_jax import (
     plots,
     predict,
     recipe,
-    runs,
+    startup,
     train,
 )
 from mnist_jax import config as config_lib
@@ -165,14 +165,13 @@ def test_init_from_starts_a_new_recipe_from_the_old_weights(
     """The initial state, evaluated before the first step, is the source's last evaluation."""
     args = small(mnist_dir, tmp_path, "--epochs", "3", "--opt-name", "adam", "--init-from", str(linear_run))  # fmt: skip
     config = flags.parse_config(linear.get_config(), args)
-    group, state = runs.setup(config, [tmp_path])
+    run = loop.setup(config, startup.resolve(config), [tmp_path], vmap=False)
     source = metrics.read(linear_run / "metrics.jsonl")[-1]
-    ev = loop.Program(group, False).evaluate(state)
+    ev = run.members.evaluate(run.state, *run.arrays[2:], train.EVAL_METRICS)
     assert float(ev["accuracy"][0]) == source["val_accuracy"]
-    adam = state.opt_state.inner_state[0]  # a new optimizer: Adam's first step is still to come
-    assert int(state.step) == 0 and int(adam.count) == 0
+    adam = run.state.opt_state.inner_state[0]  # a new optimizer: Adam's first step is to come
+    assert run.step == 0 and int(adam.count) == 0
     assert all(not np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))
-    runs.close(group)
     history = metrics.read(tmp_path / recipe.HISTORY)
     assert history[0]["init_from"] == {"dir": str(linear_run.resolve()), "step": 20}
     assert json.loads((tmp_path / "config.json").read_text())["init_from"] == str(linear_run)
@@ -192,11 +191,10 @@ def test_init_from_with_seeds_takes_each_seed_from_its_own(mnist_dir, tmp_path, 
     def starts(start, origins):
         new = tmp_path / f"from_{start.name}"
         config = flags.parse_config(linear.get_config(), small(mnist_dir, new, "--seeds", "2", "--init-from", str(start)))  # fmt: skip
-        group, state = runs.setup(config, [new / "seed_0", new / "seed_1"], vmap=True)
-        runs.close(group)
+        run = loop.setup(config, startup.resolve(config), [new / "seed_0", new / "seed_1"], vmap=True)  # fmt: skip
         for i, origin in enumerate(origins):
             expected = mnist_jax.restore(origin).variables["params"]
-            jax.tree.map(np.testing.assert_array_equal, runs.seed_state(state, i, True).params, expected)  # fmt: skip
+            jax.tree.map(np.testing.assert_array_equal, run.members.take(run.state, i).params, expected)  # fmt: skip
 
     starts(source, [source / "seed_0", source / "seed_1"])
     starts(source / "seed_1", [source / "seed_1", source / "seed_1"])
@@ -224,13 +222,14 @@ def test_allowed_changes_are_recorded_and_arithmetic_ones_said(
     assert code == 0, err
     note = [line for line in out.splitlines() if line.startswith("note:")]
     assert note == [
-        "note: --steps-per-call 0 -> 2 since this run's last start: the same recipe computed in "
+        "note: --steps-per-call 1 -> 2 since this run's last start: the same recipe computed in "
         "another order, so from step 20 it is no longer bit for bit the uninterrupted run "
         f"(recorded in {tmp_path / recipe.HISTORY})"
     ]
     last = metrics.read(tmp_path / recipe.HISTORY)[-1]
     assert last["step"] == 20
     assert last["changed"] == {"epochs": [2, 3], "log_every": [50, 5], "steps_per_call": [0, 2],
+                               "runtime.steps_per_call": [1, 2],  # 0: per backend, 1 on the CPU
                                "workdir": [str(linear_run), str(tmp_path)]}  # fmt: skip
     assert json.loads((tmp_path / "config.json").read_text())["steps_per_call"] == 2
     assert [r["epoch"] for r in metrics.read(tmp_path / "metrics.jsonl")] == [1, 2, 3]

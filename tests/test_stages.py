@@ -94,7 +94,7 @@ def test_report_tables_the_runs(mnist_dir, tmp_path, capsys):
                 str(tmp_path / name),
             ],
         )
-    # The command draws the plots once training has returned (loop.py draws none).
+    # The plots hook draws them once training has ended; --plots false leaves it out.
     assert f"Plots in {tmp_path / 'linear' / 'plots'}" in capsys.readouterr().out
     assert (tmp_path / "linear" / "plots" / "test_digits.png").exists()
     assert not (tmp_path / "dense_relu" / "plots").exists()

@@ -1,0 +1,272 @@
+"""Hooks: what a run does besides training, attached to the loop from outside.
+
+A hook is any object with some of these methods (`Hook` has them all, doing nothing).
+`loop.train` calls each hook's method on every process, in the order of the list: the
+built-in hooks of `defaults` first, then the caller's.
+
+  on_train_start(run)          after set-up and resume, before the first step
+  after_steps(run, metrics)    at each host sync, with the step metrics {name: [members, steps]}
+                               trained since the last one. Host syncs come at every compiled
+                               call's end that passes a --log-every step, a checkpoint step or
+                               the epoch's end: with one step a call (the CPU's default) every
+                               --log-every steps; with the whole epoch a call (GPU/TPU) once an
+                               epoch
+  on_epoch_end(run, rows, evaluation)
+                               rows: each member's metrics row of the epoch (a flat dict of
+                               scalars, written to metrics.jsonl by MetricsFiles); evaluation:
+                               the test set's metrics, predictions and units alive, [members, ...]
+  on_train_end(run)            when training ends, or stops (run.error says why: a signal, a
+                               NaN, an exception)
+
+`run` (loop.Run) holds the config, the members (run.members.take(run.state, i) is member i's
+state), the step, the unfinished epoch's step metrics and the last rows; a hook may set
+run.stop (a signal: checkpoint and stop now) or run.finished (stop after this epoch).
+"""
+
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mnist_jax import checkpoint, diagnostics, metrics, parallel
+
+LAST = ("learning_rate",)  # a schedule's value: logged as it is at a row's step, not averaged
+
+
+class Hook:
+    """The protocol, doing nothing: subclass it and override what you need."""
+
+    def on_train_start(self, run) -> None:
+        pass
+
+    def after_steps(self, run, metrics: dict) -> None:
+        pass
+
+    def on_epoch_end(self, run, rows: list[dict], evaluation: dict) -> None:
+        pass
+
+    def on_train_end(self, run) -> None:
+        pass
+
+
+def call(hooks, method: str, *args) -> None:
+    for hook in hooks:
+        if hasattr(hook, method):
+            getattr(hook, method)(*args)
+
+
+class Preemption(Hook):
+    """SIGINT and SIGTERM, turned into a stop that every process takes at the same call's end.
+
+    One process: Python handlers set run.interrupt, which also ends a compiled call early.
+    Several: JAX's preemption sync manager hears SIGTERM itself (a Python handler would take the
+    signal from it), a Ctrl-C becomes a SIGTERM to this process, and after each call every
+    process asks JAX whether all have reached the agreed step, so they save one checkpoint
+    together and exit alike. A second Ctrl-C stops at once.
+    """
+
+    previous: dict = {}  # the handlers to put back (none if on_train_start never ran)
+
+    def on_train_start(self, run):
+        self.multi, self.pressed, self.run = jax.process_count() > 1, False, run
+        kinds = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
+        self.previous = {s: signal.signal(s, self._handle) for s in kinds}
+
+    def _handle(self, signum, frame):
+        if self.run.interrupt is not None or self.pressed:
+            raise KeyboardInterrupt
+        if self.multi:  # JAX's notifier takes it from here
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.run.interrupt = signum
+
+    def after_steps(self, run, metrics):
+        # JAX's sync point is a step id, given once per step in order (Orbax's save gives the
+        # step it saves too), so the call's steps go to it one by one.
+        if run.stop is None and not self.multi:
+            run.stop = run.interrupt
+        elif run.stop is None:
+            steps = range(run.step - len(metrics["loss"][0]) + 1, run.step + 1)
+            if any(parallel.reached_preemption(s) for s in steps):
+                run.stop = signal.SIGTERM
+
+    def on_train_end(self, run):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Checkpoints(Hook):
+    """Save every member (asynchronously) at epoch ends, every --checkpoint-every steps and at a
+    stop; at the end, wait for the saves and mark the work directory committed."""
+
+    def after_steps(self, run, metrics):
+        every = run.config.checkpoint_every
+        due = every and run.step % every == 0
+        if run.done < run.steps_per_epoch and (due or run.stop):  # the epoch's end saves below
+            self.save(run)
+
+    def on_epoch_end(self, run, rows, evaluation):
+        self.save(run)
+
+    def save(self, run):
+        for i, mngr in enumerate(run.mngrs):
+            mngr.wait_until_finished()  # one save in flight a member
+            if run.primary:
+                checkpoint.mark_committed(run.members.workdirs[i])
+            partial = {k: v[i].tolist() for k, v in run.partial.items()} or None
+            saved = {"last_epoch": run.rows[i], "partial": partial}
+            checkpoint.save(mngr, run.members.take(run.state, i), saved, run.step)
+
+    def on_train_end(self, run):
+        for workdir, mngr in zip(run.members.workdirs, run.mngrs):
+            mngr.wait_until_finished()
+            if run.primary:
+                checkpoint.mark_committed(workdir)
+            mngr.close()
+
+
+class MetricsFiles(Hook):
+    """metrics.jsonl (a row per epoch), train_steps.jsonl (a row per --log-every steps: each
+    metric's mean over them, LAST at the row's step) and TensorBoard, on process 0."""
+
+    writers: list = []
+
+    def on_train_start(self, run):
+        self.writers = [
+            metrics.Writer(w) if run.primary else metrics.NullWriter() for w in run.members.workdirs
+        ]
+        for writer, row in zip(self.writers, run.rows):  # rows after the checkpoint: again
+            writer.truncate(row, run.step)
+
+    def after_steps(self, run, new):
+        every, spe, done = run.config.log_every, run.steps_per_epoch, run.done
+        first = done - len(next(iter(new.values()))[0])
+        for end in [b for b in range(first + 1, done + 1) if b % every == 0 or b == spe]:
+            start = (end - 1) // every * every
+            for i, writer in enumerate(self.writers):
+                row = {"step": run.step - done + end}
+                row.update({k: float(v[i, end - 1] if k in LAST else v[i, start:end].mean())
+                            for k, v in run.partial.items()})  # fmt: skip
+                writer.step(row)
+
+    def on_epoch_end(self, run, rows, evaluation):
+        for writer, row in zip(self.writers, rows):
+            writer.epoch(row)
+
+    def on_train_end(self, run):
+        for writer in self.writers:
+            writer.close()
+
+
+class ProgressBar(Hook):
+    """A bar per epoch: images/s, the running loss and accuracy, the learning rate. Off when
+    the output is not a terminal (CI logs keep a line per epoch) and on other processes."""
+
+    bar = None
+
+    def after_steps(self, run, new):
+        from tqdm.auto import tqdm
+
+        b, spe, steps = run.config.batch_size, run.steps_per_epoch, len(new["loss"][0])
+        if self.bar is None:
+            self.bar = tqdm(total=spe * b, initial=(run.done - steps) * b, unit="img",
+                            unit_scale=True, desc=f"epoch {(run.step - 1) // spe + 1}/{run.config.epochs}",
+                            leave=False, disable=None if run.primary else True)  # fmt: skip
+        self.bar.update(steps * b)
+        shown = dict(loss=("loss", ".4f"), accuracy=("acc", ".2%"), learning_rate=("lr", ".3g"))
+        figures = {name: format(run.partial[k][:, -1].mean(), f) for k, (name, f) in shown.items() if k in run.partial}  # fmt: skip
+        self.bar.set_postfix(figures, refresh=False)
+
+    def on_epoch_end(self, run, rows, evaluation):
+        self.on_train_end(run)
+
+    def on_train_end(self, run):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Printer(Hook):
+    """The lines a run prints on process 0: the model, the members, a resume, each epoch (loss,
+    accuracy and learning rate, which train_step reports), the end."""
+
+    start = 0.0
+
+    def on_train_start(self, run):
+        self.start = time.perf_counter()
+        if not run.primary:
+            return
+        print(run.summary)
+        for line in run.members.describe():
+            print(line)
+        if run.step:
+            spe = run.steps_per_epoch
+            print(f"Resumed {run.members.where} at step {run.step} (epoch {run.step // spe + 1}, step {run.step % spe} of it)")  # fmt: skip
+
+    def on_epoch_end(self, run, rows, evaluation):
+        if run.primary:
+            spread, r = run.members.spread, rows[0]
+            print(
+                f"epoch {r['epoch']:3d}/{run.config.epochs}"
+                f"  loss {spread([r['train_loss'] for r in rows], '.4f')}"
+                f"  acc {spread([r['train_accuracy'] for r in rows], '.2%')}"
+                f"  val_loss {spread(evaluation['loss'], '.4f')}"
+                f"  val_acc {spread(evaluation['accuracy'], '.2%', full=True)}"
+                f"  lr {r['learning_rate']:.3g}  {r['seconds']:.1f}s",
+                flush=True,
+            )
+
+    def on_train_end(self, run):
+        if run.primary and run.error is None:
+            print(f"Done in {time.perf_counter() - self.start:.1f}s (compiling {run.members.compile_s:.1f}s); {run.members.where_all}")  # fmt: skip
+
+
+class CollapseWarning(Hook):
+    """Warn once a member (process 0, stderr) if its model predicts one class for every image."""
+
+    def on_train_start(self, run):
+        self.warned = set()
+
+    def on_epoch_end(self, run, rows, evaluation):
+        for i, row in enumerate(rows):
+            label = diagnostics.collapsed_to(evaluation["predictions"][i])
+            if label is None or i in self.warned:
+                continue
+            self.warned.add(i)
+            dead = diagnostics.dead_counts({k: v[i] for k, v in evaluation["alive"].items()})
+            if run.primary:
+                warning = diagnostics.collapse_warning(row["epoch"], label, row["val_accuracy"], dead)  # fmt: skip
+                print(run.members.label(i) + warning, file=sys.stderr)
+
+
+class Plots(Hook):
+    """Draw each member's plots (mnist_jax/plots.py) on process 0 when training has ended."""
+
+    def on_train_end(self, run):
+        if run.primary and run.error is None:
+            from mnist_jax import plots  # matplotlib only when drawing
+
+            for workdir in run.members.workdirs:
+                plots.draw_all(workdir, run.config.data.dir or None)
+                print(f"Plots in {workdir / 'plots'}")
+
+
+class StopAt(Hook):
+    """Stop after the epoch where every member's test accuracy reaches `target`."""
+
+    def __init__(self, target: float):
+        self.target = target
+
+    def on_epoch_end(self, run, rows, evaluation):
+        run.finished = bool(np.all(evaluation["accuracy"] >= self.target))
+
+
+def defaults(save: bool = True) -> list:
+    """The built-in hooks, in the order they run: the stop first, so that a checkpoint follows
+    it. Plots are the stage command's to add (--plots)."""
+    checkpoints = [Checkpoints()] if save else []
+    return [Preemption(), *checkpoints, MetricsFiles(), ProgressBar(), Printer(), CollapseWarning()]

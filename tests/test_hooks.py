@@ -1,0 +1,97 @@
+"""The loop extended from outside: hooks, step and evaluation metrics by name, and a train
+function that leaves the process's settings as it found them."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import dense_relu, linear
+from mnist_jax import hooks, loop, metrics, train
+
+
+def small(mnist_dir, epochs=2):
+    config = linear.get_config()
+    config.data.dir, config.data.train_limit, config.data.test_limit = str(mnist_dir), 1280, 500
+    config.epochs, config.plots, config.log_every = epochs, False, 5
+    return config
+
+
+class Calls(hooks.Hook):
+    """Every call a hook gets, in order, with what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_start(self, run):
+        self.calls.append(("start", run.step))
+
+    def after_steps(self, run, metrics):
+        self.calls.append(("steps", run.step, metrics["loss"].shape))
+
+    def on_epoch_end(self, run, rows, evaluation):
+        self.calls.append(("epoch", rows[0]["epoch"], float(evaluation["accuracy"][0])))
+
+    def on_train_end(self, run):
+        self.calls.append(("end", run.step, run.error))
+
+
+def test_a_hook_sees_every_sync_and_epoch_in_order(mnist_dir, tmp_path):
+    calls = Calls()
+    run = loop.train(small(mnist_dir), [tmp_path], hooks=[calls])
+    rows = metrics.read(tmp_path / "metrics.jsonl")
+    # 10 steps an epoch, one a call on the CPU, a host sync at each --log-every 5 steps.
+    expected = [("start", 0)]
+    for epoch, row in enumerate(rows, 1):
+        expected += [("steps", 10 * epoch - 5, (1, 5)), ("steps", 10 * epoch, (1, 5))]
+        expected += [("epoch", epoch, row["val_accuracy"])]
+    assert calls.calls == expected + [("end", 20, None)]
+    assert run.rows == [rows[-1]]
+
+
+def test_a_step_metric_and_an_evaluation_metric_are_logged_by_name(mnist_dir, tmp_path):
+    def step_with_grad_norm(state, batch, rng):
+        new, m = train.train_step(state, batch, rng)
+        return new, {**m, "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, new.params, state.params))}  # fmt: skip
+
+    def per_class_accuracy(logits, labels):
+        hits = jax.nn.one_hot(labels, 10) * (jnp.argmax(logits, -1) == labels)[:, None]
+        return hits.sum(0) / jax.nn.one_hot(labels, 10).sum(0)
+
+    config = small(mnist_dir, epochs=1)
+    config.model = dense_relu.get_config().model
+    run = loop.train(config, [tmp_path], step_fn=step_with_grad_norm,
+                     eval_metrics={"per_class_accuracy": per_class_accuracy})  # fmt: skip
+    (row,) = metrics.read(tmp_path / "metrics.jsonl")
+    steps = metrics.read(tmp_path / "train_steps.jsonl")
+    assert [r["step"] for r in steps] == [5, 10] and all(r["update_norm"] > 0 for r in steps)
+    assert row["train_update_norm"] == np.mean([r["update_norm"] for r in steps])
+    # per class: the hits over the class's test images, from the same predictions
+    predictions, labels = run.evaluation["predictions"][0], np.asarray(run.arrays[3])
+    ratio = lambda hits, n: float(np.float32(hits) / np.float32(n))  # noqa: E731  (float32's)
+    for c in range(10):
+        mine = labels == c
+        assert row[f"val_per_class_accuracy_{c}"] == ratio((predictions[mine] == c).sum(), mine.sum())  # fmt: skip
+    assert row["val_accuracy"] == ratio((predictions == labels).sum(), len(labels))
+
+
+def test_train_leaves_the_process_settings_as_it_found_them(mnist_dir, tmp_path):
+    """debug_nans applies for the call only; the compilation cache and XLA's flags are the
+    command's to set (startup.start), never the library's."""
+    seen = []
+
+    class DebugNans(hooks.Hook):
+        def on_train_start(self, run):
+            seen.append(jax.config.jax_debug_nans)
+
+    loop.train(small(mnist_dir, epochs=1), [tmp_path / "first"])  # libraries' imports: env vars
+    before = (jax.config.jax_debug_nans, jax.config.jax_compilation_cache_dir, dict(os.environ))
+    for debug, cache in ((True, str(tmp_path / "cache_a")), (False, str(tmp_path / "cache_b"))):
+        config = small(mnist_dir, epochs=1)
+        config.debug_nans, config.compile_cache = debug, cache
+        loop.train(config, [tmp_path / str(debug)], hooks=[DebugNans()])
+        assert (jax.config.jax_debug_nans, jax.config.jax_compilation_cache_dir, dict(os.environ)) == before  # fmt: skip
+    assert seen == [True, False]
+    assert not (tmp_path / "cache_a").exists() and not (tmp_path / "cache_b").exists()
