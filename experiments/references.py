@@ -127,7 +127,8 @@ def keras_train(config, data_dir=None) -> dict:
     Returns the test accuracy after each epoch, in timing.time_to_accuracy's format.
     """
     keras, model = _keras_compiled(config)
-    x, y, tx, ty = loop.split_data(data.load(data_dir or config.data.dir or None), config)
+    arrays = loop.split_data(data.from_config(config.data), config)
+    (x, y), (tx, ty) = arrays["train"], arrays["test"]
     lr, decay = config.opt.lr, config.opt.decay
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     start = time.perf_counter()
@@ -146,8 +147,9 @@ def keras_train(config, data_dir=None) -> dict:
         "seed": config.seed,
         "epochs": len(accs),
         "seconds": round(seconds, 2),  # compilation included: fit compiles on its first step
-        "val_accuracy": accs[-1],
-        "history": [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(accs)],
+        "test_accuracy": accs[-1],  # Keras calls it val_accuracy: it is our test set's
+        "history": [{"epoch": i + 1, "test_accuracy": a} for i, a in enumerate(accs)],
+        "best_epoch": None,  # no validation split here: nothing chosen
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
         "collapsed_to": diagnostics.collapsed_to(np.argmax(predictions, -1)),
         "dead_units": keras_dead_units(model, tx),  # as time_to_accuracy's, on the test images

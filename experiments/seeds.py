@@ -37,14 +37,15 @@ FRAMEWORKS = ("mnist_jax", "keras")
 
 
 def study(get_config, name: str, seeds, epochs=None, target=None, framework="mnist_jax",
-          data_dir=None, train_limit=0, workdir=None, restart=False) -> dict:  # fmt: skip
+          data_dir=None, train_limit=0, workdir=None, restart=False, val_split=0) -> dict:  # fmt: skip
     """Train `get_config()` with seeds `seeds` (a range); print a line per seed; return every
-    run and the summary. mnist_jax: one `--seeds` run (mnist_jax.seeds) in `workdir`."""
+    run and the summary. mnist_jax: one `--seeds` run (mnist_jax.seeds) in `workdir`. With
+    val_split, each seed's best epoch is chosen on that validation split."""
     config = get_config()
     config.name, config.seed, config.seeds = name, seeds[0], len(seeds)
     if epochs is not None:
         config.epochs = epochs
-    config.data.train_limit, config.restart = train_limit, restart
+    config.data.train_limit, config.restart, config.data.val_split = train_limit, restart, val_split  # fmt: skip
     if data_dir:
         config.data.dir = str(data_dir)
     startup.start(config)  # validates it, and sets up this process
@@ -58,29 +59,26 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         workdir = workdir or f"runs/seeds/{name}"
         runs = mnist_seeds.train(config, workdir, dead_units=True, report=False)["runs"]
     for r in runs:
-        best = max(r["history"], key=lambda h: h["val_accuracy"])
-        r["best_accuracy"], r["best_epoch"] = best["val_accuracy"], best["epoch"]
-        line = (f"seed {r['seed']}: final {r['val_accuracy']:.2%}, best {best['val_accuracy']:.2%} "
-                f"(epoch {best['epoch']}), {r['epochs']} epochs in {r['seconds']:.1f}s")  # fmt: skip
+        line = f"{mnist_seeds.seed_line(r)}, {r['epochs']} epochs in {r['seconds']:.1f}s"
         if r["collapsed_to"] is not None:
             line += f"; collapsed: predicts class {r['collapsed_to']} for every test image"
         if r.get("dead_units"):  # none in the one-layer softmax
             line += f"; dead units: {diagnostics.format_dead(r['dead_units'])}"
-        if target:
-            first = next((h["epoch"] for h in r["history"] if h["val_accuracy"] >= target), None)
-            line += f"; {target:.2%} first at epoch {first}" if first else f"; {target:.2%} not reached"  # fmt: skip
+        if target:  # a report of the test curve, not a choice
+            first = next((h["epoch"] for h in r["history"] if h["test_accuracy"] >= target), None)
+            line += f"; test {target:.2%} first at epoch {first}" if first else f"; test {target:.2%} not reached"  # fmt: skip
         print(line, flush=True)
-    final = [r["val_accuracy"] for r in runs]
+    final = [r["test_accuracy"] for r in runs]
     # A collapsed run (one class for every image) drags a mean down by 9 points: the median, and
     # the mean and spread of the others, say more of what the recipe usually gives.
-    kept = [r["val_accuracy"] for r in runs if r["collapsed_to"] is None]
+    kept = [r["test_accuracy"] for r in runs if r["collapsed_to"] is None]
     summary = {
         "stage": name,
         "framework": framework,
         "seeds": list(seeds),
         "epochs": runs[0]["epochs"],
         "target": target,
-        "mean_accuracy": statistics.mean(final),
+        "mean_accuracy": statistics.mean(final),  # final test accuracy, as every *_accuracy here
         "std_accuracy": statistics.stdev(final) if len(final) > 1 else 0.0,
         "median_accuracy": statistics.median(final),
         "collapsed": len(final) - len(kept),
@@ -88,17 +86,18 @@ def study(get_config, name: str, seeds, epochs=None, target=None, framework="mni
         "std_accuracy_not_collapsed": statistics.stdev(kept) if len(kept) > 1 else None,
         "min_accuracy": min(final),
         "max_accuracy": max(final),
-        "mean_best_accuracy": statistics.mean(r["best_accuracy"] for r in runs),
-        "median_best_accuracy": statistics.median(r["best_accuracy"] for r in runs),
         "reached": sum(a >= target for a in final) if target else None,
         "mean_seconds": statistics.mean(r["seconds"] for r in runs),
         "runs": runs,
     }
     s = summary
-    line = (f"{name} ({framework}) over {len(runs)} seeds: final {s['mean_accuracy']:.2%} mean, "
-            f"{s['std_accuracy']:.2%} std, {s['min_accuracy']:.2%} to {s['max_accuracy']:.2%}; "
-            f"best epoch {s['mean_best_accuracy']:.2%} mean")  # fmt: skip
+    line = (f"{name} ({framework}) over {len(runs)} seeds: final test {s['mean_accuracy']:.2%} mean, "
+            f"{s['std_accuracy']:.2%} std, {s['min_accuracy']:.2%} to {s['max_accuracy']:.2%}")  # fmt: skip
     line += f"; median {s['median_accuracy']:.2%}"
+    if all(r.get("best_test_accuracy") is not None for r in runs):  # chosen on validation
+        best = [r["best_test_accuracy"] for r in runs]
+        s["median_best_test_accuracy"] = statistics.median(best)
+        line += f"; test at the best validation epoch {s['median_best_test_accuracy']:.2%} median"
     if s["collapsed"]:
         line += f"; {s['collapsed']} collapsed"
         if kept:
@@ -131,7 +130,7 @@ def main(argv=None):
     json_help = "default runs/seeds_<stage>[_keras].json"
     flags.add(p, "data_dir", "train_limit", json={"help": json_help})
     p.add_argument("--workdir", default="", help="default runs/seeds/<stage> (seed_<s>/ in it)")
-    flags.add(p, "restart")
+    flags.add(p, "restart", "val_split")
     args = p.parse_args(argv)
     try:
         stage = importlib.import_module(f"experiments.{args.stage}")
@@ -152,7 +151,7 @@ def main(argv=None):
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     summary = run_study(stage.get_config, args.stage, seeds, args.epochs, target,
                         args.framework, args.data_dir, args.train_limit, args.workdir,
-                        args.restart)  # fmt: skip
+                        args.restart, args.val_split)  # fmt: skip
     suffix = "_keras" if args.framework == "keras" else ""
     flags.write_json(args.json or f"runs/seeds_{args.stage}{suffix}.json", summary)
 

@@ -36,13 +36,13 @@ def main(argv=None):
     p = flags.Parser(prog="python -m experiments.speedrun", description=__doc__.splitlines()[0])
     flags.add(p, "seeds", "epochs", "data_dir", "train_limit", json="runs/speedrun.json")
     p.add_argument("--workdir", default="runs/speedrun", help="default %(default)s (seed_<s>/)")
-    flags.add(p, "restart")
+    flags.add(p, "restart", "val_split")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: must be at least 1, got {args.seeds}")
     summary = seeds.run_study(get_config, "speedrun", range(args.seeds), args.epochs, TARGET,
                               "mnist_jax", args.data_dir, args.train_limit, args.workdir,
-                              args.restart)  # fmt: skip
+                              args.restart, args.val_split)  # fmt: skip
     summary["goal_seconds"] = 60
     verdict = "meets" if summary["mean_accuracy"] >= TARGET else "misses"
     print(f"mean over {args.seeds} seeds: {summary['mean_accuracy']:.2%} ({verdict} 99.5%), "

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mnist_jax import models
+from mnist_jax import data, models
 from mnist_jax.config import ConfigError
 
 # Written once a first checkpoint is committed: from then on a work directory with no readable
@@ -253,15 +253,15 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
     restore (no checkpoint, a damaged one, a model that does not fit config.json's)."""
     workdir = Path(workdir)
     config = read_config(workdir)
+    image_shape, num_classes, _ = data.spec(config)
     try:
-        model = models.build(**config.model)
+        model = models.build(**config.model, num_classes=num_classes)
     except ConfigError as e:
         raise ConfigError(
             f"{workdir / 'config.json'}: this code cannot build its model ({e})"
         ) from None
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 1)), train=False)
-    )
+    x = jax.numpy.zeros((1, *image_shape))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
     variables, step = _restore_model(workdir, step, target)
     return Restored(model, variables, config, step)

@@ -42,6 +42,10 @@ FIELD_CLASSES = {
     "batch_size": RECIPE,
     "init_from": RECIPE,
     "data.dir": NEITHER,  # where the files are; what they hold is dataset.*
+    "data.tfds": NEITHER,  # the same: dataset.sha256 says what was trained on
+    "data.num_classes": RECIPE,
+    "data.digits": NEITHER,  # how plots and predict show the classes
+    "data.val_split": RECIPE,
     "data.train_limit": RECIPE,
     "data.test_limit": RECIPE,  # the test images every epoch's metrics are measured on
     "data.augment_shift": RECIPE,
@@ -83,6 +87,8 @@ FIELD_CLASSES = {
     "dataset.num_test": RECIPE,
     "dataset.image_shape": RECIPE,
     "dataset.num_classes": RECIPE,
+    "dataset.names": NEITHER,
+    "dataset.digits": NEITHER,
 }
 # Schedules whose learning rate at a step depends on the run's length (epochs x steps).
 SPANNING_SCHEDULES = ("onecycle",)
@@ -101,9 +107,13 @@ def base() -> ml_collections.ConfigDict:
     config.batch_size = 128
     config.data = ml_collections.ConfigDict(
         dict(
-            dir="",  # IDX directory; "" -> $MNIST_DATA_DIR, else TFDS "mnist"
+            dir="",  # IDX directory; "" -> $MNIST_DATA_DIR, else TFDS (data.tfds, or "mnist")
+            tfds="",  # a TFDS image-classification dataset by name: wins over dir and the env
+            num_classes=0,  # 0: from the labels (TFDS: its label feature)
+            digits="auto",  # yes, no or auto: MNIST-like digits 0-9 (font digits, centring)
+            val_split=0,  # hold out N training images as a validation set, for every choice
             train_limit=0,  # use only the first N training images (0: all); for quick tries
-            test_limit=0,  # evaluate on the first N test images (0: all 10,000)
+            test_limit=0,  # evaluate on the first N test images (0: all)
             augment_shift=0,  # translate training images randomly by up to N pixels (0: off)
         )
     )
@@ -184,6 +194,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")
+    check(config.data.num_classes >= 0, "data.num_classes", "must be 0 (from the labels) or more")
+    check(config.data.digits in ("auto", "yes", "no"), "data.digits", "must be auto, yes or no")
+    check(config.data.val_split >= 0, "data.val_split", "must be 0 (none) or positive")
     check(config.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(config.opt.lr > 0, "opt.lr", "must be positive")
     check(

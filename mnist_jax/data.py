@@ -1,8 +1,9 @@
-"""MNIST as four arrays in memory, from IDX files or from TFDS.
+"""An image-classification dataset as four arrays in memory, from IDX files or from TFDS.
 
-Images are uint8 [N, 28, 28, 1] and labels int32 [N]. They go to the device as they are;
-`normalize` scales pixels by 1/256 inside the jitted step, as the codelab does
-(`tf.cast(image, tf.float32) / 256.0`), so the dataset costs 1 byte per pixel on the device.
+Images are uint8 [N, H, W, C] and labels int32 [N]; shape, channels and classes come from the
+data (MNIST: 28x28x1, 10 classes). They go to the device as they are; `normalize` scales pixels
+by 1/256 inside the jitted step, as the codelab does (`tf.cast(image, tf.float32) / 256.0`), so
+a dataset costs 1 byte per pixel on the device. `identity` is what a run records of its data.
 """
 
 import gzip
@@ -15,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
-NUM_CLASSES = 10
+IDX_UBYTE = 0x08  # the one IDX type code read: unsigned bytes
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}  # fmt: skip
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+DIGITS_TFDS = ("mnist", "emnist/digits", "emnist/mnist")  # classes 0-9 written by hand
 
 
 class DataError(Exception):
@@ -30,10 +32,13 @@ class DataError(Exception):
 
 
 class Dataset(NamedTuple):
-    train_images: np.ndarray  # uint8 [N, 28, 28, 1]
-    train_labels: np.ndarray  # int32 [N]
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N], in 0..num_classes-1
     test_images: np.ndarray
     test_labels: np.ndarray
+    num_classes: int = 10
+    names: tuple = ()  # the classes' names, where the dataset has them
+    source: str = ""  # "idx DIR" or "tfds NAME"
 
 
 def normalize(images: jnp.ndarray) -> jnp.ndarray:
@@ -58,27 +63,29 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
-    """Read one IDX file (raw or .gz), checking magic number, header and length."""
+def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
+    """One IDX file (raw or .gz) of unsigned bytes with one of `dims` dimensions (images: 3,
+    N x H x W, or 4, N x H x W x C; labels: 1), its header and length checked."""
     path = Path(path)
     raw = _read_bytes(path)
-    ndim = 3 if magic == IMAGE_MAGIC else 1
+    if len(raw) < 4 or raw[0] or raw[1]:
+        raise DataError(f"{path}: not an IDX file (bad magic number {int.from_bytes(raw[:4], 'big')})")  # fmt: skip
+    code, ndim = raw[2], raw[3]
+    if code != IDX_UBYTE:
+        what = IDX_TYPES.get(code, "unknown")
+        raise DataError(f"{path}: IDX type code 0x{code:02X} ({what}) is not handled; only 0x08, unsigned bytes")  # fmt: skip
+    if ndim not in dims:
+        raise DataError(f"{path}: {ndim} dimensions, expected {' or '.join(map(str, dims))}")
     header = 4 * (1 + ndim)
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes, expected {header})")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise DataError(f"{path}: bad magic number {found}, expected {magic}")
     shape = tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1))
-    if ndim == 3 and shape[1:] != (28, 28):
-        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, expected 28x28")
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "too long"
-        raise DataError(
-            f"{path}: {what}: {len(raw)} bytes, header says {shape[0]} items ({expected} bytes)"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+        raise DataError(f"{path}: {what}: {len(raw)} bytes, header says {shape[0]} items ({expected} bytes)")  # fmt: skip
+    array = np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+    return array[..., None] if ndim == 3 else array  # images: a channel axis
 
 
 def _find(data_dir: Path, name: str) -> Path:
@@ -88,92 +95,134 @@ def _find(data_dir: Path, name: str) -> Path:
     raise DataError(f"{data_dir / name}[.gz]: file not found")
 
 
+def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=()) -> Dataset:
+    """A Dataset from {train,test}_{images,labels}, after the checks any source needs."""
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        where = paths[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DataError(f"{where}: {len(labels)} labels but {paths[f'{split}_images'].name} has {len(images)} images")  # fmt: skip
+        if len(labels) == 0:
+            raise DataError(f"{where}: holds no examples")
+    train, test = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train != test:
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise DataError(f"{paths['test_images']}: images are {shape(test)}, the training images {shape(train)}")  # fmt: skip
+    found = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+    num_classes = num_classes or found
+    for split in ("train", "test"):
+        labels = arrays[f"{split}_labels"]
+        if labels.max() >= num_classes:
+            bad = int(np.argmax(labels >= num_classes))
+            raise DataError(f"{paths[f'{split}_labels']}: label {labels[bad]} at index {bad} is not in 0..{num_classes - 1} (--data-num-classes {num_classes})")  # fmt: skip
+    labels = {k: v.astype(np.int32) for k, v in arrays.items() if k.endswith("labels")}
+    return Dataset(**{**arrays, **labels}, num_classes=num_classes, names=tuple(names), source=source)  # fmt: skip
+
+
 # The last IDX dataset read, by its files' (path, size, mtime): a process that trains several
 # runs (seeds in turn, the tests) reads the same files once; a changed file is read again.
 _last: dict = {}
 
 
-def load_idx(data_dir: str | os.PathLike) -> Dataset:
-    """The four official IDX files from a directory (gzip-compressed or raw)."""
+def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
+    """The four IDX files from a directory (gzip-compressed or raw), of any image shape;
+    num_classes 0: from the labels."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is not a directory" if data_dir.exists() else "directory not found"
         raise DataError(f"{data_dir}: {what}")
     paths = {key: _find(data_dir, name) for key, name in FILES.items()}
-    stamp = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths.values())  # fmt: skip
-    if stamp in _last:
-        return _last[stamp]
-    arrays = {}
-    for split in ("train", "test"):
-        img_path, lbl_path = paths[f"{split}_images"], paths[f"{split}_labels"]
-        images = read_idx(img_path, IMAGE_MAGIC)
-        labels = read_idx(lbl_path, LABEL_MAGIC)
-        if len(images) != len(labels):
-            raise DataError(
-                f"{lbl_path}: {len(labels)} labels but {img_path.name} has {len(images)} images"
-            )
-        if len(labels) and labels.max() >= NUM_CLASSES:
-            bad = int(np.argmax(labels >= NUM_CLASSES))
-            raise DataError(f"{lbl_path}: label {labels[bad]} at index {bad} is not in 0..9")
-        if len(labels) == 0:
-            raise DataError(f"{lbl_path}: holds no examples")
-        arrays[f"{split}_images"] = images[..., None]
-        arrays[f"{split}_labels"] = labels.astype(np.int32)
-    _last.clear()
-    _last[stamp] = Dataset(**arrays)
+    stamp = (num_classes, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths.values()))  # fmt: skip
+    if stamp not in _last:
+        dims = {k: (1,) if k.endswith("labels") else (3, 4) for k in paths}
+        arrays = {k: read_idx(p, dims[k]) for k, p in paths.items()}
+        _last.clear()
+        _last[stamp] = _checked(arrays, paths, num_classes, f"idx {data_dir.resolve()}")
     return _last[stamp]
 
 
-def load_tfds(name: str = "mnist") -> Dataset:
-    """MNIST from TensorFlow Datasets (downloads and prepares it once; needs TensorFlow)."""
+def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
+    """An image-classification dataset from TensorFlow Datasets, by name (downloaded and
+    prepared once; needs TensorFlow): its train and test splits, its classes' names."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow_datasets as tfds
 
     def split(s):
         # Iterate in batches: batch_size=-1 needs a known cardinality, which mock data lacks.
-        ds = tfds.load(name, split=s, as_supervised=True, batch_size=10_000)
+        ds, info = tfds.load(name, split=s, as_supervised=True, batch_size=10_000, with_info=True)
         parts = list(tfds.as_numpy(ds))
         images = np.concatenate([p[0] for p in parts]).astype(np.uint8)
-        labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
-        return images.reshape(-1, 28, 28, 1), labels
+        images = images[..., None] if images.ndim == 3 else images
+        return images, np.concatenate([p[1] for p in parts]).astype(np.int32), info
 
     try:
-        (tr_x, tr_y), (te_x, te_y) = split("train"), split("test")
+        (tr_x, tr_y, info), (te_x, te_y, _) = split("train"), split("test")
+        names = getattr(info.features[info.supervised_keys[1]], "names", None) or ()
     except Exception as e:  # download, preparation or import failures all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(
             f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); without internet, "
             "pass --data-dir DIR (or set MNIST_DATA_DIR) to a directory with the four IDX files"
         ) from None
-    return Dataset(tr_x, tr_y, te_x, te_y)
+    arrays = dict(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
+    paths = {k: Path(f"tfds {name} {k.split('_')[0]}") for k in arrays}
+    return _checked(arrays, paths, num_classes or len(names), f"tfds {name}", names)
 
 
-def load(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """IDX files from `data_dir`, else from $MNIST_DATA_DIR, else TFDS."""
-    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR")
-    return load_idx(data_dir) if data_dir else load_tfds()
+def load(data_dir: str | os.PathLike | None = None, tfds: str = "", num_classes: int = 0) -> Dataset:  # fmt: skip
+    """A TFDS dataset by name when `tfds` is given; else IDX files from `data_dir`, else from
+    $MNIST_DATA_DIR; else TFDS's MNIST."""
+    data_dir = None if tfds else data_dir or os.environ.get("MNIST_DATA_DIR")
+    return load_idx(data_dir, num_classes) if data_dir else load_tfds(tfds or "mnist", num_classes)
+
+
+def from_config(data_config) -> Dataset:
+    """`load` of a config's data section (data.dir, data.tfds, data.num_classes)."""
+    get = data_config.get
+    return load(get("dir") or None, get("tfds", ""), get("num_classes", 0))
+
+
+def digits(ds: Dataset, setting: str = "auto") -> bool:
+    """Whether the classes are handwritten digits 0-9, MNIST-like (font digits, MNIST's centring):
+    setting yes or no; auto: TFDS's mnist and emnist/digits, and IDX files of 28x28 grayscale
+    images in 10 classes (which Fashion-MNIST's files are too: say no there)."""
+    if setting != "auto":
+        return setting == "yes"
+    if ds.source.startswith("tfds "):
+        return ds.source.split(" ", 1)[1] in DIGITS_TFDS
+    return ds.train_images.shape[1:] == (28, 28, 1) and ds.num_classes == 10
+
+
+def spec(config) -> tuple[tuple, int, int]:
+    """(image shape, classes, training images) of a run's data, from its config.dataset (which
+    the loop records), else MNIST's: a config straight from a stage."""
+    info = config.get("dataset") or {}
+    num_train = info.get("num_train", 60_000) - config.data.get("val_split", 0)
+    shape = tuple(info.get("image_shape", (28, 28, 1)))
+    return shape, info.get("num_classes", 10), config.data.get("train_limit") or num_train
 
 
 _hashed: dict = {}  # the last dataset hashed, and its hash
 
 
-def identity(ds: Dataset, data_dir: str | os.PathLike | None = None) -> dict:
+def identity(ds: Dataset, digits_setting: str = "auto") -> dict:
     """What the data are, for a run's config: a hash of the four arrays (0.06 s for MNIST), their
-    sizes and shapes. A run resumes only on the same data, wherever its files sit."""
-    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR")
-    source = f"idx {Path(data_dir).resolve()}" if data_dir else "tfds mnist"
+    sizes and shape, the classes. A run resumes only on the same data, wherever its files sit;
+    restoring, predicting and plotting need nothing else of them."""
     if _hashed.get("of") is not ds:  # the same arrays: hashed once
         digest = hashlib.sha256()
-        for array in ds:
+        for array in ds[:4]:
             digest.update(np.ascontiguousarray(array))
         _hashed.update(of=ds, sha256=digest.hexdigest())
     return {
-        "source": source,
+        "source": ds.source,
         "sha256": _hashed["sha256"],
         "num_train": len(ds.train_labels),
         "num_test": len(ds.test_labels),
         "image_shape": list(ds.train_images.shape[1:]),
-        "num_classes": NUM_CLASSES,
+        "num_classes": ds.num_classes,
+        "names": list(ds.names),
+        "digits": digits(ds, digits_setting),
     }
 
 

@@ -28,7 +28,7 @@ def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict) -> str
     # once and kill ReLUs wholesale; in about 1 seed in 8 a whole layer dies. None recovered.
     return (
         f"warning: epoch {epoch}: the model predicts class {label} for every test image "
-        f"(val_acc {accuracy:.2%}); dead ReLU units (0 on every test image): "
+        f"(test_acc {accuracy:.2%}); dead ReLU units (0 on every test image): "
         f"{format_dead(dead) or 'none'}. A layer all dead passes neither signal nor gradient: "
         "try another --seed or a smaller --opt-lr"
     )

@@ -2,7 +2,7 @@
 
 Restores only the model variables (no optimizer state), prints accuracy, loss and how many ReLU
 units of each hidden layer are dead (0 on every test image), and writes WORKDIR/eval.json. The
-accuracy equals the val_accuracy logged for that epoch: same data, same `train.eval_dataset`.
+accuracy equals the test_accuracy logged for that epoch: same data, same `train.eval_dataset`.
 """
 
 import json
@@ -15,9 +15,10 @@ from mnist_jax.config import ConfigError
 
 
 def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
-    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images."""
+    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images
+    (from `data_dir` when given, else the run's data)."""
     config = restored.config
-    ds = data.load(data_dir or config.data.dir or None)
+    ds = data.load(data_dir) if data_dir else data.from_config(config.data)
     limit = config.data.test_limit or None
     test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
     out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))

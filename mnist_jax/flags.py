@@ -31,6 +31,9 @@ COMMON = {
     "train_limit": dict(type=int, default=0, help="first N training images (0: all)"),
     "json": dict(default="", help="where to write the results (default %(default)s)"),
     "restart": dict(action="store_true", help="discard the runs already in the work directory"),
+    "val_split": dict(
+        type=int, default=0, help="hold out N training images to choose on (0: none)"
+    ),
 }
 
 

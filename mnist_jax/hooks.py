@@ -14,7 +14,8 @@ built-in hooks of `defaults` first, then the caller's.
   on_epoch_end(run, rows, evaluation)
                                rows: each member's metrics row of the epoch (a flat dict of
                                scalars, written to metrics.jsonl by MetricsFiles); evaluation:
-                               the test set's metrics, predictions and units alive, [members, ...]
+                               {"test", and "val" with --data-val-split: metrics, predictions
+                               and units alive, each [members, ...]}
   on_train_end(run)            when training ends, or stops (run.error says why: a signal, a
                                NaN, an exception)
 
@@ -32,6 +33,7 @@ import jax
 import numpy as np
 
 from mnist_jax import checkpoint, diagnostics, metrics, parallel
+from mnist_jax.config import ConfigError
 
 LAST = ("learning_rate",)  # a schedule's value: logged as it is at a row's step, not averaged
 
@@ -210,15 +212,15 @@ class Printer(Hook):
     def on_epoch_end(self, run, rows, evaluation):
         if run.primary:
             spread, r = run.members.spread, rows[0]
-            print(
-                f"epoch {r['epoch']:3d}/{run.config.epochs}"
-                f"  loss {spread([r['train_loss'] for r in rows], '.4f')}"
-                f"  acc {spread([r['train_accuracy'] for r in rows], '.2%')}"
-                f"  val_loss {spread(evaluation['loss'], '.4f')}"
-                f"  val_acc {spread(evaluation['accuracy'], '.2%', full=True)}"
-                f"  lr {r['learning_rate']:.3g}  {r['seconds']:.1f}s",
-                flush=True,
-            )
+            line = f"epoch {r['epoch']:3d}/{run.config.epochs}"
+            line += f"  loss {spread([r['train_loss'] for r in rows], '.4f')}"
+            line += f"  acc {spread([r['train_accuracy'] for r in rows], '.2%')}"
+            for split in ("val", "test"):  # the validation split, when there is one
+                if split in evaluation:
+                    ev = evaluation[split]
+                    line += f"  {split}_loss {spread(ev['loss'], '.4f')}"
+                    line += f"  {split}_acc {spread(ev['accuracy'], '.2%', full=True)}"
+            print(f"{line}  lr {r['learning_rate']:.3g}  {r['seconds']:.1f}s", flush=True)
 
     def on_train_end(self, run):
         if run.primary and run.error is None:
@@ -232,14 +234,15 @@ class CollapseWarning(Hook):
         self.warned = set()
 
     def on_epoch_end(self, run, rows, evaluation):
+        test = evaluation["test"]
         for i, row in enumerate(rows):
-            label = diagnostics.collapsed_to(evaluation["predictions"][i])
+            label = diagnostics.collapsed_to(test["predictions"][i])
             if label is None or i in self.warned:
                 continue
             self.warned.add(i)
-            dead = diagnostics.dead_counts({k: v[i] for k, v in evaluation["alive"].items()})
+            dead = diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()})
             if run.primary:
-                warning = diagnostics.collapse_warning(row["epoch"], label, row["val_accuracy"], dead)  # fmt: skip
+                warning = diagnostics.collapse_warning(row["epoch"], label, row["test_accuracy"], dead)  # fmt: skip
                 print(run.members.label(i) + warning, file=sys.stderr)
 
 
@@ -256,13 +259,18 @@ class Plots(Hook):
 
 
 class StopAt(Hook):
-    """Stop after the epoch where every member's test accuracy reaches `target`."""
+    """Stop after the epoch where every member's validation accuracy reaches `target`: a stop
+    is a choice, made on the validation split (--data-val-split), never on the test set."""
 
     def __init__(self, target: float):
         self.target = target
 
+    def on_train_start(self, run):
+        if "val" not in run.arrays:
+            raise ConfigError("a stop at a target accuracy chooses on a validation split: set --data-val-split N")  # fmt: skip
+
     def on_epoch_end(self, run, rows, evaluation):
-        run.finished = bool(np.all(evaluation["accuracy"] >= self.target))
+        run.finished = bool(np.all(evaluation["val"]["accuracy"] >= self.target))
 
 
 def defaults(save: bool = True) -> list:

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, models, parallel, recipe, startup
+from mnist_jax import checkpoint, data, metrics, models, parallel, recipe, startup
 from mnist_jax import train as train_lib  # train.py: the pure step, its compiled forms
 from mnist_jax.config import ConfigError, validate
 from mnist_jax.hooks import LAST, call, defaults
@@ -52,7 +52,7 @@ class Run:
     config: ml_collections.ConfigDict  # resolved (startup.resolve); members' seeds from .seed
     members: Members
     steps_per_epoch: int
-    arrays: tuple  # train_x, train_y, test_x, test_y on the devices (replicated)
+    arrays: dict  # {"train", "val" (with data.val_split), "test": (images, labels)}, replicated
     mngrs: list  # a checkpoint manager per member
     state: Any  # the TrainState, stacked over members when they are vmapped
     primary: bool  # process 0: writes the files; every process trains and checkpoints
@@ -61,7 +61,7 @@ class Run:
     eval_metrics: tuple = train_lib.EVAL_METRICS
     partial: dict = dataclasses.field(default_factory=dict)  # the epoch's step metrics [N, done]
     rows: list = None  # each member's row of its last finished epoch
-    evaluation: dict | None = None  # the last epoch's (Members.evaluate)
+    evaluation: dict | None = None  # the last epoch's: {"test", "val"?: Members.evaluate}
     interrupt: int | None = None  # a signal heard (hooks.Preemption): ends the call early
     stop: int | None = None  # the signal to stop at: checkpoint and stop
     finished: bool = False  # stop after this epoch (hooks.StopAt)
@@ -77,20 +77,24 @@ class Run:
         return next(iter(self.partial.values())).shape[1] if self.partial else 0
 
 
-def split_data(ds: data.Dataset, config: ml_collections.ConfigDict):
-    """(train_x, train_y, test_x, test_y) with the config's limits applied and checked."""
+def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
+    """{"train", "val", "test": (images, labels)}, the config's split and limits applied: the
+    validation images are data.val_split training images drawn once (a fixed key, not the
+    seed's), so every seed and every resume holds out the same ones; "val" is absent without."""
+    n_val, n_train = config.data.val_split, len(ds.train_labels)
+    if n_val >= n_train:
+        raise ConfigError(f"--data-val-split: {n_val} leaves none of the {n_train} training images")  # fmt: skip
+    held = np.zeros(n_train, bool)
+    held[np.random.default_rng(0).permutation(n_train)[:n_val]] = True
     train_n, test_n = config.data.train_limit or None, config.data.test_limit or None
-    arrays = (
-        ds.train_images[:train_n],
-        ds.train_labels[:train_n],
-        ds.test_images[:test_n],
-        ds.test_labels[:test_n],
-    )
-    if config.batch_size > len(arrays[0]):
-        raise ConfigError(
-            f"--batch-size: {config.batch_size} is larger than the {len(arrays[0])} training images"
-        )
-    return arrays
+    arrays = {
+        "train": (ds.train_images[~held][:train_n], ds.train_labels[~held][:train_n]),
+        "val": (ds.train_images[held], ds.train_labels[held]),
+        "test": (ds.test_images[:test_n], ds.test_labels[:test_n]),
+    }
+    if config.batch_size > len(arrays["train"][1]):
+        raise ConfigError(f"--batch-size: {config.batch_size} is larger than the {len(arrays['train'][1])} training images")  # fmt: skip
+    return arrays if n_val else {k: v for k, v in arrays.items() if k != "val"}
 
 
 def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) -> Run:
@@ -100,14 +104,14 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) 
     models.build(**config.model)  # a model field or value the model cannot take: one line
     mesh = parallel.make_mesh(config.devices)
     members = Members(config, workdirs, mesh, vmap)
-    ds = data.load(config.data.dir or None)
+    ds = data.from_config(config.data)
     arrays = split_data(ds, config)
-    spe = len(arrays[0]) // config.batch_size
+    spe = len(arrays["train"][1]) // config.batch_size
     runtime = dict(devices=mesh.size, processes=jax.process_count(),
                    platform=mesh.devices.flat[0].platform, jax=jax.__version__,
                    steps_per_call=config.steps_per_call, conv_grad=config.conv_grad,
                    seed_mode=members.mode)  # fmt: skip
-    dataset = data.identity(ds, config.data.dir or None)  # a run resumes on the same data
+    dataset = config.dataset = data.identity(ds, config.data.digits)  # resumes on the same
     recorded = []  # as the command gives them: config.json; the resolved choices are runtime's
     for seed, workdir in zip(members.seeds, members.workdirs):
         c = ml_collections.ConfigDict(given.to_dict())
@@ -122,7 +126,7 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) 
             states[i], source = checkpoint.init_from(states[i], Path(config.init_from), seed)
             plans[i] = plans[i]._replace(init=source) if plans[i].step is None else plans[i]
     recipe.prepare_all(members.workdirs, recorded, plans)
-    summary = models.summary(models.build(**config.model))
+    summary = models.summary(train_lib.model_of(config), dataset["image_shape"])
     if parallel.is_primary():
         for workdir in members.workdirs:
             (workdir / "summary.txt").write_text(summary + "\n")
@@ -151,7 +155,7 @@ def resume(run: Run) -> None:
             found[i] = checkpoint.restore_state(mngr, states[i], step) if step else None
     if step:
         run.state = members.put([f[0] for f in found])
-        run.rows = [f[1]["last_epoch"] for f in found]
+        run.rows = [metrics.upgrade(f[1]["last_epoch"]) for f in found]
         partials = [f[1]["partial"] or {} for f in found]
         run.partial = {k: np.stack([np.asarray(p[k], np.float32) for p in partials]) for k in partials[0]}  # fmt: skip
 
@@ -191,7 +195,7 @@ def train_epoch(run: Run, epoch: int, hook_list: list) -> None:
     """The epoch's steps (its rest, after a resume); stops early at a signal."""
     config, spe = run.config, run.steps_per_epoch
     k = min(config.steps_per_call or spe, spe)
-    x, y = run.arrays[:2]
+    x, y = run.arrays["train"]
     order = run.members.order(epoch, len(x), config.batch_size)
     while run.done < spe and run.stop is None:
         done, chunk = run.done, []
@@ -210,21 +214,28 @@ def train_epoch(run: Run, epoch: int, hook_list: list) -> None:
         call(hook_list, "after_steps", run, fetch(run, chunk, epoch))
 
 
+def evaluate(run: Run) -> dict:
+    """{"test", and "val" with a validation split: Members.evaluate on it}."""
+    splits = [k for k in ("test", "val") if k in run.arrays]
+    return {k: run.members.evaluate(run.state, *run.arrays[k], run.eval_metrics) for k in splits}
+
+
 def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
     """Evaluate the finished epoch, make each member's row and call the hooks."""
-    ev = run.members.evaluate(run.state, *run.arrays[2:], run.eval_metrics)
+    evaluation = evaluate(run)
     rows = []
     for i in range(len(run.rows)):
         row = {"epoch": epoch + 1, "step": run.step}
         row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in LAST})  # fmt: skip
         row.update({k: float(v[i, -1]) for k, v in run.partial.items() if k in LAST})
-        for name, _ in run.eval_metrics:
-            value = np.ravel(ev[name][i])
-            names = [f"val_{name}"] if ev[name][i].ndim == 0 else [f"val_{name}_{j}" for j in range(len(value))]  # fmt: skip
-            row.update({key: float(v) for key, v in zip(names, value)})
+        for split, ev in evaluation.items():
+            for name, _ in run.eval_metrics:  # an array: name_0, name_1, ...
+                value = np.ravel(ev[name][i])
+                keys = [f"{split}_{name}"] if np.ndim(ev[name][i]) == 0 else [f"{split}_{name}_{j}" for j in range(len(value))]  # fmt: skip
+                row.update({key: float(v) for key, v in zip(keys, value)})
         rows.append({**row, "seconds": seconds})
-    run.partial, run.rows, run.evaluation = {}, rows, ev
-    call(hook_list, "on_epoch_end", run, rows, ev)
+    run.partial, run.rows, run.evaluation = {}, rows, evaluation
+    call(hook_list, "on_epoch_end", run, rows, evaluation)
 
 
 def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
@@ -261,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
                 if run.finished:
                     break
             if run.evaluation is None:  # nothing left to train: the run had finished
-                run.evaluation = run.members.evaluate(run.state, *run.arrays[2:], run.eval_metrics)  # fmt: skip
+                run.evaluation = evaluate(run)
         except BaseException as e:
             run.error = e
             if not (isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1):

@@ -82,7 +82,7 @@ class Members:
         if not self.vmap:
             fn, static = train_lib.eval_dataset, dict(static, sharding=self.sharding)
         lower = lambda: fn.lower(state, images, labels, **static)  # noqa: E731
-        return self.to_host(self._compiled("eval", lower)(state, images, labels))
+        return self.to_host(self._compiled(("eval", images.shape), lower)(state, images, labels))
 
     def to_host(self, tree):
         """A tree of the compiled calls' outputs on the host, each with a leading members axis."""

@@ -1,7 +1,7 @@
 """Metrics as JSON lines in the work directory, mirrored to TensorBoard.
 
-  metrics.jsonl      one flat object of scalars per epoch (epoch, step, train_/val_ loss and
-                     accuracy, learning_rate, seconds)
+  metrics.jsonl      one flat object of scalars per epoch (epoch, step, train_, test_ and,
+                     with a validation split, val_ loss and accuracy, learning_rate, seconds)
   train_steps.jsonl  training loss, accuracy and learning rate sampled every `log_every` steps
                      (each the mean over the steps since the last sample), as the codelab's
                      PlotTraining draws them
@@ -17,11 +17,19 @@ from pathlib import Path
 EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
 
 
+def upgrade(row: dict | None) -> dict | None:
+    """A row as this code names it: files written before validation splits named the test
+    set's metrics val_*; a row with no test_* metric is one of those."""
+    if row is None or any(k.startswith("test_") for k in row):
+        return row
+    return {("test_" + k[4:] if k.startswith("val_") else k): v for k, v in row.items()}
+
+
 def read(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [upgrade(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def append(path: str | Path, row: dict) -> None:

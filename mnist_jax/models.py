@@ -17,7 +17,6 @@ from jax.custom_derivatives import SymbolicZero
 
 from mnist_jax.config import ConfigError, flag_name
 
-NUM_CLASSES = 10
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -94,13 +93,14 @@ ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 
 
 class Softmax(nn.Module):
-    """Stage 1: one dense layer, 784 -> 10."""
+    """Stage 1: one dense layer, 784 -> 10 on MNIST."""
 
+    num_classes: int = 10
     dtype: str = "float32"  # of the matmuls and convolutions; parameters stay float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:  # [B,28,28,1] -> [B,10]
-        logits = Dense(NUM_CLASSES, dtype=self.dtype)(x.reshape((x.shape[0], -1)))
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:  # [B,H,W,C] -> [B,classes]
+        logits = Dense(self.num_classes, dtype=self.dtype)(x.reshape((x.shape[0], -1)))
         return logits.astype(jnp.float32)
 
 
@@ -110,6 +110,7 @@ class MLP(nn.Module):
     features: Sequence[int] = (200, 60)
     activation: str = "relu"
     dropout: float = 0.0
+    num_classes: int = 10
     dtype: str = "float32"
 
     @nn.compact
@@ -120,7 +121,7 @@ class MLP(nn.Module):
             self.sow("intermediates", f"hidden_{i}", x)  # dead units: train.eval_dataset
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
+        return Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class ConvNet(nn.Module):
@@ -136,6 +137,7 @@ class ConvNet(nn.Module):
     dense: int = 200
     batch_norm: bool = False
     dropout: float = 0.0
+    num_classes: int = 10
     dtype: str = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs), params float32
     s2d_grad: bool = False  # stride-2 input gradients via space-to-depth (conv_stride2): the CPU's
 
@@ -166,11 +168,13 @@ class ConvNet(nn.Module):
         self.sow("intermediates", f"hidden_{len(self.channels)}", x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return Dense(NUM_CLASSES, dtype=self.dtype)(x).astype(jnp.float32)
+        return Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
-COMPUTE = ("dtype", "s2d_grad")  # how a model computes, not what: build's keywords, not fields
+# Set by the data (num_classes) and the backend (how it computes): build's keywords, not the
+# config's model fields.
+NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")
 
 
 def fields(name: str) -> dict:
@@ -178,7 +182,7 @@ def fields(name: str) -> dict:
     return {
         f.name: f.default
         for f in dataclasses.fields(MODELS[name])
-        if f.name not in ("parent", "name", *COMPUTE)
+        if f.name not in ("parent", "name", *NOT_FIELDS)
     }
 
 
@@ -218,20 +222,22 @@ def _check(name: str, kwargs: dict) -> None:
             raise ConfigError(f"{flag_name('model.' + key)}: {what}, got {values[key]!r}")
 
 
-def build(name: str, *, dtype: str = "float32", s2d_grad: bool = False, **fields) -> nn.Module:
-    """A model from its config section: `build(**config.model)`, and how it computes (COMPUTE:
-    the models that have those fields take them). A field the model does not have, or a value
-    it cannot train with, is a ConfigError naming the flag."""
+def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad: bool = False,
+          **fields) -> nn.Module:  # fmt: skip
+    """A model from its config section: `build(**config.model)`, with the data's number of
+    classes and how it computes (NOT_FIELDS: the models that have those fields take them). A
+    field the model does not have, or a value it cannot train with, is a ConfigError naming
+    the flag."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     _check(name, fields)
     cls = MODELS[name]
-    compute = {k: v for k, v in dict(dtype=dtype, s2d_grad=s2d_grad).items() if hasattr(cls, k)}
-    return cls(**fields, **compute)
+    given = dict(num_classes=num_classes, dtype=dtype, s2d_grad=s2d_grad)
+    return cls(**fields, **{k: v for k, v in given.items() if hasattr(cls, k)})
 
 
-def summary(model: nn.Module) -> str:
+def summary(model: nn.Module, image_shape=(28, 28, 1)) -> str:
     """Flax's layer table (output shapes, parameters per layer), then the trainable total."""
-    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
     table = nn.tabulate(
         model,
         jax.random.PRNGKey(0),

@@ -2,12 +2,15 @@
 
 Everything comes from files (metrics.jsonl, train_steps.jsonl, the latest checkpoint), so the
 plots can be redrawn for a finished or interrupted run. Writes WORKDIR/plots/:
-  curves.png         loss and accuracy, train (sampled in the epoch) and test (per epoch),
-                     with a zoomed 98-100% accuracy panel
+  curves.png         loss and accuracy, train (sampled in the epoch), validation (with
+                     --data-val-split) and test (per epoch), with an accuracy panel zoomed to
+                     the last two points below the best
   learning_rate.png  the learning-rate schedule over the epochs
-  font_digits.png    digits 0-9 rendered from matplotlib's fonts, predictions under; a wrong
-                     one in red beside the true digit, "7 (2)", as the codelab shows them
-  test_digits.png    test digits with predictions, misrecognised first, marked the same way
+  font_digits.png    digit datasets only: digits 0-9 rendered from matplotlib's fonts, predictions
+                     under; a wrong one in red beside the truth, "7 (2)", as the codelab shows them
+  test_digits.png    test images with predictions (class names where the data have them),
+                     misrecognised first, marked the same way; in colour for colour images
+                     (test_images.png for data that are not digits)
   confusion.png      the confusion matrix on the test set
 """
 
@@ -55,20 +58,25 @@ def curves(workdir: Path, out: Path) -> None:
     steps = metrics.read(workdir / metrics.STEPS_FILE)
     x_steps = _epochs_axis(steps, epochs)
     x_epochs = [r["epoch"] for r in epochs]
+    splits = [("val", "validation", "#2ca02c"), ("test", "test", "#ff7f0e")]
+    splits = [s for s in splits if epochs and f"{s[0]}_accuracy" in epochs[0]]
+    best = max((r[f"{s}_accuracy"] for r in epochs for s, _, _ in splits), default=1.0)
+    low = max(0.0, best - 0.02)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, title in (
         (axes[0], "loss", "loss"),
         (axes[1], "accuracy", "accuracy"),
-        (axes[2], "accuracy", "accuracy, zoomed to 98-100%"),
+        (axes[2], "accuracy", f"accuracy, zoomed to {low:.0%}-{min(1, best + 0.005):.1%}"),
     ):
         ax.plot(
             x_steps, [r[key] for r in steps], color="#1f77b4", alpha=0.6, label="train (sampled)"
         )
-        ax.plot(x_epochs, [r[f"val_{key}"] for r in epochs], "o-", color="#ff7f0e", label="test")
+        for split, label, color in splits:
+            ax.plot(x_epochs, [r[f"{split}_{key}"] for r in epochs], "o-", color=color, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[2].set_ylim(0.98, 1.0)
+    axes[2].set_ylim(low, min(1.0, best + 0.005))
     axes[0].legend()
     fig.suptitle(f"{_name(workdir)}: training curves")
     fig.tight_layout()
@@ -117,64 +125,68 @@ def font_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, np.tile(np.arange(10), len(FONTS)), FONTS
 
 
-def digit_titles(labels, predicted) -> list[tuple[str, str]]:
-    """(text, colour) under each digit: the guess in black, or "guess (true)" in red."""
+def digit_titles(labels, predicted, names=()) -> list[tuple[str, str]]:
+    """(text, colour) under each image: the guess in black, or "guess (truth)" in red; by name
+    where the classes have names."""
+    name = lambda k: names[k] if names else str(k)  # noqa: E731
     return [
-        (f"{p}", "black") if p == t else (f"{p} ({t})", RED)
+        (name(p), "black") if p == t else (f"{name(p)} ({name(t)})", RED)
         for t, p in zip(np.asarray(labels).tolist(), np.asarray(predicted).tolist())
     ]
 
 
-def _digit_grid(images, labels, predicted, title, out, cols=10) -> None:
-    """The digits in a grid, each with its digit_titles entry under it.
-
-    One image and one axes: a hundred small axes took matplotlib seconds per figure."""
+def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> None:
+    """The images in a grid (in colour when they have 3 channels), each with its digit_titles
+    entry under it. One image and one axes: a hundred small axes took matplotlib seconds."""
     rows = int(np.ceil(len(images) / cols))
-    cell_w, cell_h = 34, 42  # pixels of the mosaic per digit: 28x28 and room for its text
-    mosaic = np.zeros((rows * cell_h, cols * cell_w), np.float32)  # 0: white under gray_r
+    h, w, c = images.shape[1:]
+    cell_w, cell_h = max(w + 6, 34), h + 14  # pixels of the mosaic per image, and its text
+    colour = c == 3
+    mosaic = np.zeros((rows * cell_h, cols * cell_w, 3) if colour else (rows * cell_h, cols * cell_w), np.float32)  # fmt: skip
+    mosaic += 255.0 if colour else 0.0  # white paper: RGB as it is, gray under gray_r
     for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        mosaic[r * cell_h + 1 : r * cell_h + 29, c * cell_w + 3 : c * cell_w + 31] = image[..., 0]
-    fig = plt.figure(figsize=(cols * 1.0, rows * 1.2 + 0.5))
-    ax = fig.add_axes((0, 0, 1, rows * 1.2 / (rows * 1.2 + 0.5)))
-    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=max(float(np.max(images)), 1.0))
+        r, col = divmod(i, cols)
+        y0, x0 = r * cell_h + 1, col * cell_w + (cell_w - w) // 2
+        mosaic[y0 : y0 + h, x0 : x0 + w] = image if colour else image[..., 0]
+    fig = plt.figure(figsize=(cols * cell_w / 34, rows * 1.2 * cell_h / 42 + 0.5))
+    ax = fig.add_axes((0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    if colour:
+        ax.imshow(mosaic.astype(np.uint8))
+    else:
+        ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=max(float(np.max(images)), 1.0))
     ax.axis("off")
-    for i, (text, color) in enumerate(digit_titles(labels, predicted)):
-        r, c = divmod(i, cols)
-        ax.text(c * cell_w + 17, r * cell_h + 31, text, color=color, fontsize=12, ha="center",
-                va="top")  # fmt: skip
+    for i, (text, color) in enumerate(digit_titles(labels, predicted, names)):
+        r, col = divmod(i, cols)
+        ax.text(col * cell_w + cell_w / 2, r * cell_h + h + 3, text, color=color,
+                fontsize=12 if not names else 8, ha="center", va="top")  # fmt: skip
     fig.suptitle(title)
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
 def test_digit_order(predictions: np.ndarray, labels: np.ndarray, n: int = 100) -> np.ndarray:
-    """Indices of the digits shown: misrecognised first (in test-set order), then correct ones."""
+    """Indices of the images shown: misrecognised first (in test-set order), then correct ones."""
     wrong = np.flatnonzero(predictions != labels)
     right = np.flatnonzero(predictions == labels)
     return np.concatenate([wrong, right])[:n]
 
 
-def confusion_matrix(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, classes: int = 10) -> np.ndarray:
     """counts[true, predicted]"""
-    return np.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
+    counts = np.bincount(labels * classes + predictions, minlength=classes * classes)
+    return counts.reshape(classes, classes)
 
 
-def confusion(matrix: np.ndarray, title: str, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+def confusion(matrix: np.ndarray, title: str, out: Path, names=()) -> None:
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.35 * n), max(6, 0.33 * n)))
     ax.imshow(np.log1p(matrix), cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
-        ax.text(
-            p,
-            t,
-            str(count),
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="white" if t == p else (RED if count else "#999999"),
-        )
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
+        ax.text(p, t, str(count), ha="center", va="center", fontsize=8 if n <= 20 else 5,
+                color="white" if t == p else (RED if count else "#999999"))  # fmt: skip
+    labels = list(names) or [str(k) for k in range(n)]
+    ax.set_xticks(range(n), labels, rotation=90 if names else 0)
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -184,44 +196,49 @@ def confusion(matrix: np.ndarray, title: str, out: Path) -> None:
 
 
 def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
-    """Draw the five figures into WORKDIR/plots/; returns their paths."""
+    """Draw the figures into WORKDIR/plots/; returns their paths."""
     workdir = Path(workdir)
     restored = checkpoint.restore(workdir)  # first: a run it cannot restore is left untouched
+    info = restored.config.get("dataset") or {}
+    digits, names = info.get("digits", True), tuple(info.get("names") or ())
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
-    paths = {
-        name: out / f"{name}.png"
-        for name in ("curves", "learning_rate", "font_digits", "test_digits", "confusion")
-    }
+    images_name = "test_digits" if digits else "test_images"
+    names_drawn = ["curves", "learning_rate", *(["font_digits"] if digits else []), images_name, "confusion"]  # fmt: skip
+    paths = {name: out / f"{name}.png" for name in names_drawn}
     curves(workdir, paths["curves"])
     learning_rate(workdir, paths["learning_rate"])
-    images, labels, _ = font_digits()
-    predicted = predict.probabilities(restored, images).argmax(-1)
-    _digit_grid(
-        images,
-        labels,
-        predicted,
-        f"Digits rendered from fonts: {int((predicted != labels).sum())} of {len(labels)} "
-        "misrecognised, in red: guess (true digit)",
-        paths["font_digits"],
-    )
+    if digits:
+        images, labels, _ = font_digits()
+        predicted = predict.probabilities(restored, images).argmax(-1)
+        _digit_grid(
+            images,
+            labels,
+            predicted,
+            f"Digits rendered from fonts: {int((predicted != labels).sum())} of {len(labels)} "
+            "misrecognised, in red: guess (true digit)",
+            paths["font_digits"],
+        )
 
     test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir)
     predictions = np.asarray(out["predictions"])
     errors = int((predictions != test_y).sum())
     shown = test_digit_order(predictions, test_y)
+    what = "digits" if digits else "images"
     _digit_grid(
         test_x[shown],
         test_y[shown],
         predictions[shown],
-        f"Test digits: {errors} errors out of {len(test_y):,}; misrecognised first, in red: "
-        "guess (true digit)",
-        paths["test_digits"],
+        f"Test {what}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: "
+        "guess (truth)",
+        paths[images_name],
+        names=names,
     )
     confusion(
-        confusion_matrix(predictions, test_y),
+        confusion_matrix(predictions, test_y, data.spec(restored.config)[1]),
         f"Confusion matrix, {errors} errors out of {len(test_y):,}",
         paths["confusion"],
+        names,
     )
     return list(paths.values())
 

@@ -1,8 +1,9 @@
-"""Classify your own digit images: `python -m mnist_jax.predict --workdir DIR a.png [b.jpg ...]`.
+"""Classify your own images: `python -m mnist_jax.predict --workdir DIR a.png [b.jpg ...]`.
 
-Any size, colour or grayscale, dark-on-light or light-on-dark: each image is made to look like an
-MNIST digit first (`to_mnist`): grayscale, light ink on a dark background, cropped to the ink,
-scaled to fit 20x20 and centred by its centre of mass in 28x28.
+Any size, colour or grayscale. Each image is made to look like the run's data first: for a
+digit dataset, like an MNIST digit (`to_mnist`: grayscale, light ink on a dark background,
+cropped to the ink, scaled to fit 20x20 and centred by its centre of mass in 28x28); for any
+other, resized to the data's height and width, in colour or grayscale as they are.
 """
 
 import sys
@@ -44,13 +45,22 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return np.clip(canvas, 0, 255).astype(np.uint8)[..., None]
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """to_mnist of an image file; ValueError with a one-line reason if it is not one."""
+def like_data(image: Image.Image, image_shape=(28, 28, 1), digits: bool = True) -> np.ndarray:
+    """uint8 [H, W, C] like the run's images: to_mnist for digits, else resized to H x W."""
+    if digits:
+        return to_mnist(image)
+    h, w, c = image_shape
+    resized = image.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+    return np.asarray(resized, np.uint8).reshape(h, w, c)
+
+
+def load_image(path: str | Path, image_shape=(28, 28, 1), digits: bool = True) -> np.ndarray:
+    """like_data of an image file; ValueError with a one-line reason if it is not one."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return to_mnist(image)
+            return like_data(image, image_shape, digits)
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -60,7 +70,7 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def probabilities(restored: checkpoint.Restored, images: np.ndarray) -> np.ndarray:
-    """Softmax probabilities [N, 10] for uint8 images [N, 28, 28, 1]."""
+    """Softmax probabilities [N, classes] for uint8 images [N, H, W, C]."""
     logits = restored.model.apply(restored.variables, data.normalize(images), train=False)
     return np.asarray(jax.nn.softmax(logits))
 
@@ -72,16 +82,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError):
         restored = checkpoint.restore(args.workdir, args.step)
+    info = restored.config.get("dataset") or {}
+    shape, names = data.spec(restored.config)[0], info.get("names") or []
     failed = 0
     for path in args.images:
         try:
-            image = load_image(path)
+            image = load_image(path, shape, info.get("digits", True))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
         p = probabilities(restored, image[None])[0]
-        print(f"{path}: {int(p.argmax())} ({p.max():.1%})")
+        label = int(p.argmax())
+        print(f"{path}: {names[label] if names else label} ({p.max():.1%})")
     return flags.EXIT_USAGE if failed else 0
 
 

@@ -11,7 +11,8 @@ Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run that `mnist_jax.e
 A vmapped seed trains the same weights, batches and dropout masks as `--seed s`; its floats may
 differ in the last bits (a batched matmul rounds differently), and as any float change does, the
 runs drift apart within the seed spread. The summary (mean, std, median, min and max of the
-final and the best epoch's test accuracy) is printed and written to WORKDIR/seeds.json.
+final test accuracy; with --data-val-split, also of the test accuracy at each seed's best
+validation epoch) is printed and written to WORKDIR/seeds.json.
 """
 
 import statistics
@@ -32,32 +33,41 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
 
 
 def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:
-    """Member i of a trained run: its history (from metrics.jsonl), final and best accuracy;
-    dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
-    workdir, ev = run.members.workdirs[i], run.evaluation
+    """Member i of a trained run: its history (from metrics.jsonl) and final test accuracy; with
+    a validation split, also its best epoch, chosen on validation accuracy, and the test accuracy
+    there. dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
+    workdir, test = run.members.workdirs[i], run.evaluation["test"]
     history = metrics.read(workdir / metrics.EPOCHS_FILE)
-    best = max(history, key=lambda h: h["val_accuracy"])
-    alive = {k: v[i] for k, v in ev["alive"].items()}
+    final = history[-1]
+    best = max(history, key=lambda h: h["val_accuracy"]) if "val_accuracy" in final else None
     return {
         "seed": run.members.seeds[i],
         "workdir": str(workdir),
-        "epochs": history[-1]["epoch"],
-        "val_accuracy": history[-1]["val_accuracy"],
-        "best_accuracy": best["val_accuracy"],
-        "best_epoch": best["epoch"],
+        "epochs": final["epoch"],
+        "test_accuracy": final["test_accuracy"],
+        "val_accuracy": final.get("val_accuracy"),
+        "best_epoch": best and best["epoch"],  # chosen on validation, never on test
+        "best_val_accuracy": best and best["val_accuracy"],
+        "best_test_accuracy": best and best["test_accuracy"],
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
         "compile_s": round(run.members.compile_s, 2),
-        "collapsed_to": diagnostics.collapsed_to(ev["predictions"][i]),
-        "dead_units": diagnostics.dead_counts(alive) if dead_units else None,
+        "collapsed_to": diagnostics.collapsed_to(test["predictions"][i]),
+        "dead_units": diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()})
+        if dead_units
+        else None,  # fmt: skip
         "history": history,
     }
 
 
 def summarize(results: list[dict]) -> dict:
-    """Mean, std (0 for one seed), median, min and max of the final and best accuracies."""
+    """Mean, std (0 for one seed), median, min and max of the final test accuracy; with a
+    validation split, also of the final validation accuracy and of the test accuracy at each
+    seed's best validation epoch."""
     out = {}
-    for key in ("val_accuracy", "best_accuracy"):
+    for key in ("test_accuracy", "val_accuracy", "best_test_accuracy"):
         xs = [r[key] for r in results]
+        if None in xs:
+            continue
         out[key] = {
             "mean": statistics.mean(xs),
             "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
@@ -66,6 +76,13 @@ def summarize(results: list[dict]) -> dict:
             "max": max(xs),
         }
     return out
+
+
+def seed_line(r: dict) -> str:
+    line = f"seed {r['seed']}: final test {r['test_accuracy']:.2%}"
+    if r["best_epoch"] is not None:
+        line += f"; best validation epoch {r['best_epoch']}: val {r['best_val_accuracy']:.2%}, test {r['best_test_accuracy']:.2%}"  # fmt: skip
+    return line
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
@@ -103,10 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
     if len(results) > 1 and jax.process_index() == 0:
         together = " (the seeds together)" if how == "vmap" else ""
         for r in results if report else []:
-            print(
-                f"seed {r['seed']}: final {r['val_accuracy']:.2%}, best {r['best_accuracy']:.2%} "
-                f"(epoch {r['best_epoch']}), {r['seconds']:.1f}s{together}"
-            )
+            print(f"{seed_line(r)}, {r['seconds']:.1f}s{together}")
         if report:
             print(summary_line(summary))
         flags.write_json(str(Path(workdir) / "seeds.json"), summary)
@@ -114,9 +128,12 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
 
 
 def summary_line(summary: dict) -> str:
-    f, b = summary["val_accuracy"], summary["best_accuracy"]
-    return (
-        f"{summary['stage']} over {len(summary['seeds'])} seeds ({summary['mode']}): final "
-        f"{f['median']:.2%} median, {f['mean']:.2%} +- {f['std']:.2%}, {f['min']:.2%} to "
-        f"{f['max']:.2%}; best epoch {b['median']:.2%} median, {b['mean']:.2%} +- {b['std']:.2%}"
+    f = summary["test_accuracy"]
+    line = (
+        f"{summary['stage']} over {len(summary['seeds'])} seeds ({summary['mode']}): final test "
+        f"{f['median']:.2%} median, {f['mean']:.2%} +- {f['std']:.2%}, {f['min']:.2%} to {f['max']:.2%}"  # fmt: skip
     )
+    if "best_test_accuracy" in summary:
+        b = summary["best_test_accuracy"]
+        line += f"; test at the best validation epoch {b['median']:.2%} median, {b['mean']:.2%} +- {b['std']:.2%}"  # fmt: skip
+    return line

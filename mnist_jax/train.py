@@ -19,7 +19,6 @@ from flax.training import train_state
 from mnist_jax import checkpoint, data, models
 
 ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
-NUM_TRAIN = 60_000  # MNIST's training set size: the default for sizing the lr schedule
 
 
 class TrainState(train_state.TrainState):
@@ -100,15 +99,22 @@ def _init(model, rng, x):
     return model.init(rng, x, train=False)
 
 
+def model_of(config: ml_collections.ConfigDict):
+    """The config's model, built for its data and for how it computes (startup.resolve decides
+    conv_grad "auto"; unresolved, XLA's own gradient)."""
+    s2d = config.get("conv_grad") == "space_to_depth"
+    return models.build(**config.model, num_classes=data.spec(config)[1],
+                        dtype=config.get("dtype", "float32"), s2d_grad=s2d)  # fmt: skip
+
+
 def create_train_state(
     config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int | None = None
 ) -> TrainState:
     """Initialise the model and optimizer of `config`. steps_per_epoch sizes the lr schedule."""
-    if steps_per_epoch is None:
-        steps_per_epoch = (config.data.train_limit or NUM_TRAIN) // config.batch_size
-    s2d = config.get("conv_grad") == "space_to_depth"  # startup.resolve decides "auto"
-    model = models.build(**config.model, dtype=config.get("dtype", "float32"), s2d_grad=s2d)
-    variables = _init(model, rng, jnp.zeros((1, 28, 28, 1), jnp.float32))
+    shape, _, num_train = data.spec(config)
+    steps_per_epoch = steps_per_epoch or num_train // config.batch_size
+    model = model_of(config)
+    variables = _init(model, rng, jnp.zeros((1, *shape), jnp.float32))
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],

@@ -1,4 +1,4 @@
-"""Checkpoints: exact round trip, evaluate == logged val_accuracy, resume == uninterrupted run."""
+"""Checkpoints: exact round trip, evaluate == logged test_accuracy, resume == uninterrupted run."""
 
 import json
 
@@ -49,8 +49,8 @@ def test_metrics_file_and_config(two_epoch_run):
     for key in (
         "train_loss",
         "train_accuracy",
-        "val_loss",
-        "val_accuracy",
+        "test_loss",
+        "test_accuracy",
         "learning_rate",
         "seconds",
     ):
@@ -64,8 +64,8 @@ def test_evaluate_reports_the_logged_accuracy(two_epoch_run, step):
     workdir, _ = two_epoch_run
     rows = {r["step"]: r for r in metrics.read(workdir / "metrics.jsonl")}
     result = evaluate.evaluate_checkpoint(workdir, step=step)
-    assert result["accuracy"] == rows[result["step"]]["val_accuracy"]
-    assert result["loss"] == pytest.approx(rows[result["step"]]["val_loss"], rel=1e-6)
+    assert result["accuracy"] == rows[result["step"]]["test_accuracy"]
+    assert result["loss"] == pytest.approx(rows[result["step"]]["test_loss"], rel=1e-6)
 
 
 def test_evaluate_command_writes_eval_json(two_epoch_run, capsys):

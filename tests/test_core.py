@@ -115,10 +115,10 @@ def test_three_seeds_write_three_restorable_runs_and_their_spread(mnist_dir, tmp
         assert [r["epoch"] for r in rows] == [1, 2]
         assert json.loads((workdir / "config.json").read_text())["seed"] == seed
         assert mnist_jax.restore(workdir).step == 2 * 2560 // 128
-        finals.append(rows[-1]["val_accuracy"])
-        assert f"seed {seed}: final {finals[-1]:.2%}" in out
+        finals.append(rows[-1]["test_accuracy"])
+        assert f"seed {seed}: final test {finals[-1]:.2%}" in out
     assert len(set(finals)) == 3  # three draws, not one run three times
-    final = summary["val_accuracy"]
+    final = summary["test_accuracy"]
     assert final["median"] == sorted(finals)[1] and final["min"] == min(finals)
     assert final["mean"] == pytest.approx(np.mean(finals))
     assert final["std"] == pytest.approx(np.std(finals, ddof=1))

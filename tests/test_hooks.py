@@ -32,7 +32,7 @@ class Calls(hooks.Hook):
         self.calls.append(("steps", run.step, metrics["loss"].shape))
 
     def on_epoch_end(self, run, rows, evaluation):
-        self.calls.append(("epoch", rows[0]["epoch"], float(evaluation["accuracy"][0])))
+        self.calls.append(("epoch", rows[0]["epoch"], float(evaluation["test"]["accuracy"][0])))
 
     def on_train_end(self, run):
         self.calls.append(("end", run.step, run.error))
@@ -46,7 +46,7 @@ def test_a_hook_sees_every_sync_and_epoch_in_order(mnist_dir, tmp_path):
     expected = [("start", 0)]
     for epoch, row in enumerate(rows, 1):
         expected += [("steps", 10 * epoch - 5, (1, 5)), ("steps", 10 * epoch, (1, 5))]
-        expected += [("epoch", epoch, row["val_accuracy"])]
+        expected += [("epoch", epoch, row["test_accuracy"])]
     assert calls.calls == expected + [("end", 20, None)]
     assert run.rows == [rows[-1]]
 
@@ -69,12 +69,15 @@ def test_a_step_metric_and_an_evaluation_metric_are_logged_by_name(mnist_dir, tm
     assert [r["step"] for r in steps] == [5, 10] and all(r["update_norm"] > 0 for r in steps)
     assert row["train_update_norm"] == np.mean([r["update_norm"] for r in steps])
     # per class: the hits over the class's test images, from the same predictions
-    predictions, labels = run.evaluation["predictions"][0], np.asarray(run.arrays[3])
+    predictions, labels = (
+        run.evaluation["test"]["predictions"][0],
+        np.asarray(run.arrays["test"][1]),
+    )
     ratio = lambda hits, n: float(np.float32(hits) / np.float32(n))  # noqa: E731  (float32's)
     for c in range(10):
         mine = labels == c
-        assert row[f"val_per_class_accuracy_{c}"] == ratio((predictions[mine] == c).sum(), mine.sum())  # fmt: skip
-    assert row["val_accuracy"] == ratio((predictions == labels).sum(), len(labels))
+        assert row[f"test_per_class_accuracy_{c}"] == ratio((predictions[mine] == c).sum(), mine.sum())  # fmt: skip
+    assert row["test_accuracy"] == ratio((predictions == labels).sum(), len(labels))
 
 
 def test_train_leaves_the_process_settings_as_it_found_them(mnist_dir, tmp_path):

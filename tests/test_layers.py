@@ -114,7 +114,7 @@ def test_writing_metrics_leaves_torch_unimported(tmp_path):
     afterwards for code that wants it. (A process of its own: this one may hold torch already.)"""
     code = (
         "import sys; from mnist_jax import metrics; w = metrics.Writer(sys.argv[1]); "
-        "w.epoch({'epoch': 1, 'step': 1, 'val_accuracy': 0.5}); w.close(); "
+        "w.epoch({'epoch': 1, 'step': 1, 'test_accuracy': 0.5}); w.close(); "
         "print('torch' in sys.modules); import torch; print(torch.tensor([1]).item())"
     )
     done = subprocess.run(

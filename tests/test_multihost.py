@@ -136,13 +136,13 @@ def test_two_processes_train_as_one_and_end(reference, mnist_dir, tmp_path, caps
     rows = [metrics.read(d / "metrics.jsonl") for d in (workdir, tmp_path / "one")]
     assert len(rows[0]) == len(rows[1]) == 2
     for a, b in zip(*rows):
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
     # The checkpoint written by two processes restores in one, on one device (this one).
     evaluate.main(["--workdir", str(workdir), "--data-dir", str(mnist_dir)])
     saved = json.loads((workdir / "eval.json").read_text())
-    assert saved["accuracy"] == pytest.approx(rows[0][-1]["val_accuracy"], abs=1e-6)
+    assert saved["accuracy"] == pytest.approx(rows[0][-1]["test_accuracy"], abs=1e-6)
 
 
 def stopped_together(results, workdir) -> int:

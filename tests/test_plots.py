@@ -92,7 +92,7 @@ def test_sampled_train_metrics_and_tensorboard(trained_conv_bn):
     assert {
         "train/loss",
         "train/learning_rate",
-        "epoch/val_accuracy",
+        "epoch/test_accuracy",
         "epoch/learning_rate",
     } <= tags
 

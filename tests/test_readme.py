@@ -53,7 +53,7 @@ def test_restore_example_predicts_what_training_logged(trained_conv_bn, mnist):
     assert logits.shape == (len(mnist.test_labels), 10)
     correct = int(np.sum(np.argmax(jax.device_get(logits), -1) == mnist.test_labels))
     logged = metrics.read(workdir / metrics.EPOCHS_FILE)[-1]
-    assert correct / len(mnist.test_labels) == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    assert correct / len(mnist.test_labels) == pytest.approx(logged["test_accuracy"], abs=1e-6)
     assert namespace["step"] == logged["step"]
 
 

@@ -69,7 +69,8 @@ def small(mnist_dir, workdir, *extra):
 
 
 def all_leaves() -> set[str]:
-    paths = {"dataset." + k for k in ("source", "sha256", "num_train", "num_test", "image_shape", "num_classes")}  # fmt: skip
+    recorded = "source sha256 num_train num_test image_shape num_classes names digits".split()
+    paths = {f"dataset.{k}" for k in recorded}  # data.identity's, recorded at a run's start
     for name in STAGES:
         paths |= {p for p, _ in flags.leaves(stage_config(name))}
     for name in models.MODELS:  # every model's fields, whichever stage uses them
@@ -167,8 +168,8 @@ def test_init_from_starts_a_new_recipe_from_the_old_weights(
     config = flags.parse_config(linear.get_config(), args)
     run = loop.setup(config, startup.resolve(config), [tmp_path], vmap=False)
     source = metrics.read(linear_run / "metrics.jsonl")[-1]
-    ev = run.members.evaluate(run.state, *run.arrays[2:], train.EVAL_METRICS)
-    assert float(ev["accuracy"][0]) == source["val_accuracy"]
+    ev = run.members.evaluate(run.state, *run.arrays["test"], train.EVAL_METRICS)
+    assert float(ev["accuracy"][0]) == source["test_accuracy"]
     adam = run.state.opt_state.inner_state[0]  # a new optimizer: Adam's first step is to come
     assert run.step == 0 and int(adam.count) == 0
     assert all(not np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))

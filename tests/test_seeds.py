@@ -14,18 +14,21 @@ LIMIT = ["--train-limit", "4096"]
 def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
     out = tmp_path / "seeds.json"
     seeds.main(["dense_relu", "--seeds", "3", "--first-seed", "1", "--epochs", "2", *LIMIT,
-                "--data-dir", str(mnist_dir), "--json", str(out), "--workdir", str(tmp_path / "w")])  # fmt: skip
+                "--val-split", "1000", "--data-dir", str(mnist_dir), "--json", str(out),
+                "--workdir", str(tmp_path / "w")])  # fmt: skip
     r = json.loads(out.read_text())
     assert [run["seed"] for run in r["runs"]] == [1, 2, 3] and r["epochs"] == 2
-    final = [run["val_accuracy"] for run in r["runs"]]
+    final = [run["test_accuracy"] for run in r["runs"]]
     assert len(set(final)) == 3  # the seeds differ
     assert r["mean_accuracy"] == pytest.approx(sum(final) / 3)
     assert r["min_accuracy"] == min(final) and r["max_accuracy"] == max(final)
     assert r["target"] == dense_relu.TARGET and r["reached"] == sum(a >= 0.975 for a in final)
-    for run in r["runs"]:
-        assert run["best_accuracy"] == max(h["val_accuracy"] for h in run["history"])
+    for run in r["runs"]:  # the best epoch is chosen on validation; test is read there
+        best = max(run["history"], key=lambda h: h["val_accuracy"])
+        assert run["best_epoch"] == best["epoch"] and run["best_test_accuracy"] == best["test_accuracy"]  # fmt: skip
+    assert r["median_best_test_accuracy"] == sorted(run["best_test_accuracy"] for run in r["runs"])[1]  # fmt: skip
     printed = capsys.readouterr().out
-    assert "seed 2: final" in printed and "dense_relu (mnist_jax) over 3 seeds" in printed
+    assert "seed 2: final test" in printed and "dense_relu (mnist_jax) over 3 seeds" in printed
 
     # Each seed is a run in its own directory, restorable alone.
     assert mnist_jax.restore(tmp_path / "w" / "seed_2").step == 2 * 4096 // 128
@@ -33,9 +36,10 @@ def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
     # vmapped on the CPU, and a vmapped dense step is bitwise the single one: test_core.py).
     work = tmp_path / "stage"
     cli.run(dense_relu.get_config, ["--seed", "2", "--epochs", "2", "--data-train-limit", "4096",
-            "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(work)])  # fmt: skip
+            "--data-val-split", "1000", "--plots", "false", "--data-dir", str(mnist_dir),
+            "--workdir", str(work)])  # fmt: skip
     rows = metrics.read(work / "metrics.jsonl")
-    assert [row["val_accuracy"] for row in rows] == [h["val_accuracy"] for h in r["runs"][1]["history"]]  # fmt: skip
+    assert [row["test_accuracy"] for row in rows] == [h["test_accuracy"] for h in r["runs"][1]["history"]]  # fmt: skip
 
 
 def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
@@ -48,9 +52,9 @@ def test_keras_reference_trains_the_same_model(mnist_dir, tmp_path):
     # experiments.seeds conv --seeds 10 --epochs 1 --framework keras --train-limit 4096`). About 1
     # Keras run in 20 collapses in its first steps (docs/results.md): then it predicts one class.
     if run["collapsed_to"] is None:
-        assert 0.8 < run["val_accuracy"] < 0.99
+        assert 0.8 < run["test_accuracy"] < 0.99
     else:
-        assert run["val_accuracy"] < 0.2 and any(d == n for d, n in run["dead_units"].values())
+        assert run["test_accuracy"] < 0.2 and any(d == n for d, n in run["dead_units"].values())
     assert [n for _, n in run["dead_units"].values()] == [12, 24, 32, 200]
 
 
@@ -81,12 +85,15 @@ def test_collapsed_runs_are_counted_apart(mnist_dir, tmp_path, capsys):
                 "2560", "--data-dir", str(mnist_dir), "--json", str(out), "--workdir", str(tmp_path / "w")])  # fmt: skip
     r = json.loads(out.read_text())
     ok, collapsed = r["runs"]
-    assert ok["collapsed_to"] is None and ok["val_accuracy"] > 0.8
-    assert collapsed["collapsed_to"] == 1 and collapsed["val_accuracy"] == pytest.approx(0.1135)
+    assert ok["collapsed_to"] is None and ok["test_accuracy"] > 0.8
+    assert collapsed["collapsed_to"] == 1 and collapsed["test_accuracy"] == pytest.approx(0.1135)
     assert any(d == n for d, n in collapsed["dead_units"].values())  # a whole layer died
     assert all(d < n for d, n in ok["dead_units"].values())
-    assert r["collapsed"] == 1 and r["mean_accuracy_not_collapsed"] == ok["val_accuracy"]
-    assert r["median_accuracy"] == pytest.approx((ok["val_accuracy"] + 0.1135) / 2)
+    assert r["collapsed"] == 1 and r["mean_accuracy_not_collapsed"] == ok["test_accuracy"]
+    assert r["median_accuracy"] == pytest.approx((ok["test_accuracy"] + 0.1135) / 2)
     printed = capsys.readouterr().out
-    assert "seed 21: final 11.35%" in printed and "predicts class 1 for every test image" in printed
+    assert (
+        "seed 21: final test 11.35%" in printed
+        and "predicts class 1 for every test image" in printed
+    )
     assert "; 1 collapsed, the others" in printed

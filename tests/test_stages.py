@@ -31,7 +31,7 @@ def test_stage_runs_end_to_end(name, mnist, mnist_dir, tmp_path, capsys):
     cli.run(stage.get_config, args)
     rows = metrics.read(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(np.isfinite(r["val_loss"]) for r in rows)
+    assert all(np.isfinite(r["test_loss"]) for r in rows)
     out, err = capsys.readouterr()
     assert "epoch   2/2" in out
     # No accuracy bar: what 8 steps reach is a draw. Seeds 0-9 of this setting: linear 7.0-18.8%,
@@ -40,11 +40,11 @@ def test_stage_runs_end_to_end(name, mnist, mnist_dir, tmp_path, capsys):
     # any draw: a run that predicts one class for every test image says so, and says it right.
     labels = mnist.test_labels[:500]
     predictions = predict.probabilities(mnist_jax.restore(tmp_path), mnist.test_images[:500])
-    warnings = re.findall(r"warning: epoch (\d): the model predicts class (\d) .*\(val_acc ([\d.]+)%\)", err)  # fmt: skip
+    warnings = re.findall(r"warning: epoch (\d): the model predicts class (\d) .*\(test_acc ([\d.]+)%\)", err)  # fmt: skip
     if diagnostics.collapsed_to(predictions.argmax(-1)) is not None:
         assert warnings, err
     for epoch, label, accuracy in warnings:
-        logged = rows[int(epoch) - 1]["val_accuracy"]
+        logged = rows[int(epoch) - 1]["test_accuracy"]
         assert f"{logged:.2%}" == f"{accuracy}%" and logged * 500 == pytest.approx((labels == int(label)).sum())  # fmt: skip
 
 
@@ -60,12 +60,12 @@ def test_loop_warns_of_a_collapse(mnist, mnist_dir, tmp_path, capsys):
             "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path)])  # fmt: skip
     rows = metrics.read(tmp_path / "metrics.jsonl")
     counts = np.bincount(mnist.test_labels)
-    assert round(rows[0]["val_accuracy"] * 10_000) == counts[1]
+    assert round(rows[0]["test_accuracy"] * 10_000) == counts[1]
     # Epoch 2 still predicts one class (the output bias moves, so maybe another): never learns.
-    assert round(rows[1]["val_accuracy"] * 10_000) in counts
+    assert round(rows[1]["test_accuracy"] * 10_000) in counts
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith(  # once, not every epoch
-        "warning: epoch 1: the model predicts class 1 for every test image (val_acc 11.35%)"
+        "warning: epoch 1: the model predicts class 1 for every test image (test_acc 11.35%)"
     )
     # ... and says why: a hidden layer whose every unit is dead.
     counts = re.findall(r"hidden_\d (\d+)/(\d+)", warnings[0])
@@ -101,6 +101,6 @@ def test_report_tables_the_runs(mnist_dir, tmp_path, capsys):
     report.main(["--runs", str(tmp_path)])
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["`linear`", "`dense_relu`"]
-    acc = metrics.read(tmp_path / "linear" / "metrics.jsonl")[0]["val_accuracy"]
+    acc = metrics.read(tmp_path / "linear" / "metrics.jsonl")[0]["test_accuracy"]
     assert lines[2].split("|")[2].strip() == "7,850" and f"{acc:.2%}" in lines[2]
     assert (tmp_path / "report.png").stat().st_size > 10_000
