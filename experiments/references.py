@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from mnist_jax import data, diagnostics, loop, train
+from mnist_jax import data, diagnostics, loop, optim
 from mnist_jax.timing import _indices, _summary, _train_arrays, window_steps_for
 
 
@@ -84,7 +84,7 @@ def _keras_compiled(config):
     keras.utils.set_random_seed(config.seed)
     model = keras_model(config.model.to_dict())
     opt = (
-        keras.optimizers.Adam(config.opt.lr, epsilon=train.ADAM_EPS)
+        keras.optimizers.Adam(config.opt.lr, epsilon=optim.ADAM_EPS)
         if config.opt.name == "adam"
         else keras.optimizers.SGD(config.opt.lr)
     )

@@ -11,8 +11,9 @@ class ConfigError(ValueError):
     """A config value that cannot be trained with. The message names the flag."""
 
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("exponential", "onecycle")
+OPTIMIZERS = ("sgd", "adam", "optax_adam", "adamw")  # adam: Keras's, as the codelab's (optim.py)
+SCHEDULES = ("exponential", "onecycle", "cosine", "constant")
+LOSSES = ("cross_entropy",)
 SEED_MODES = ("auto", "vmap", "turn")
 CONV_GRADS = ("auto", "space_to_depth", "xla")
 # XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME). experiments/xla_cpu.py measures
@@ -62,6 +63,13 @@ FIELD_CLASSES = {
     "opt.lr": RECIPE,
     "opt.decay": RECIPE,
     "opt.schedule": RECIPE,
+    "opt.warmup": RECIPE,
+    "opt.momentum": RECIPE,
+    "opt.nesterov": RECIPE,
+    "opt.weight_decay": RECIPE,
+    "opt.clip_norm": RECIPE,
+    "loss.name": RECIPE,
+    "loss.label_smoothing": RECIPE,
     "steps_per_call": ARITHMETIC,
     "log_every": NEITHER,
     "plots": NEITHER,
@@ -91,7 +99,7 @@ FIELD_CLASSES = {
     "dataset.digits": NEITHER,
 }
 # Schedules whose learning rate at a step depends on the run's length (epochs x steps).
-SPANNING_SCHEDULES = ("onecycle",)
+SPANNING_SCHEDULES = ("onecycle", "cosine")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -118,11 +126,22 @@ def base() -> ml_collections.ConfigDict:
         )
     )
     config.model = ml_collections.ConfigDict(dict(name="softmax"))
-    # lr = opt.lr * opt.decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
-    # schedule "onecycle": warm up to lr, then cosine down over the run (train.make_optimizer).
+    # The rate at step t is opt.lr * schedule(t), the schedule peaking at 1 (optim.shape):
+    # exponential: decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
     config.opt = ml_collections.ConfigDict(
-        dict(name="sgd", lr=0.01, decay=1.0, schedule="exponential")
+        dict(
+            name="sgd",  # sgd, adam (Keras's), optax_adam, adamw
+            lr=0.01,  # the peak rate: data in the optimizer's state, not in its program
+            decay=1.0,  # the exponential schedule's per-epoch factor (not the weight decay)
+            schedule="exponential",  # exponential, onecycle, cosine (warm-up, then down), constant
+            warmup=0.0,  # cosine: the fraction of the run spent warming up
+            momentum=0.0,  # sgd: heavy-ball momentum (0: none)
+            nesterov=False,  # sgd with momentum: Nesterov's
+            weight_decay=0.0,  # adamw: decoupled weight decay
+            clip_norm=0.0,  # clip gradients to this global norm first (0: off)
+        )
     )
+    config.loss = ml_collections.ConfigDict(dict(name="cross_entropy", label_smoothing=0.0))
     # Training steps per compiled call (a lax.scan); 0: the whole epoch on GPU/TPU, 1 on the CPU.
     config.steps_per_call = 0
     config.log_every = 50  # steps between training-metric samples (train_steps.jsonl, progress bar)
@@ -203,4 +222,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}"
     )
     check(0 < config.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
+    check(0 <= config.opt.warmup < 1, "opt.warmup", "must be a fraction of the run, in [0, 1)")
+    check(0 <= config.opt.momentum < 1, "opt.momentum", "must be in [0, 1)")
+    check(config.opt.momentum > 0 or not config.opt.nesterov, "opt.nesterov", "needs --opt-momentum")  # fmt: skip
+    check(config.opt.name == "sgd" or not (config.opt.momentum or config.opt.nesterov), "opt.momentum", "is sgd's; the adams have their own")  # fmt: skip
+    check(config.opt.weight_decay >= 0, "opt.weight_decay", "must be 0 or positive")
+    check(config.opt.name == "adamw" or not config.opt.weight_decay, "opt.weight_decay", "decays weights with --opt-name adamw only")  # fmt: skip
+    check(config.opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
+    check(config.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}")
+    check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
     # The model's fields are checked by models.build, which knows each model's fields.

@@ -239,14 +239,14 @@ def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
-          hooks: tuple = (), save: bool = True, step_fn=train_lib.train_step,
+          hooks: tuple = (), save: bool = True, step_fn=None,
           eval_metrics: dict | None = None) -> Run:  # fmt: skip
     """Train members config.seed, config.seed + 1, ... (one per work directory; several only
     vmapped) for config.epochs epochs, evaluating on the test set after each; resume if possible.
 
     hooks: the caller's, called after the built-in ones (hooks.defaults; save=False: no
-    checkpoints). step_fn: the step (train.train_step; a researcher's own may return more
-    metrics, logged by name). eval_metrics: {name: fn(logits, labels)}, beside loss and accuracy.
+    checkpoints). step_fn: the step (train.train_step with config.loss's loss; a researcher's own
+    may return more metrics, logged by name). eval_metrics: {name: fn(logits, labels)}, beside loss and accuracy.
     Each work directory gets config.json, summary.txt, metrics.jsonl, train_steps.jsonl,
     tensorboard/ and checkpoints/. Returns the run: its state, rows and last evaluation.
     """
@@ -254,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
     # jitted function's cache key, so a context always on would compile apart from callers'.
     with jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext():
         run = setup(config, startup.resolve(config), workdirs, vmap)
-        run.step_fn = step_fn
+        run.step_fn = step_fn or train_lib.step_for(config.loss.name)
         run.eval_metrics = train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items()))
         resume(run)
         hook_list, spe = [*defaults(save), *hooks], run.steps_per_epoch

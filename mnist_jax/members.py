@@ -71,7 +71,7 @@ class Members:
         if not self.vmap:
             static["sharding"] = self.sharding
         if config.debug_nans:  # jax_debug_nans checks jitted calls, not compiled (AOT) ones
-            state, m = fn(*args, **static)
+            state, m = train_lib.UNDONATED[fn](*args, **static)
         else:
             state, m = self._compiled(("train", steps), lambda: fn.lower(*args, **static))(*args)
         return state, m  # [members, steps] vmapped, else [steps]: to_host adds the axis

@@ -7,6 +7,7 @@ so research code can wrap it (`jax.jit(train_step, donate_argnums=0)`, `jax.vmap
 indices; `train_batch` is one step on given indices. loop.py fetches metrics between calls only.
 """
 
+import functools
 from functools import partial
 from typing import Any
 
@@ -16,79 +17,15 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoint, data, models
-
-ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
+from mnist_jax import checkpoint, data, models, optim
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state and step, plus batch-norm statistics ({} without batch norm)."""
+    """Params, optimizer state and step, plus batch-norm statistics ({} without batch norm) and
+    the loss's numbers ({"label_smoothing": ...}): data, like the optimizer's (optim.py)."""
 
     batch_stats: Any = None
-
-
-def scale_by_keras_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS
-) -> optax.GradientTransformation:
-    """Adam's update as Keras (and TensorFlow, which the codelab ran) computes it.
-
-    update = m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps): eps is added to sqrt(v) before
-    the bias correction. optax.scale_by_adam adds it after (to sqrt(v_hat)), an eps 1/sqrt(1-b2^t)
-    times smaller: 32x at step 1, 10x at step 10. At lr 0.01 that matters: weights whose
-    gradients are tiny take full lr-sized first steps under optax's form and damped ones under
-    Keras's. From the same weights and batches, 20 conv steps ended 6-36% apart in weights from
-    Keras's with optax.adam, and under 1% apart with this (tests/test_keras_reference.py).
-    """
-
-    def init(params):
-        zeros = optax.tree.zeros_like
-        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
-
-    def update(updates, state, params=None):
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-        count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
-        updates = jax.tree.map(lambda m, v: alpha * m / (jnp.sqrt(v) + eps), mu, nu)
-        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init, update)
-
-
-def keras_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS):
-    """keras.optimizers.Adam: scale_by_keras_adam, then the learning rate (a schedule allowed)."""
-    return optax.chain(
-        scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
-    )
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int = 1):
-    """SGD or Keras's Adam, with lr = opt.lr * opt.decay ** epoch as Keras's LearningRateScheduler.
-
-    opt.schedule "onecycle" instead warms up to opt.lr for the first 20% of the run, then anneals
-    (cosine) to opt.lr / 1000 at its end (optax.cosine_onecycle_schedule): the speedrun's.
-    `inject_hyperparams` keeps the learning rate actually used in the optimizer state, for logging.
-    """
-    # .get: config.json of runs from before these fields (experiments/report.py reads them)
-    if opt.get("schedule", "exponential") == "onecycle":
-        schedule = optax.cosine_onecycle_schedule(
-            transition_steps=epochs * steps_per_epoch,
-            peak_value=opt.lr,
-            pct_start=0.2,
-            div_factor=25,
-            final_div_factor=40,
-        )
-    else:
-        schedule = optax.exponential_decay(
-            init_value=opt.lr,
-            transition_steps=steps_per_epoch,
-            decay_rate=opt.decay,
-            staircase=True,
-        )
-    if opt.name == "sgd":
-        return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
-    return optax.inject_hyperparams(keras_adam)(learning_rate=schedule)
+    loss_args: Any = None
 
 
 @partial(jax.jit, static_argnums=0)
@@ -99,12 +36,19 @@ def _init(model, rng, x):
     return model.init(rng, x, train=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _one(model):
+    return model
+
+
 def model_of(config: ml_collections.ConfigDict):
     """The config's model, built for its data and for how it computes (startup.resolve decides
-    conv_grad "auto"; unresolved, XLA's own gradient)."""
+    conv_grad "auto"; unresolved, XLA's own gradient). Equal models are one object, so that
+    their `apply` is one function and a jitted step compiles once for runs that differ only in
+    numbers (a bound method compares its object by identity)."""
     s2d = config.get("conv_grad") == "space_to_depth"
-    return models.build(**config.model, num_classes=data.spec(config)[1],
-                        dtype=config.get("dtype", "float32"), s2d_grad=s2d)  # fmt: skip
+    return _one(models.build(**config.model, num_classes=data.spec(config)[1],
+                             dtype=config.get("dtype", "float32"), s2d_grad=s2d))  # fmt: skip
 
 
 def create_train_state(
@@ -115,11 +59,13 @@ def create_train_state(
     steps_per_epoch = steps_per_epoch or num_train // config.batch_size
     model = model_of(config)
     variables = _init(model, rng, jnp.zeros((1, *shape), jnp.float32))
+    loss = config.get("loss") or {}
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=make_optimizer(config.opt, steps_per_epoch, config.epochs),
+        tx=optim.optimizer(config.opt, steps_per_epoch, config.epochs),
+        loss_args={"label_smoothing": jnp.float32(loss.get("label_smoothing", 0.0))},
     )
 
 
@@ -133,24 +79,22 @@ def inference_state(restored: checkpoint.Restored) -> TrainState:
     )
 
 
-def learning_rate(state: TrainState) -> jax.Array:
-    """The learning rate of the last update, or NaN if the optimizer does not expose it."""
-    hyper = getattr(state.opt_state, "hyperparams", {})
-    return jnp.asarray(hyper.get("learning_rate", jnp.nan), jnp.float32)
-
-
 def train_step(
-    state: TrainState, batch: tuple[jax.Array, jax.Array], rng: jax.Array
+    state: TrainState,
+    batch: tuple[jax.Array, jax.Array],
+    rng: jax.Array,
+    loss_fn=optim.cross_entropy,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on (images float32 [B,28,28,1], labels int [B]).
+    """One optimizer step on (images float32 [B, H, W, C], labels int [B]).
 
-    Backprop is `jax.value_and_grad` of the loss. Dropout draws from fold_in(rng, step), so the
-    randomness of a step depends only on the run's key and the step number.
+    Backprop is `jax.value_and_grad` of the loss: loss_fn(logits, labels, **state.loss_args), a
+    scalar, or (scalar, {name: extra metric}) logged beside. Dropout draws from fold_in(rng,
+    step), so the randomness of a step depends only on the run's key and the step number.
     """
     images, labels = batch
     dropout_rng = jax.random.fold_in(rng, state.step)
 
-    def loss_fn(params):
+    def loss_of(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -158,19 +102,29 @@ def train_step(
             rngs={"dropout": dropout_rng},
             mutable=["batch_stats"],
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (logits, updates)
+        out = loss_fn(logits, labels, **(state.loss_args or {}))
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        return loss, (logits, updates, extra)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, updates, extra)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)  # fmt: skip
     state = state.apply_gradients(
         grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
     )
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "learning_rate": learning_rate(state),
+        "learning_rate": optim.learning_rate(state.opt_state),
+        **extra,
     }
     return state, metrics
+
+
+@functools.lru_cache(maxsize=None)
+def step_for(loss: str = "cross_entropy"):
+    """train_step with the loss named in config.loss.name: one object a name, so that the
+    compiled steps, which take it as a static argument, are shared."""
+    fn = optim.LOSSES[loss]
+    return train_step if fn is optim.cross_entropy else functools.partial(train_step, loss_fn=fn)
 
 
 def fired(activations):
@@ -290,6 +244,14 @@ def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0
     data are shared). Metrics come back [N, steps]."""
     one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step)  # noqa: E731
     return jax.vmap(one)(states, orders, rngs)
+
+
+# --debug-nans re-runs a step op by op on its inputs when it finds a NaN: nothing donated there.
+UNDONATED = {
+    fn: jax.jit(fn.__wrapped__, static_argnames=names)
+    for fn, names in ((train_steps, ("steps", "sharding", "shift", "step")),
+                      (train_seeds, ("steps", "shift", "step")))
+}  # fmt: skip
 
 
 def _eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None,

@@ -20,6 +20,7 @@ ORDER = [
     "flags",
     "data",
     "models",
+    "optim",
     "metrics",
     "parallel",
     "startup",
@@ -39,7 +40,7 @@ ORDER = [
     "__init__",
 ]
 TRAINING_PATH = [
-    "config", "flags", "data", "models", "metrics", "parallel", "startup", "checkpoint", "recipe",
+    "config", "flags", "data", "models", "optim", "metrics", "parallel", "startup", "checkpoint", "recipe",
     "train", "members", "diagnostics", "hooks", "loop", "seeds", "cli",
 ]  # fmt: skip
 HEAVY = {"matplotlib", "tensorflow", "tensorflow_datasets", "keras", "torch", "tensorboardX"}

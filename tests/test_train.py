@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import conv_bn, dense_dropout, dense_lr_decay, dense_relu, linear
-from mnist_jax import data, models, train, train_step
+from mnist_jax import data, models, optim, train, train_step
 
 step = jax.jit(train_step)
 
@@ -111,13 +111,13 @@ def test_onecycle_schedule_warms_up_then_anneals():
 
     opt = config_lib.base().opt
     opt.update(name="adam", lr=0.01, schedule="onecycle")
-    tx = train.make_optimizer(opt, steps_per_epoch=100, epochs=3)
+    tx = optim.optimizer(opt, steps_per_epoch=100, epochs=3)
     params = {"w": jax.numpy.zeros(3)}
     state = tx.init(params)
     lrs = []
     for _ in range(300):
         _, state = tx.update({"w": jax.numpy.ones(3)}, state, params)
-        lrs.append(float(state.hyperparams["learning_rate"]))
+        lrs.append(float(optim.learning_rate(state)))
     assert lrs[0] == pytest.approx(0.01 / 25, rel=1e-3)  # first update: the start of the warm-up
     assert max(lrs) == pytest.approx(0.01, rel=1e-3) and 55 <= int(np.argmax(lrs)) <= 60
     assert lrs[-1] == pytest.approx(0.01 / 1000, rel=0.05)
