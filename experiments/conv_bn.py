@@ -25,10 +25,24 @@ TARGET = 0.994  # the final test accuracy's median over seeds 0-4, after 10 epoc
 def get_config():
     config = conv.get_config()
     config.model.batch_norm = True
+    config.model.bn_momentum = 0.99  # a field so that a sweep can change it (Keras's default)
     config.model.dropout = 0.3
     config.opt.decay = 0.666
     config.batch_size = 64
     return config
+
+
+def get_sweep():
+    """The codelab's cloud study (mlengine/config-hptune.yaml): the three convolutions' widths
+    in its ranges, and our schedule's two numbers, the peak rate and its per-epoch decay
+    (`python -m experiments.sweep conv_bn`; add --space 'model.bn_momentum=uniform(0.9,0.999)')."""
+    return [
+        "model.channels[0]=int(6,18)",
+        "model.channels[1]=int(12,40)",
+        "model.channels[2]=int(30,64)",
+        "opt.lr=loguniform(0.001,0.05)",
+        "opt.decay=uniform(0.3,0.95)",
+    ]
 
 
 if __name__ == "__main__":

@@ -25,5 +25,10 @@ def get_config():
     return config
 
 
+def get_sweep():
+    """Adam's rate over three decades (`python -m experiments.sweep dense_relu`)."""
+    return ["opt.lr=loguniform(1e-4,1e-1)"]
+
+
 if __name__ == "__main__":
     cli.run(get_config)

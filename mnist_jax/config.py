@@ -59,6 +59,7 @@ FIELD_CLASSES = {
     "model.strides": RECIPE,
     "model.dense": RECIPE,
     "model.batch_norm": RECIPE,
+    "model.bn_momentum": RECIPE,
     "opt.name": RECIPE,
     "opt.lr": RECIPE,
     "opt.decay": RECIPE,

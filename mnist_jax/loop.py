@@ -30,11 +30,15 @@ from mnist_jax import checkpoint, data, metrics, models, parallel, recipe, start
 from mnist_jax import train as train_lib  # train.py: the pure step, its compiled forms
 from mnist_jax.config import ConfigError, validate
 from mnist_jax.hooks import LAST, call, defaults
-from mnist_jax.members import Members
+from mnist_jax.members import Members, member_configs
 
 
 class Diverged(Exception):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite (in member `member`, when known)."""
+
+    def __init__(self, message: str, member: int | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 class Interrupted(Exception):
@@ -97,13 +101,16 @@ def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
     return arrays if n_val else {k: v for k, v in arrays.items() if k != "val"}
 
 
-def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) -> Run:
+def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
+          members_given: list | None = None, labels: list | None = None) -> Run:  # fmt: skip
     """Check the config and each work directory (a run of another recipe is refused before
-    anything is written: recipe.py), load the data, build the members' initial states."""
+    anything is written: recipe.py), load the data, build the members' initial states.
+    members_given: each member's config as given (see train)."""
     validate(config)
     models.build(**config.model)  # a model field or value the model cannot take: one line
     mesh = parallel.make_mesh(config.devices)
-    members = Members(config, workdirs, mesh, vmap)
+    members_given = members_given or member_configs(given, None, len(workdirs))
+    members = Members(config, workdirs, mesh, vmap, member_configs(config, members_given, 0), labels)  # fmt: skip
     ds = data.from_config(config.data)
     arrays = split_data(ds, config)
     spe = len(arrays["train"][1]) // config.batch_size
@@ -113,12 +120,12 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool) 
                    seed_mode=members.mode)  # fmt: skip
     dataset = config.dataset = data.identity(ds, config.data.digits)  # resumes on the same
     recorded = []  # as the command gives them: config.json; the resolved choices are runtime's
-    for seed, workdir in zip(members.seeds, members.workdirs):
-        c = ml_collections.ConfigDict(given.to_dict())
-        c.seed, c.seeds, c.dataset = seed, 1, dataset
+    for g in members_given:
+        c = ml_collections.ConfigDict(g.to_dict())
+        c.seeds, c.dataset = 1, dataset
         recorded.append(c)
     plans = [recipe.check(w, c, runtime) for w, c in zip(members.workdirs, recorded)]
-    states = [train_lib.create_train_state(config, r, spe) for r in members.init_rngs]
+    states = [train_lib.create_train_state(c, r, spe) for c, r in zip(members.configs, members.init_rngs)]  # fmt: skip
     plans = [recipe.find_checkpoint(w, p, c, s, spe) for w, p, c, s in zip(members.workdirs, plans, recorded, states)]  # fmt: skip
     parallel.sync("work directories checked")  # every process has read them before any change
     if config.init_from and any(plan.step is None for plan in plans):
@@ -185,7 +192,8 @@ def fetch(run: Run, chunk: list, epoch: int) -> dict:
             f"{run.members.label(i)}training loss became {new['loss'][i, j]} at epoch {epoch + 1}, "
             f"step {step}{lr}; "
             + (f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint kept")
-            + "; try a smaller --opt-lr, or --debug-nans to find the operation"
+            + "; try a smaller --opt-lr, or --debug-nans to find the operation",
+            member=int(i),
         )
     run.partial = {k: np.concatenate([run.partial[k], v], 1) if run.partial else v for k, v in new.items()}  # fmt: skip
     return new
@@ -239,21 +247,23 @@ def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
-          hooks: tuple = (), save: bool = True, step_fn=None,
-          eval_metrics: dict | None = None) -> Run:  # fmt: skip
+          hooks: tuple = (), save: bool = True, step_fn=None, eval_metrics: dict | None = None,
+          members: list | None = None, labels: list | None = None) -> Run:  # fmt: skip
     """Train members config.seed, config.seed + 1, ... (one per work directory; several only
     vmapped) for config.epochs epochs, evaluating on the test set after each; resume if possible.
 
     hooks: the caller's, called after the built-in ones (hooks.defaults; save=False: no
     checkpoints). step_fn: the step (train.train_step with config.loss's loss; a researcher's own
     may return more metrics, logged by name). eval_metrics: {name: fn(logits, labels)}, beside loss and accuracy.
+    members: each member's config (default: config with seeds config.seed, + 1, ...), differing
+    only in members.MEMBER_FIELDS (a sweep's trials); labels: how lines name them.
     Each work directory gets config.json, summary.txt, metrics.jsonl, train_steps.jsonl,
     tensorboard/ and checkpoints/. Returns the run: its state, rows and last evaluation.
     """
     # For this call only; only when asked: a config value set in a context is part of every
     # jitted function's cache key, so a context always on would compile apart from callers'.
     with jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext():
-        run = setup(config, startup.resolve(config), workdirs, vmap)
+        run = setup(config, startup.resolve(config), workdirs, vmap, members, labels)
         run.step_fn = step_fn or train_lib.step_for(config.loss.name)
         run.eval_metrics = train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items()))
         resume(run)

@@ -5,27 +5,73 @@ they train in one compiled program (`train.train_seeds`: `jax.vmap` over the ini
 the data orders and the dropout keys), their states stacked on a leading axis and spread over
 the devices; else a group is one run in the plain program, its batch spread over the devices.
 `Members` is the only code that knows which: the loop sees arrays with a leading members axis,
-`take(state, i)`, and the words it prints. A member could be a seed with its own hyperparameter
-values too: anything that differs by member and shares the program's shapes.
+`take(state, i)`, and the words it prints. A member is a seed, and may have its own values of
+the numbers that are data in the state (MEMBER_FIELDS: a sweep's trials train together so).
 """
 
 import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
-from mnist_jax import data, parallel
+from mnist_jax import data, flags, parallel
 from mnist_jax import train as train_lib
 from mnist_jax.config import ConfigError
+
+# What may differ between the members of one program: the seed, and numbers that are data in the
+# state (the optimizer's, optim.py; the loss's, TrainState.loss_args), not constants of its program.
+MEMBER_FIELDS = ("seed", "opt.lr", "opt.weight_decay", "loss.label_smoothing")
+
+
+def _get(config, path: str):
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
+def _set(config, path: str, value) -> None:
+    *parents, key = path.split(".")
+    for part in parents:
+        config = config[part]
+    config[key] = value
+
+
+def member_configs(config, given: list | None, n: int) -> list:
+    """Each member's config: `config` with the MEMBER_FIELDS of its `given` config (default:
+    seeds config.seed, config.seed + 1, ...). ConfigError if they differ in anything else."""
+    given = given or [_with(config, seed=config.seed + i) for i in range(n)]
+    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}  # noqa: E731  # fmt: skip
+    for g in given:
+        if program(g) != program(given[0]):
+            diff = sorted(k for k in program(g) if program(g)[k] != program(given[0]).get(k))
+            raise ConfigError(f"members trained together differ only in {', '.join(MEMBER_FIELDS)}; these differ in {', '.join(diff)}")  # fmt: skip
+    out = []
+    for g in given:
+        c = ml_collections.ConfigDict(config.to_dict())
+        for path in MEMBER_FIELDS:
+            _set(c, path, _get(g, path))
+        out.append(c)
+    return out
+
+
+def _with(config, **values):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.update(values)
+    return c
 
 
 class Members:
     """A group's members (see the module's doc); vmap: in one program."""
 
-    def __init__(self, config, workdirs: list, mesh, vmap: bool):
+    def __init__(self, config, workdirs: list, mesh, vmap: bool, configs: list | None = None,
+                 labels: list | None = None):  # fmt: skip
+        """configs: each member's (member_configs; default seeds config.seed, + 1, ...);
+        labels: what a line about a member calls it (default "seed <s>")."""
         assert vmap or len(workdirs) == 1, "runs that do not train vmapped train one at a time"
         n = len(workdirs)
+        self.configs = configs or member_configs(config, None, n)
         if vmap and n % mesh.size:
             raise ConfigError(f"--seeds: {n} seeds do not spread over {mesh.size} devices; use a multiple of {mesh.size}, or --devices 1")  # fmt: skip
         if vmap and jax.process_count() > 1:
@@ -34,7 +80,8 @@ class Members:
             parallel.check_batch(config.batch_size, mesh)
         self.workdirs, self.mesh, self.vmap = [Path(w) for w in workdirs], mesh, vmap
         self.mode = "vmap" if vmap else "turn"
-        self.seeds = [config.seed + i for i in range(len(workdirs))]
+        self.seeds = [c.seed for c in self.configs]
+        self.labels = labels or [f"seed {s}" for s in self.seeds]
         self.batch = config.batch_size
         keys = [tuple(jax.random.split(jax.random.PRNGKey(s), 3)) for s in self.seeds]
         self.init_rngs, self.data_rngs, dropout = zip(*keys)
@@ -96,7 +143,7 @@ class Members:
 
     # What a person reads: one member is the run; several are seeds and their spread.
     def label(self, i: int) -> str:
-        return f"seed {self.seeds[i]}: " if len(self.seeds) > 1 else ""
+        return f"{self.labels[i]}: " if len(self.seeds) > 1 else ""
 
     @property
     def where(self) -> Path:
@@ -110,6 +157,8 @@ class Members:
     def where_all(self) -> str:
         if len(self.seeds) == 1:
             return f"work directory {self.workdirs[0]}"
+        if not self.labels[0].startswith("seed "):  # a sweep's trials
+            return f"work directories {', '.join(map(str, self.workdirs))}"
         return f"work directories {self.where}/seed_*"
 
     def spread(self, values, fmt: str, full: bool = False) -> str:
@@ -124,7 +173,8 @@ class Members:
         n, devices = len(self.seeds), self.mesh.size
         if self.vmap:
             per = f", {n // devices} per device on {devices} devices" if devices > 1 else ""
-            return [f"{n} seeds ({self.seeds[0]}-{self.seeds[-1]}) in one vmapped program{per}"]
+            which = f"{n} seeds ({self.seeds[0]}-{self.seeds[-1]})" if self.labels[0].startswith("seed ") else f"{n} members ({', '.join(self.labels)})"  # fmt: skip
+            return [f"{which} in one vmapped program{per}"]
         if devices > 1:
             return [f"Data-parallel over {devices} {self.mesh.devices.flat[0].platform} devices in "
                     f"{jax.process_count()} process(es): {self.batch // devices} images per device "

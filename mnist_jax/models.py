@@ -136,6 +136,9 @@ class ConvNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2)
     dense: int = 200
     batch_norm: bool = False
+    bn_momentum: float = (
+        0.99  # the running statistics' decay (Keras's default; the codelab swept it)
+    )
     dropout: float = 0.0
     num_classes: int = 10
     dtype: str = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs), params float32
@@ -148,7 +151,7 @@ class ConvNet(nn.Module):
         norm = partial(
             nn.BatchNorm,
             use_running_average=not train,
-            momentum=0.99,
+            momentum=self.bn_momentum,
             epsilon=1e-3,
             use_scale=False,
             # Variance as mean((x - mean)^2), as Keras and TensorFlow compute it, not flax's
@@ -215,6 +218,7 @@ def _check(name: str, kwargs: dict) -> None:
         "strides": per_layer,
         "dense": (lambda v: v >= 1, "must be at least 1"),
         "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     }
     for key, (ok, what) in rules.items():

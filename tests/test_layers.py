@@ -35,6 +35,7 @@ ORDER = [
     "hooks",
     "loop",
     "seeds",
+    "sweep",
     "timing",
     "cli",
     "__init__",

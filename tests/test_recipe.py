@@ -385,8 +385,8 @@ def test_a_flag_mix_up_exits_2_with_one_line(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
-        "error: --model-name mlp: the mlp model has no --model-batch-norm, --model-channels, "
-        "--model-dense, --model-kernels, --model-strides (set by the stage or a flag); its "
+        "error: --model-name mlp: the mlp model has no --model-batch-norm, --model-bn-momentum, "
+        "--model-channels, --model-dense, --model-kernels, --model-strides (set by the stage or a flag); its "
         "fields are --model-features, --model-activation, --model-dropout; use a stage built on "
         "that model"
     ]

@@ -1,0 +1,124 @@
+"""Hyperparameter sweep of a stage on Optuna, chosen on a validation split (mnist_jax/sweep.py).
+
+  python -m experiments.sweep conv_bn --trials 20 --epochs 2          # the stage's get_sweep()
+  python -m experiments.sweep dense_relu --space 'opt.lr=loguniform(1e-4,1e-1)' --trials 10
+
+The stage's own flags fix every trial's config (--epochs 2, --data-val-split 5000, ...). Each
+trial is a run in WORKDIR/trial_<n>/ (default WORKDIR: runs/sweep_<stage>); the table is
+printed and written to WORKDIR/sweep.json, the plots to WORKDIR/plots/. Running the same
+command again continues the study.
+"""
+
+import argparse
+import importlib
+import pkgutil
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+import experiments
+from mnist_jax import flags, loop, startup
+from mnist_jax import sweep as sweep_lib
+from mnist_jax.config import ConfigError
+from mnist_jax.data import DataError
+
+EPILOG = """\
+Many processes, one study: run this command, with the same --storage and --study, in every
+process, on one machine or many. SQLite (the default, WORKDIR/study.db) is for one machine; on
+many, an RDB URL every machine reaches (--storage postgresql://user:pass@host/db), or a journal
+file on a shared filesystem (--storage journal:/shared/study.log). Each process records a
+heartbeat for its trials in an RDB store: a trial without one for 2 x --heartbeat seconds is
+failed and run again from its checkpoint (Optuna's journal storage has no heartbeats: there, a
+killed trial stays RUNNING). --trials counts the study's trials over all processes. The stage's
+flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000.
+"""
+
+
+def stages() -> list[str]:
+    skip = {"sweep", "seeds", "report", "benchmark", "speedrun", "references", "xla_cpu"}
+    names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
+    return sorted(n for n in names if n not in skip and not n.startswith("autograd"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = flags.Parser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0],
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("stage", help=f"one of {', '.join(stages())}")
+    p.add_argument("--space", action="append", default=[],
+                   help=f"a parameter, repeatable: {sweep_lib.SYNTAX} (default: the stage's get_sweep())")  # fmt: skip
+    p.add_argument("--trials", type=int, default=20, help="the study's trials in all (default %(default)s)")  # fmt: skip
+    p.add_argument("--trial-seeds", type=int, default=1, help="seeds per trial; its score is their median (default %(default)s)")  # fmt: skip
+    p.add_argument("--batch-trials", type=int, default=0,
+                   help="trials trained together, vmapped, when the space changes only numbers that are data "
+                        "(lr, weight decay, label smoothing); 0: 4 on GPU/TPU and for the dense stages on the CPU, else 1")  # fmt: skip
+    p.add_argument(
+        "--storage", default="", help="'' (WORKDIR/study.db), an RDB URL, or journal:PATH"
+    )
+    p.add_argument("--study", default="", help="the study's name (default: the stage's)")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    p.add_argument("--pruner", choices=("median", "none"), default="median")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (default %(default)s)")  # fmt: skip
+    return p
+
+
+def batch_size(given: int, space: dict, config) -> int:
+    if given > 1 and not sweep_lib.batchable(space):
+        raise ConfigError(f"--batch-trials {given}: trials train together only when the space changes numbers that are data (lr, weight decay, label smoothing); this one changes {', '.join(space)}")  # fmt: skip
+    if given:
+        return given
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seeds, c.seed_mode = 2, "auto"  # where seeds would train vmapped, trials do too
+    return 4 if sweep_lib.batchable(space) and startup.resolve(c).seed_mode == "vmap" else 1
+
+
+def main(argv=None) -> dict:
+    args, rest = parser().parse_known_args(argv)
+    p = parser()
+    if args.stage not in stages():
+        p.error(f"unknown stage {args.stage!r}; one of {', '.join(stages())}")
+    module = importlib.import_module(f"experiments.{args.stage}")
+    config = module.get_config()
+    config.name = args.stage
+    config = flags.parse_config(config, rest, prog=f"{p.prog} {args.stage}")
+    workdir = Path(config.workdir or f"runs/sweep_{args.stage}")
+    config.workdir = str(workdir)
+    config.plots, plots = False, config.plots  # the sweep's plots, not each trial's
+    say = print
+    with flags.user_errors(ConfigError, DataError):
+        for flag in ("trials", "trial_seeds", "heartbeat"):
+            if getattr(args, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")  # fmt: skip
+        if args.batch_trials < 0:
+            raise ConfigError(f"--batch-trials: must be 0 (auto) or positive, got {args.batch_trials}")  # fmt: skip
+        note = sweep_lib.check_config(config)
+        specs = args.space or list(getattr(module, "get_sweep", lambda: [])())
+        if not specs:
+            raise ConfigError(f"--space: the stage {args.stage} declares no sweep (get_sweep); give --space {sweep_lib.SYNTAX.split(',')[0]}")  # fmt: skip
+        space = sweep_lib.parse_space(specs, config)
+        startup.start(config)
+        batch = batch_size(args.batch_trials, space, config)
+        if note:
+            say(note)
+        created = not workdir.exists()
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            study = sweep_lib.open_study(args.storage, args.study or args.stage, workdir, args.heartbeat,
+                                         args.sampler, args.pruner, space, config)  # fmt: skip
+        except ConfigError:
+            if created and not any(workdir.iterdir()):
+                shutil.rmtree(workdir)  # a bad storage writes nothing
+            raise
+        say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time; {args.storage or workdir / 'study.db'}")  # fmt: skip
+        try:
+            sweep_lib.optimize(study, space, config, workdir, args.trials, args.trial_seeds, batch,
+                               args.heartbeat, say=say)  # fmt: skip
+        except loop.Interrupted as e:
+            flags.fail(f"{str(e).split(';')[0]}; the study keeps its trials and the interrupted ones are queued again: run the same command to continue", e.exit_code)  # fmt: skip
+        except KeyboardInterrupt:  # between two trials, or a second Ctrl-C
+            flags.fail("interrupted; the study keeps its trials: run the same command to continue", 130)  # fmt: skip
+        return sweep_lib.summarize(study, space, workdir, plots, say)
+
+
+if __name__ == "__main__":
+    main()

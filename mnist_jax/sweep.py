@@ -1,0 +1,500 @@
+"""Hyperparameter sweeps on Optuna: a study whose trials are ordinary runs, chosen on validation.
+
+A sweep is an Optuna study (TPE by default) in a store several processes can share: SQLite in
+the work directory by default, any RDB URL (PostgreSQL, MySQL) for many machines, or a journal
+file. Each trial is an ordinary run in WORKDIR/trial_<n>/ (WORKDIR/trial_<n>/seed_<s>/ with
+several seeds a trial), restorable with evaluate and predict. Its score is the median over its
+seeds of the final validation accuracy; each epoch's median goes to Optuna (the `Report` hook),
+whose pruner may stop the trial there. The test accuracy is recorded beside, never told.
+
+A trial left RUNNING may be alive in another process. As Optuna does it: every process records
+a heartbeat for its running trials; a trial whose heartbeat is older than the grace period is
+failed and re-queued with its parameters (`RetryHeartbeatStaleTrialCallback`), and the retry
+resumes the run in the first trial's directory from its last checkpoint. A trial stopped by a
+signal is re-queued at once. Trials that differ only in numbers that are data in the state
+(members.MEMBER_FIELDS) can train together vmapped (`batch`): a pruned member trains on with the
+others (the program keeps its shape), its later epochs are written to its files but not told.
+"""
+
+import dataclasses
+import json
+import re
+import signal
+import statistics
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from mnist_jax import flags, loop, models, parallel, seeds, startup
+from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
+from mnist_jax.hooks import Hook
+from mnist_jax.members import MEMBER_FIELDS
+
+# Heartbeats, their retry callback and fail_stale_trials are "experimental" in Optuna since 2.x,
+# and it warns that heartbeats are meant for optimize(), which runs one trial at a time.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")  # fmt: skip
+
+SYNTAX = ("PATH=loguniform(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH[,STEP]), logint(LOW,HIGH) "
+          "or choice(A,B,...); PATH a config field (opt.lr) or an element of a tuple field "
+          "(model.channels[0])")  # fmt: skip
+_SPEC = re.compile(r"^\s*([a-z_.]+)(?:\[(\d+)\])?\s*=\s*([a-z]+)\((.*)\)\s*$")
+_FINAL = {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def _number(text: str):
+    value = json.loads(text) if re.fullmatch(r"-?\d+", text) else float(text)
+    return value
+
+
+def _field(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _put(config, name: str, value) -> None:
+    """Set the parameter `name` (a path, or path[i] for a tuple's element) in config."""
+    path, _, index = name.partition("[")
+    *parents, key = path.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if index:
+        items = list(node[key])
+        items[int(index[:-1])] = value
+        value = tuple(items)
+    node[key] = value
+
+
+def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
+    """{parameter name: Optuna distribution} from "PATH=kind(args)" texts (SYNTAX), checked
+    against `config`: the field exists and takes the kind's values, and both ends of the range
+    are values a run can train with. ConfigError naming the text otherwise."""
+    paths = dict(flags.leaves(config))
+    space = {}
+    for spec in specs:
+        bad = lambda what: ConfigError(f"--space {spec!r}: {what}")  # noqa: E731
+        match = _SPEC.match(spec)
+        if not match:
+            raise bad(f"not {SYNTAX}")
+        path, index, kind, args = match.groups()
+        if path not in paths:
+            raise bad(f"{path} is not a field of this stage's config (its fields are its flags: --help)")  # fmt: skip
+        current = paths[path]
+        if index is not None:
+            if not isinstance(current, (tuple, list)) or int(index) >= len(current):
+                raise bad(f"{path} has no element {index} (it is {current!r})")
+            current = current[int(index)]
+        elif isinstance(current, (tuple, list)):
+            raise bad(f"{path} is a tuple: sweep its elements, {path}[0] ...")
+        try:
+            values = [a.strip() for a in args.split(",") if a.strip()]
+            if kind == "choice":
+                cast = type(current) if not isinstance(current, bool) else flags._parse_bool
+                dist = CategoricalDistribution([cast(v) for v in values])
+            elif kind in ("uniform", "loguniform", "int", "logint"):
+                nums = [_number(v) for v in values]
+                if len(nums) != (3 if kind == "int" and len(nums) == 3 else 2):
+                    raise bad(f"{kind} takes (LOW,HIGH){'[,STEP]' if kind == 'int' else ''}, got ({args})")  # fmt: skip
+                if nums[0] > nums[1]:
+                    raise bad(f"the range is empty: {nums[0]} > {nums[1]}")
+                if kind in ("loguniform", "logint") and nums[0] <= 0:
+                    raise bad(f"{kind} needs LOW > 0, got {nums[0]}")
+                if kind in ("int", "logint"):
+                    if not all(isinstance(n, int) for n in nums) or isinstance(current, float):
+                        raise bad(f"{kind} takes integers, for an integer field")
+                    step = nums[2] if len(nums) == 3 else 1
+                    dist = IntDistribution(nums[0], nums[1], log=kind == "logint", step=step)
+                else:
+                    if not isinstance(current, float):
+                        raise bad(f"{kind} is for a float field; {path} is {type(current).__name__}: use int(...) or choice(...)")  # fmt: skip
+                    dist = FloatDistribution(float(nums[0]), float(nums[1]), log=kind == "loguniform")  # fmt: skip
+            else:
+                raise bad(f"unknown distribution {kind!r}; {SYNTAX}")
+        except (ValueError, TypeError) as e:
+            raise bad(f"cannot read ({e}); {SYNTAX}") from None
+        name = path + (f"[{index}]" if index is not None else "")
+        ends = dist.choices if kind == "choice" else (dist.low, dist.high)
+        for end in ends:  # a value no run can train with: say so now, not in a trial
+            c = ml_collections.ConfigDict(config.to_dict())
+            _put(c, name, end)
+            try:
+                validate(c)
+                models.build(**c.model)
+            except ConfigError as e:
+                raise bad(f"{end!r} cannot be trained with: {e}") from None
+        space[name] = dist
+    return space
+
+
+def batchable(space: dict) -> bool:
+    """Whether the space changes only numbers that are data (trials can share a program)."""
+    data = [f for f in MEMBER_FIELDS if f != "seed"]
+    return all(name in data for name in space)
+
+
+def trial_config(config, params: dict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    for name, value in params.items():
+        _put(c, name, value)
+    return c
+
+
+def _recipe(config) -> dict:
+    """What makes trials comparable: the recipe and length fields of the fixed config."""
+    leaves = dict(flags.leaves(config))
+    keep = [p for p, cls in FIELD_CLASSES.items() if cls in (RECIPE, LENGTH) and p in leaves]
+    return {p: json.loads(json.dumps(leaves[p])) for p in keep}
+
+
+def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
+               pruner: str, space: dict, config) -> optuna.Study:  # fmt: skip
+    """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
+    journal:PATH). A study made with another space or another fixed recipe is refused."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    url = storage or f"sqlite:///{workdir / 'study.db'}"
+    try:
+        if url.startswith("journal:"):
+            path = Path(url.removeprefix("journal:"))
+            if not path.parent.is_dir():
+                raise OSError(f"no directory {path.parent}")
+            backend = optuna.storages.journal.JournalFileBackend(str(path))
+            store = optuna.storages.JournalStorage(backend)
+        else:
+            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                               heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                               heartbeat_stale_trial_callback=retry)  # fmt: skip
+        samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
+                    "random": optuna.samplers.RandomSampler}  # fmt: skip
+        pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
+        study = optuna.create_study(storage=store, study_name=name, direction="maximize",
+                                    sampler=samplers[sampler](), pruner=pruners[pruner](),
+                                    load_if_exists=True)  # fmt: skip
+    except ConfigError:
+        raise
+    except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--storage {url}: cannot open ({reason})") from None
+    given = {"space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
+             "recipe": _recipe(config)}  # fmt: skip
+    known = {k: study.user_attrs[k] for k in given if k in study.user_attrs}
+    if not known:
+        for k, v in given.items():
+            study.set_user_attr(k, v)
+    for key in known:
+        if known[key] != given[key]:
+            diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))  # fmt: skip
+            raise ConfigError(f"--study {name} in {url} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
+    return study
+
+
+class Report(Hook):
+    """Each epoch's validation accuracy (the median over a trial's members in this run) to its
+    trial, once an epoch; a trial the pruner stops is marked pruned; when every trial in the run
+    is, the run stops after this epoch."""
+
+    def __init__(self, trials: list, groups: list, pruned: dict):
+        self.trials, self.groups, self.pruned = trials, groups, pruned
+        self.signal = None  # a signal heard after the run's last host sync: it ended anyway
+
+    def on_epoch_end(self, run, rows, evaluation):
+        accuracy, epoch = evaluation["val"]["accuracy"], rows[0]["epoch"]
+        for trial, members in zip(self.trials, self.groups):
+            if trial.number in self.pruned:
+                continue
+            reported = _frozen(trial.study, trial.number).intermediate_values
+            if epoch not in reported:  # a resumed retry has its first epochs already
+                trial.report(float(np.median(accuracy[members])), epoch)
+            if trial.should_prune():
+                self.pruned[trial.number] = epoch
+                if run.primary:
+                    print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
+        run.finished = all(t.number in self.pruned for t in self.trials)
+
+    def on_train_end(self, run):
+        self.signal = run.interrupt
+
+
+class Heartbeat:
+    """Record the trials' heartbeats every `interval` seconds in a thread (Optuna's optimize
+    does this for its one trial; ask-and-tell leaves it to the caller)."""
+
+    def __init__(self, study: optuna.Study, ids: list, interval: int):
+        self.stop, storage = threading.Event(), study._storage
+        enabled = optuna.storages._heartbeat.is_heartbeat_enabled(storage)
+
+        def beat():
+            while enabled:
+                for i in ids:
+                    storage.record_heartbeat(i)
+                if self.stop.wait(interval):
+                    return
+
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
+@dataclasses.dataclass
+class Entry:
+    """A trial asked for: its config, the directory its run lives in, its state so far."""
+
+    trial: optuna.Trial
+    config: ml_collections.ConfigDict
+    workdir: Path
+    results: list = dataclasses.field(default_factory=list)  # seeds.result of each seed
+
+
+def _frozen(study, number: int):
+    return study.get_trials(deepcopy=False)[number]
+
+
+def suggest(trial: optuna.Trial, name: str, dist):
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+
+
+def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
+    trial = study.ask()
+    params = {name: suggest(trial, name, dist) for name, dist in space.items()}
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
+        _frozen(study, trial.number)
+    )
+    home = workdir / f"trial_{trial.number if retried is None else retried}"
+    trial.set_user_attr("workdir", str(home))
+    return Entry(trial, trial_config(config, params), home)
+
+
+def requeue(study: optuna.Study, entries: list) -> None:
+    """Fail the trials and queue each again with its parameters (their runs resume)."""
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    for e in entries:
+        study.tell(e.trial, state=TrialState.FAIL)
+        callback(study, _frozen(study, e.trial.number))
+
+
+def _has_run(workdir: Path) -> bool:
+    return any(workdir.glob("**/checkpoints/*"))
+
+
+def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: dict,
+                  hooks: tuple) -> int | None:  # fmt: skip
+    """Train the entries' runs: vmapped as one group of members (trial x seed), or each trial
+    alone (its seeds vmapped where that pays, startup.resolve, else in turn); fills results.
+    Returns a signal heard too late to stop a run (the sweep stops after telling them)."""
+    dirs = lambda e: [e.workdir] if trial_seeds == 1 else [e.workdir / f"seed_{e.config.seed + s}" for s in range(trial_seeds)]  # noqa: E731  # fmt: skip
+    base = entries[0].config
+    seeded = lambda e, s: ml_collections.ConfigDict({**e.config.to_dict(), "seed": e.config.seed + s, "seeds": 1})  # noqa: E731  # fmt: skip
+    if len(entries) == 1 and not vmap:
+        e = entries[0]
+        c = ml_collections.ConfigDict({**e.config.to_dict(), "seeds": trial_seeds})
+        together = startup.resolve(c).seed_mode == "vmap"
+        groups = [list(range(trial_seeds))] if together else [[s] for s in range(trial_seeds)]
+    else:
+        groups = [[(i, s) for i in range(len(entries)) for s in range(trial_seeds)]]
+    for group in groups:
+        if not isinstance(group[0], tuple):
+            group = [(0, s) for s in group]
+        live = [i for i in sorted({i for i, _ in group}) if entries[i].trial.number not in pruned]
+        if not live:  # pruned on an earlier seed: the later ones are not trained
+            continue
+        members = [seeded(entries[i], s) for i, s in group]
+        workdirs = [dirs(entries[i])[s] for i, s in group]
+        labels = [f"trial {entries[i].trial.number}" + (f" seed {m.seed}" if trial_seeds > 1 else "") for (i, _), m in zip(group, members)]  # fmt: skip
+        trials = [entries[i].trial for i in live]
+        idx = [[j for j, (i2, _) in enumerate(group) if i2 == i] for i in live]
+        report = Report(trials, idx, pruned)
+        c = ml_collections.ConfigDict({**base.to_dict(), "seed": members[0].seed, "seeds": 1})
+        run = loop.train(c, workdirs, vmap=len(group) > 1, hooks=(*hooks, report),
+                         members=members, labels=labels)  # fmt: skip
+        for j, (i, _) in enumerate(group):
+            entries[i].results.append(seeds.result(run, j))
+        if report.signal is not None:
+            return report.signal
+    return None
+
+
+def tell(study, entry: Entry, pruned: dict) -> str:
+    """Tell the trial its outcome: pruned, or complete with the median final validation
+    accuracy of its seeds. Returns its state's name."""
+    r = entry.results
+    med = lambda key: statistics.median(x[key] for x in r)  # noqa: E731
+    entry.trial.set_user_attr("test_accuracy", med("test_accuracy"))
+    entry.trial.set_user_attr("epochs", max(x["epochs"] for x in r))
+    if entry.trial.number in pruned:
+        study.tell(entry.trial, state=TrialState.PRUNED)
+        return "pruned"
+    study.tell(entry.trial, med("val_accuracy"))
+    return "complete"
+
+
+def tally(study) -> tuple[int, list]:
+    """Trials done (complete, pruned, or failed for their own reason, not re-queued) and the
+    numbers of those running."""
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in _FINAL or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)  # fmt: skip
+    return done, [t.number for t in trials if t.state == TrialState.RUNNING]
+
+
+def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds: int = 1,
+             batch: int = 1, heartbeat: int = 30, hooks: tuple = (), say=print) -> None:  # fmt: skip
+    """Run trials until the study has `trials` done (every process sharing it counts): `batch`
+    at a time, vmapped together when batch > 1 (fresh trials of a batchable space)."""
+    waited = None
+    while True:
+        optuna.storages.fail_stale_trials(study)  # stale: failed, re-queued by the callback
+        done, running = tally(study)
+        free = trials - done - len(running)
+        if done >= trials:
+            return
+        if free <= 0:  # the rest are running: here, or elsewhere (stale after the grace period)
+            if waited != running:
+                say(f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)")  # fmt: skip
+                waited = running
+            time.sleep(min(heartbeat, 5))
+            continue
+        entries = [ask(study, space, config, workdir) for _ in range(min(batch, free))]
+        resumed = [e for e in entries if _has_run(e.workdir)]  # each alone: its own checkpoint
+        fresh = [e for e in entries if e not in resumed]
+        runs = [[e] for e in resumed] + ([fresh] if len(fresh) > 1 else [[e] for e in fresh])
+        beat = Heartbeat(study, [e.trial._trial_id for e in entries], heartbeat)  # Optuna's id
+        try:
+            for k, group in enumerate(runs):
+                for e in group:
+                    params = ", ".join(f"{n}={_show(v)}" for n, v in e.trial.params.items())
+                    say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))  # fmt: skip
+                _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)  # fmt: skip
+        finally:
+            beat.close()
+
+
+def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
+    pruned: dict = {}
+    try:
+        heard = train_entries(study, group, trial_seeds, vmap, pruned, hooks)
+    except loop.Diverged as e:
+        bad = group[e.member // trial_seeds] if e.member is not None and vmap else group[0]
+        bad.trial.set_user_attr("error", str(e))
+        study.tell(bad.trial, state=TrialState.FAIL)
+        say(f"trial {bad.trial.number}: failed: {e}")
+        for other in [o for o in group if o is not bad]:  # re-queued: each resumes alone
+            if other.trial.number in pruned:
+                tell(study, other, pruned) if other.results else requeue(study, [other])
+            else:
+                requeue(study, [other])
+        return
+    except ConfigError as e:  # a combination of values no run can take
+        for entry in group:
+            entry.trial.set_user_attr("error", str(e))
+            study.tell(entry.trial, state=TrialState.FAIL)
+            say(f"trial {entry.trial.number}: failed: {e}")
+        return
+    except BaseException:  # a signal, a lost process: every trial asked and not told runs again
+        requeue(study, [*group, *(e for g in later for e in g)])
+        raise
+    for entry in group:
+        if len(entry.results) < trial_seeds and entry.trial.number not in pruned:
+            requeue(study, [entry])  # seeds left untrained by a late signal
+            continue
+        state = tell(study, entry, pruned)
+        value = _frozen(study, entry.trial.number).value
+        say(f"trial {entry.trial.number}: {state}, validation {value:.2%}")
+    if heard is not None:
+        requeue(study, [e for g in later for e in g])
+        raise loop.Interrupted(heard, f"interrupted ({signal.Signals(heard).name}) as a trial ended")  # fmt: skip
+
+
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def table(study) -> list[dict]:
+    """A row per trial: number, state, parameters, validation accuracy (its score; a pruned
+    trial's last report), test accuracy (recorded, never told), epochs, work directory."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name.lower().replace("fail", "failed")
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+            state = "re-queued"  # its run goes on in a later trial
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None  # fmt: skip
+        rows.append({
+            "trial": t.number, "state": state, "params": t.params,
+            "val_accuracy": t.value if t.value is not None else last,
+            "test_accuracy": t.user_attrs.get("test_accuracy"),
+            "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=0)),
+            "workdir": t.user_attrs.get("workdir"), "error": t.user_attrs.get("error"),
+        })  # fmt: skip
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    names = sorted({n for r in rows for n in r["params"]})
+    pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
+    head = ["trial", "state", *names, "val", "test", "epochs"]
+    body = [[str(r["trial"]), r["state"], *(_show(r["params"].get(n, "")) for n in names),
+             pct(r["val_accuracy"]), pct(r["test_accuracy"]), str(r["epochs"])] for r in rows]  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
+def importances(study) -> dict:
+    """Optuna's parameter importances (PED-ANOVA, its default: no scikit-learn needed), or {}
+    while fewer than 3 trials are complete."""
+    if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) < 3:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "too few trials": the importances say it, equal
+        return dict(optuna.importance.get_param_importances(study))
+
+
+def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) -> dict:
+    """Print the table and the best trial (chosen on validation; its test accuracy beside),
+    write WORKDIR/sweep.json and, with plots, WORKDIR/plots/ (process 0)."""
+    rows = table(study)
+    complete = [r for r in rows if r["state"] == "complete"]
+    best = max(complete, key=lambda r: r["val_accuracy"]) if complete else None
+    out = {"study": study.study_name, "best": best, "importances": importances(study),
+           "space": {k: repr(v) for k, v in space.items()}, "trials": rows}  # fmt: skip
+    if not parallel.is_primary():
+        return out
+    say(format_table(rows))
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "re-queued")}  # fmt: skip
+    say(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    if best:
+        say(f"best trial {best['trial']} (chosen on validation {best['val_accuracy']:.2%}): test {best['test_accuracy']:.2%}, in {best['workdir']}")  # fmt: skip
+    flags.write_json(str(workdir / "sweep.json"), out)
+    if plots and rows:
+        from mnist_jax import plots as plots_lib  # matplotlib only when drawing
+
+        kinds = {k: bool(getattr(v, "log", False)) for k, v in space.items()}
+        plots_lib.draw_sweep(rows, out["importances"], kinds, workdir / "plots")
+        say(f"Plots in {workdir / 'plots'}")
+    return out
+
+
+def check_config(config) -> str | None:
+    """The fixed config a sweep needs: a validation split (set to 5,000 when absent: returned as
+    the line to say), one seed per run (trials have their own seeds)."""
+    if config.seeds != 1:
+        raise ConfigError("--seeds: a sweep's trials take --trial-seeds")
+    if config.data.val_split == 0:
+        config.data.val_split = 5000
+        return "--data-val-split 5000: a sweep chooses on validation images held out of the training set (set it to change)"  # fmt: skip
+    return None

@@ -1,0 +1,162 @@
+"""Sweeps (experiments/sweep.py, mnist_jax/sweep.py): a study's table and plots, a batched trial
+bitwise its run alone, pruning alone and in a batch, two processes and a killed one sharing a
+study, and bad input. A dense stage on tiny budgets."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from experiments import dense_relu
+from experiments import sweep as sweep_cmd
+from mnist_jax import loop, startup
+from mnist_jax import sweep as sweep_lib
+from tests.conftest import ROOT
+
+SMALL = ["--epochs", "2", "--data-train-limit", "2000", "--data-val-split", "1000",
+         "--data-test-limit", "1000", "--batch-size", "100"]  # fmt: skip
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_a_study_writes_its_table_and_plots_and_a_batched_trial_is_its_run_alone(mnist_dir, tmp_path, capsys):  # fmt: skip
+    workdir = tmp_path / "sweep"
+    out = sweep_cmd.main(["dense_relu", "--trials", "3", "--workdir", str(workdir),
+                          "--data-dir", str(mnist_dir), *SMALL])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "3 members (trial 0, trial 1, trial 2) in one vmapped program" in printed  # auto: 4
+    written = json.loads((workdir / "sweep.json").read_text())
+    assert written["trials"] == out["trials"] and len(out["trials"]) == 3
+    assert all(r["state"] == "complete" and r["epochs"] == 2 for r in out["trials"])
+    best = max(out["trials"], key=lambda r: r["val_accuracy"])  # chosen on validation
+    assert out["best"]["trial"] == best["trial"]
+    assert f"best trial {best['trial']} (chosen on validation" in printed
+    assert {p.name for p in (workdir / "plots").iterdir()} >= {"history.png", "importance.png", "params.png"}  # fmt: skip
+    # Trial 1, trained again alone with its learning rate: the same run, bit for bit.
+    trial = out["trials"][1]
+    config = dense_relu.get_config()
+    config.update(epochs=2, batch_size=100)
+    config.data.update(dir=str(mnist_dir), train_limit=2000, val_split=1000, test_limit=1000)
+    config.opt.lr = trial["params"]["opt.lr"]
+    loop.train(config, [tmp_path / "alone"])
+    alone, batched = rows(tmp_path / "alone/metrics.jsonl"), rows(workdir / "trial_1/metrics.jsonl")
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(alone) == drop(batched)
+    assert trial["val_accuracy"] == alone[-1]["val_accuracy"]
+
+
+def test_a_pruned_trial_stops_alone_and_trains_on_masked_in_a_batch(mnist_dir, tmp_path):
+    config = dense_relu.get_config()
+    config.update(epochs=3, batch_size=100, plots=False, workdir=str(tmp_path))
+    config.data.update(dir=str(mnist_dir), train_limit=2000, val_split=1000, test_limit=1000)
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-7,1e-1)"], config)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))  # fmt: skip
+    run = lambda n, batch: sweep_lib.optimize(study, space, config, tmp_path, n, batch=batch, say=lambda _: None)  # noqa: E731  # fmt: skip
+    for _ in range(2):  # two good ones to compare with, the same: the median is known
+        study.enqueue_trial({"opt.lr": 0.003})
+    run(2, 1)
+    study.enqueue_trial({"opt.lr": 1e-7})  # alone: pruned after its first epoch, stops there
+    run(3, 1)
+    study.enqueue_trial({"opt.lr": 1e-7})  # in a batch with a good one: trains on, masked
+    study.enqueue_trial({"opt.lr": 0.003})  # as good as the median, bitwise: not pruned
+    run(5, 2)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 2 + [TrialState.COMPLETE]
+    epochs = lambda n: [r["epoch"] for r in rows(tmp_path / f"trial_{n}/metrics.jsonl")]  # noqa: E731
+    assert epochs(2) == [1] and list(study.trials[2].intermediate_values) == [1]
+    assert epochs(3) == [1, 2, 3] and list(study.trials[3].intermediate_values) == [1]
+    assert epochs(4) == [1, 2, 3] and study.trials[4].value == study.trials[0].value
+    table = sweep_lib.table(study)
+    assert [r["state"] for r in table] == ["complete", "complete", "pruned", "pruned", "complete"]
+
+
+def sweep_process(tmp_path, mnist_dir, out):
+    command = [sys.executable, "-m", "experiments.sweep", "dense_relu", "--trials", "4",
+               "--heartbeat", "1", "--batch-trials", "1", "--pruner", "none", "--workdir", str(tmp_path / "s"),
+               "--data-dir", str(mnist_dir), "--epochs", "4", "--data-train-limit", "10000",
+               "--data-val-split", "1000", "--data-test-limit", "1000", "--batch-size", "20",
+               "--plots", "false"]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+
+
+def test_a_killed_sweep_continues_and_two_processes_share_its_study(mnist_dir, tmp_path):
+    first = sweep_process(tmp_path, mnist_dir, tmp_path / "first.log")
+    log = tmp_path / "s/trial_1/metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text()) and time.time() < deadline:  # trial 1, epoch 1
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert len(rows(log)) < 4, "trial 1 ended before the kill: the test's budget is too small"
+    # Two processes on the same study: trial 1 is stale (no heartbeat for 2 s), re-queued and
+    # resumed from its checkpoint by one of them; together they finish the study's 4 trials.
+    procs = [sweep_process(tmp_path, mnist_dir, tmp_path / f"p{i}.log") for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    done = [line.split(":")[0] for text in logs for line in text.splitlines() if ": complete," in line]  # fmt: skip
+    first_done = [line.split(":")[0] for line in (tmp_path / "first.log").read_text().splitlines() if ": complete," in line]  # fmt: skip
+    assert first_done == ["trial 0"]
+    assert len(done) == len(set(done)) == 3, logs  # no trial ran twice
+    assert sum("(resumed)" in text for text in logs) == 1
+    study = optuna.load_study(study_name="dense_relu", storage=f"sqlite:///{tmp_path / 's/study.db'}")  # fmt: skip
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].user_attrs["workdir"] == str(tmp_path / "s/trial_1")
+    assert [r["epoch"] for r in rows(log)] == [1, 2, 3, 4]  # resumed, each epoch once
+    assert retry[0].params == study.trials[1].params
+    dirs = {str(p) for p in (tmp_path / "s").glob("trial_*")}
+    assert dirs == {t.user_attrs["workdir"] for t in study.trials if t.state == TrialState.COMPLETE}
+    assert len(dirs) == 4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--space", "opt.foo=uniform(0,1)"], "opt.foo is not a field of this stage's config"),
+        (["--space", "opt.lr=loguniform(1e-3)"], "loguniform takes (LOW,HIGH)"),
+        (["--space", "opt.lr=loguniform(1e-3,"], "not PATH=loguniform(LOW,HIGH)"),
+        (["--space", "opt.lr=uniform(0.1,0.01)"], "the range is empty: 0.1 > 0.01"),
+        (
+            ["--space", "opt.lr=uniform(0,0.1)"],
+            "0.0 cannot be trained with: --opt-lr: must be positive",
+        ),  # fmt: skip
+        (["--space", "model.features[2]=int(10,100)"], "model.features has no element 2"),
+        (
+            ["--space", "model.features[0]=int(10,100)", "--batch-trials", "2"],
+            "--batch-trials 2: trials train together only",
+        ),  # fmt: skip
+        (
+            ["--storage", "sqlite:////nonexistent/dir/study.db"],
+            "--storage sqlite:////nonexistent/dir/study.db: cannot open",
+        ),  # fmt: skip
+        (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open"),
+        (["--seeds", "3"], "--seeds: a sweep's trials take --trial-seeds"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as exit:
+        sweep_cmd.main(["dense_relu", "--workdir", str(workdir), *flags])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not workdir.exists()
+
+
+def test_a_study_refuses_another_space(tmp_path):
+    config = startup.resolve(dense_relu.get_config())
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
+    sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
+    other = sweep_lib.parse_space(["opt.lr=loguniform(1e-5,1e-1)"], config)
+    with pytest.raises(sweep_lib.ConfigError, match="was made with another space"):
+        sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", other, config)
+    config.epochs = 3
+    with pytest.raises(sweep_lib.ConfigError, match=r"another recipe \(epochs differ\)"):
+        sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
