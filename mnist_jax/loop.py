@@ -119,6 +119,8 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
                    steps_per_call=config.steps_per_call, conv_grad=config.conv_grad,
                    seed_mode=members.mode)  # fmt: skip
     dataset = config.dataset = data.identity(ds, config.data.digits)  # resumes on the same
+    for c in members.configs:  # each member's state is built for these data
+        c.dataset = dataset
     recorded = []  # as the command gives them: config.json; the resolved choices are runtime's
     for g in members_given:
         c = ml_collections.ConfigDict(g.to_dict())

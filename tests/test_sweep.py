@@ -28,10 +28,10 @@ def rows(path):
 
 def test_a_study_writes_its_table_and_plots_and_a_batched_trial_is_its_run_alone(mnist_dir, tmp_path, capsys):  # fmt: skip
     workdir = tmp_path / "sweep"
-    out = sweep_cmd.main(["dense_relu", "--trials", "3", "--workdir", str(workdir),
+    out = sweep_cmd.main(["dense_relu", "--trials", "3", "--batch-trials", "3", "--workdir", str(workdir),
                           "--data-dir", str(mnist_dir), *SMALL])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "3 members (trial 0, trial 1, trial 2) in one vmapped program" in printed  # auto: 4
+    assert "3 members (trial 0, trial 1, trial 2) in one vmapped program" in printed
     written = json.loads((workdir / "sweep.json").read_text())
     assert written["trials"] == out["trials"] and len(out["trials"]) == 3
     assert all(r["state"] == "complete" and r["epochs"] == 2 for r in out["trials"])
