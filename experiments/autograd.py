@@ -3,7 +3,7 @@
 In PyTorch you mark tensors `requires_grad=True`, call `.backward()`, read `.grad`, call
 `zero_grad()` before the next step and `optimizer.step()` to update. In JAX, `jax.grad(f)` is a
 function that returns gradients; the graph is a jaxpr traced from `f`; nothing accumulates; an
-optax optimizer turns gradients into updates. Nine sections, each printed and tested (code:
+optax optimizer turns gradients into updates. Twelve sections, each printed and tested (code:
 experiments/autograd_lesson.py, tests: tests/test_autograd.py). Runs in a few seconds on a CPU.
 
   python -m experiments.autograd              # every section

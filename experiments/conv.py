@@ -32,6 +32,10 @@ def get_config():
         dense=200,
         batch_norm=False,
         dropout=0.0,
+        # The codelab's section 10 building blocks, off (models.ConvNet): flags for trying them.
+        padding="SAME",
+        pool=(),
+        gap=False,
     )
     config.opt.update(name="adam", lr=0.01, decay=0.6)
     return config

@@ -34,7 +34,8 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     try:
         with flags.user_errors(ConfigError, DataError):
             startup.start(config)  # the process's set-up, once: XLA flags, caches, hosts
-            plots = [hooks.Plots()] if config.plots else []  # on process 0, at each run's end
+            # The curves as it trains, the rest at each run's end, on process 0.
+            plots = [hooks.LiveCurves(), hooks.Plots()] if config.plots else []
             seeds.train(config, workdir, hooks=plots)  # --seeds 1: loop.train(config, [workdir])
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)

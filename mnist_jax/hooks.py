@@ -25,6 +25,7 @@ run.stop (a signal: checkpoint and stop now) or run.finished (stop after this ep
 """
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -256,6 +257,67 @@ class Plots(Hook):
             for workdir in run.members.workdirs:
                 plots.draw_all(workdir, run.config.data.dir or None)
                 print(f"Plots in {workdir / 'plots'}")
+
+
+class LiveCurves(Hook):
+    """The curves as training goes, on process 0: each member's plots/schedule.png (the
+    learning-rate schedule, from the schedule itself) before the first step, then
+    plots/curves.png redrawn from the run's files at each epoch's end (an image viewer shows
+    progress) and, inline=True (a notebook), at each host sync too, shown in the cell's output.
+
+    A redraw takes about 0.2 s here, a dense stage's epoch about a second: a redraw waits until
+    training has run 1/budget times the last one's duration since it (budget=None: no wait),
+    so drawing takes at most `budget` of the time; the first redraw (which measures the cost)
+    and the last epoch's are always drawn. `draws` and
+    `spent` (seconds) say what it did."""
+
+    def __init__(self, inline: bool = False, budget: float | None = 0.05):
+        self.inline, self.budget = inline, budget
+        self.draws, self.spent, self.cost, self.last, self.shown = 0, 0.0, 0.0, 0.0, {}
+
+    def _show(self, key: str, path) -> None:
+        from IPython.display import Image, display
+
+        if key in self.shown:
+            self.shown[key].update(Image(filename=str(path)))
+        else:
+            self.shown[key] = display(Image(filename=str(path)), display_id=True)
+
+    def on_train_start(self, run):
+        if not run.primary:
+            return
+        from mnist_jax import plots  # matplotlib only when drawing
+
+        first, *others = [w / "plots" / "schedule.png" for w in run.members.workdirs]
+        for path in (first, *others):
+            path.parent.mkdir(exist_ok=True)
+        plots.schedule(run.config, run.steps_per_epoch, first)  # the members share it
+        for path in others:
+            shutil.copyfile(first, path)
+        if self.inline:
+            self._show("schedule", run.members.workdirs[0] / "plots" / "schedule.png")
+        self.last = time.perf_counter()
+
+    def _draw(self, run, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not run.primary or not (force or self.budget is None or (now - self.last) * self.budget >= self.cost):  # fmt: skip
+            return
+        from mnist_jax import plots
+
+        for workdir in run.members.workdirs:
+            plots.curves(workdir, workdir / "plots" / "curves.png", run.steps_per_epoch)
+        if self.inline:
+            self._show("curves", run.members.workdirs[0] / "plots" / "curves.png")
+        self.last = time.perf_counter()
+        self.cost = self.last - now
+        self.draws, self.spent = self.draws + 1, self.spent + self.cost
+
+    def after_steps(self, run, metrics):
+        if self.inline and run.done < run.steps_per_epoch:  # the epoch's end draws below
+            self._draw(run)
+
+    def on_epoch_end(self, run, rows, evaluation):
+        self._draw(run, force=rows[0]["epoch"] == run.config.epochs)
 
 
 class StopAt(Hook):

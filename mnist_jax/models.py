@@ -125,10 +125,14 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Convolutions (SAME, relu), one hidden dense layer, optional batch norm and dropout.
+    """Convolutions (relu), one hidden dense layer, optional batch norm and dropout.
 
     With batch_norm, layers drop their biases and BatchNorm (centre, no scale) sits between each
     layer and its relu, as in the codelab's last model. Dropout goes before the last dense layer.
+    The codelab's section 10 building blocks: `padding` VALID, `pool` (a max-pooling size after
+    each convolution, 1 for none), `dense` 0 (no hidden dense layer) and `gap` (global average
+    pooling before the head; with dense 0 the last convolution has one channel per class and its
+    average is the logits: a head of 0 weights).
     """
 
     channels: Sequence[int] = (12, 24, 32)
@@ -140,6 +144,9 @@ class ConvNet(nn.Module):
         0.99  # the running statistics' decay (Keras's default; the codelab swept it)
     )
     dropout: float = 0.0
+    padding: str = "SAME"
+    pool: Sequence[int] = ()  # () or one per layer
+    gap: bool = False
     num_classes: int = 10
     dtype: str = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs), params float32
     s2d_grad: bool = False  # stride-2 input gradients via space-to-depth (conv_stride2): the CPU's
@@ -159,16 +166,25 @@ class ConvNet(nn.Module):
             use_fast_variance=False,
             dtype=self.dtype,  # statistics are still reduced in float32
         )
-        for i, (c, k, s) in enumerate(zip(self.channels, self.kernels, self.strides, strict=True)):
-            x = conv(c, (k, k), strides=s, use_bias=not bn, dtype=self.dtype)(x)
+        layers = list(zip(self.channels, self.kernels, self.strides, strict=True))
+        logits_conv = self.gap and not self.dense  # the last convolution gives the logits
+        for i, (c, k, s) in enumerate(layers):
+            last = logits_conv and i == len(layers) - 1
+            x = conv(c, (k, k), strides=s, padding=self.padding, use_bias=last or not bn, dtype=self.dtype)(x)  # fmt: skip
+            if not last:
+                x = nn.relu(norm()(x) if bn else x)
+                # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to
+                # count dead units); flax's init leaves that collection out.
+                self.sow("intermediates", f"hidden_{i}", x)
+            if self.pool and self.pool[i] > 1:
+                x = nn.max_pool(x, (self.pool[i],) * 2, strides=(self.pool[i],) * 2)
+        x = x.mean(axis=(1, 2)) if self.gap else x.reshape((x.shape[0], -1))
+        if logits_conv:
+            return x.astype(jnp.float32)
+        if self.dense:
+            x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)
             x = nn.relu(norm()(x) if bn else x)
-            # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to count
-            # dead units); flax's init leaves that collection out.
-            self.sow("intermediates", f"hidden_{i}", x)
-        x = x.reshape((x.shape[0], -1))
-        x = Dense(self.dense, use_bias=not bn, dtype=self.dtype)(x)
-        x = nn.relu(norm()(x) if bn else x)
-        self.sow("intermediates", f"hidden_{len(self.channels)}", x)
+            self.sow("intermediates", f"hidden_{len(self.channels)}", x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
@@ -216,7 +232,12 @@ def _check(name: str, kwargs: dict) -> None:
         "channels": (sizes, "must be positive sizes"),
         "kernels": per_layer,  # one per --model-channels entry
         "strides": per_layer,
-        "dense": (lambda v: v >= 1, "must be at least 1"),
+        "dense": (lambda v: v >= 0, "must be 0 (no hidden dense layer) or more"),
+        "padding": (lambda v: v in ("SAME", "VALID"), "must be SAME or VALID"),
+        "pool": (
+            lambda v: len(v) == 0 or (len(v) == n and sizes(v)),
+            f"must be empty or {n} sizes, one per layer (1: none)",
+        ),  # fmt: skip
         "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
@@ -235,6 +256,12 @@ def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     _check(name, fields)
     cls = MODELS[name]
+    if fields.get("gap") and not fields.get("dense", cls.dense):
+        channels = fields.get("channels", cls.channels)
+        if channels[-1] != num_classes:
+            raise ConfigError(f"--model-gap with --model-dense 0: the last convolution gives the logits, so its channels must be the {num_classes} classes, got --model-channels {','.join(map(str, channels))}")  # fmt: skip
+        if fields.get("dropout"):
+            raise ConfigError("--model-dropout: the gap head without a dense layer has no layer to drop into; use 0")  # fmt: skip
     given = dict(num_classes=num_classes, dtype=dtype, s2d_grad=s2d_grad)
     return cls(**fields, **{k: v for k, v in given.items() if hasattr(cls, k)})
 

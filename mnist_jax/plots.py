@@ -5,7 +5,8 @@ plots can be redrawn for a finished or interrupted run. Writes WORKDIR/plots/:
   curves.png         loss and accuracy, train (sampled in the epoch), validation (with
                      --data-val-split) and test (per epoch), with an accuracy panel zoomed to
                      the last two points below the best
-  learning_rate.png  the learning-rate schedule over the epochs
+  learning_rate.png  the learning rate each logged step used (schedule.png: the schedule itself,
+                     drawn before training by hooks.LiveCurves)
   font_digits.png    digit datasets only: digits 0-9 rendered from matplotlib's fonts, predictions
                      under; a wrong one in red beside the truth, "7 (2)", as the codelab shows them
   test_digits.png    test images with predictions (class names where the data have them),
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import checkpoint, data, evaluate, flags, metrics, predict  # noqa: E402
+from mnist_jax import checkpoint, data, evaluate, flags, metrics, optim, predict  # noqa: E402
 from mnist_jax.config import ConfigError  # noqa: E402
 
 FONTS = [
@@ -49,15 +50,18 @@ def _name(workdir: Path) -> str:
         return workdir.name
 
 
-def _epochs_axis(rows_steps, rows_epochs):
-    steps_per_epoch = rows_epochs[0]["step"] / rows_epochs[0]["epoch"] if rows_epochs else 1
+def _epochs_axis(rows_steps, rows_epochs, steps_per_epoch=None):
+    if steps_per_epoch is None:
+        steps_per_epoch = rows_epochs[0]["step"] / rows_epochs[0]["epoch"] if rows_epochs else 1
     return np.array([r["step"] for r in rows_steps]) / steps_per_epoch
 
 
-def curves(workdir: Path, out: Path) -> None:
+def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None:
+    """Loss and accuracy, train (sampled), validation and test, from the run's files (also while
+    it trains: steps_per_epoch places the rows before the first epoch's end)."""
     epochs = metrics.read(workdir / metrics.EPOCHS_FILE)
     steps = metrics.read(workdir / metrics.STEPS_FILE)
-    x_steps = _epochs_axis(steps, epochs)
+    x_steps = _epochs_axis(steps, epochs, steps_per_epoch)
     x_epochs = [r["epoch"] for r in epochs]
     splits = [("val", "validation", "#2ca02c"), ("test", "test", "#ff7f0e")]
     splits = [s for s in splits if epochs and f"{s[0]}_accuracy" in epochs[0]]
@@ -80,6 +84,24 @@ def curves(workdir: Path, out: Path) -> None:
     axes[2].set_ylim(low, min(1.0, best + 0.005))
     axes[0].legend()
     fig.suptitle(f"{_name(workdir)}: training curves")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def schedule(config, steps_per_epoch: int, out: Path) -> None:
+    """The learning rate the config's schedule gives at every step, drawn before training from
+    the schedule itself, as the codelab's plot_learning_rate(lr_decay, EPOCHS) does."""
+    total = config.epochs * steps_per_epoch
+    opt = config.opt
+    shape = optim.shape(opt.schedule, opt.decay, opt.get("warmup", 0.0), steps_per_epoch, config.epochs)  # fmt: skip
+    steps = np.arange(total)
+    rates = opt.lr * np.asarray([shape(int(t)) for t in steps[:: max(1, total // 2000)]])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps[:: max(1, total // 2000)] / steps_per_epoch, rates, drawstyle="steps-post")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="learning rate", title=f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -14,7 +14,7 @@ def test_1_gradient_of_a_sum():
 
 def test_2_graph_and_partials():
     v = lesson.computation_graph().values
-    assert v["dz_dx"] == 7.0 and v["dz_dy"] == 2.0
+    assert v["z"] == 10.0 and v["dz_dx"] == 7.0 and v["dz_dy"] == 2.0
     for primitive in ("mul", "integer_pow", "add"):  # x*y, x**2, their sum
         assert primitive in v["jaxpr"]
 
@@ -43,8 +43,11 @@ def test_5_backprop_by_hand_equals_jax_grad():
 
 def test_6_linear_regression_learns_the_slope():
     v = lesson.linear_regression().values
-    assert abs(v["weight"] - 3.0) < 0.1
-    assert v["losses"][-1] < 0.1 * v["losses"][0]
+    # Any draw: the gap to 3 shrinks about 0.98x a step (x ~ N(0, 1), lr 0.01), 0.13x in 100;
+    # 0.25 leaves room for the sample's variance and the noise's pull on the slope.
+    assert abs(v["weight"] - 3.0) < 0.25 * abs(v["initial_weight"] - 3.0)
+    assert 2.2 < v["weight"] < 3.1
+    assert v["losses"][-1] < 0.3 * v["losses"][0]
     assert len(v["losses"]) == 100
 
 
@@ -82,5 +85,29 @@ def test_script_prints_every_section_and_one_on_request(capsys):
     one = capsys.readouterr().out
     assert "5. Backpropagation" in one and "\n1. " not in one
     with pytest.raises(SystemExit) as bad:
-        script.main(["--section", "12"])
+        script.main(["--section", "13"])
     assert bad.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_10_one_step_of_linear_2_1_from_stated_weights():
+    v = lesson.one_step_by_hand().values
+    assert float(v["loss"]) == pytest.approx(0.845)
+    np.testing.assert_allclose(v["grads"]["kernel"].ravel(), [-2.9, -4.6], rtol=1e-6)
+    np.testing.assert_allclose(v["grads"]["bias"], [-1.7], rtol=1e-6)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(v["by_hand"][name], v["grads"][name], rtol=1e-6)
+    np.testing.assert_allclose(v["new"]["kernel"].ravel(), [0.129, 0.246], rtol=1e-6)
+    np.testing.assert_allclose(v["new"]["bias"], [0.017], rtol=1e-6)
+
+
+def test_11_argnums_and_stop_gradient():
+    v = lesson.which_inputs_get_gradients().values
+    assert v["only_x"] == 7.0 and tuple(map(float, v["both"])) == (7.0, 2.0)
+    assert v["detached"] == 3.0
+
+
+def test_12_tracing_retraces_per_shape_and_a_python_if_fails_under_jit():
+    v = lesson.tracing().values
+    assert v["traces"] == [(3,), (4,)]
+    assert v["error"] == "TracerBoolConversionError"
+    assert v["cond"] == [2.0, 0.0] and v["cond_grads"] == [1.0, 0.0]

@@ -58,7 +58,13 @@ def test_idx_files_of_any_shape_train_a_conv_stage_and_every_command_reads_them(
     restored = mnist_jax.restore(work)
     assert evaluate.evaluate_checkpoint(work)["accuracy"] == rows[-1]["test_accuracy"]
     drawn = sorted(p.name for p in (work / "plots").iterdir())
-    assert drawn == ["confusion.png", "curves.png", "learning_rate.png", "test_images.png"]
+    assert drawn == [
+        "confusion.png",
+        "curves.png",
+        "learning_rate.png",
+        "schedule.png",
+        "test_images.png",
+    ]
     if channels == 3:  # in colour
         grid = np.asarray(Image.open(work / "plots" / "test_images.png").convert("RGB"), int)
         assert (np.abs(grid[..., 0] - grid[..., 1]) > 60).mean() > 0.01

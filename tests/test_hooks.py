@@ -98,3 +98,23 @@ def test_train_leaves_the_process_settings_as_it_found_them(mnist_dir, tmp_path)
         assert (jax.config.jax_debug_nans, jax.config.jax_compilation_cache_dir, dict(os.environ)) == before  # fmt: skip
     assert seen == [True, False]
     assert not (tmp_path / "cache_a").exists() and not (tmp_path / "cache_b").exists()
+
+
+def test_live_curves_draw_the_schedule_first_then_redraw_within_their_budget(mnist_dir, tmp_path, monkeypatch):  # fmt: skip
+    shown = []
+    monkeypatch.setattr(hooks.LiveCurves, "_show", lambda self, key, path: shown.append(key))
+    drawn = {}  # the curves file's steps at each redraw: read while training
+    from mnist_jax import plots
+
+    real = plots.curves
+    monkeypatch.setattr(plots, "curves", lambda w, out, spe=None: (drawn.setdefault(len(drawn), len(metrics.read(w / "train_steps.jsonl"))), real(w, out, spe)))  # fmt: skip
+    inline = hooks.LiveCurves(inline=True, budget=None)  # a notebook's, drawing at every sync
+    loop.train(small(mnist_dir), [tmp_path / "a"], hooks=[inline])
+    assert (tmp_path / "a/plots/schedule.png").exists() and (tmp_path / "a/plots/curves.png").exists()  # fmt: skip
+    assert inline.draws == len(drawn) > 2 and shown[0] == "schedule" and shown.count("curves") == inline.draws  # fmt: skip
+    assert list(drawn.values()) == sorted(drawn.values()) and drawn[0] < drawn[len(drawn) - 1]
+    # A budget no redraw fits in: the first (which measures a redraw's cost) and the last epoch's,
+    # which is always drawn; not the one between.
+    tight = hooks.LiveCurves(budget=1e-9)
+    loop.train(small(mnist_dir, epochs=3), [tmp_path / "b"], hooks=[tight])
+    assert tight.draws == 2 and (tmp_path / "b/plots/curves.png").exists()

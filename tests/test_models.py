@@ -11,7 +11,9 @@ PARAMS = {
     "linear": 7_850,
     "dense_sigmoid": 169_670,
     "dense_relu": 169_670,
+    "dense_fast_lr": 169_670,
     "dense_lr_decay": 169_670,
+    "dense_deep": 183_770,
     "dense_dropout": 183_770,
     "conv": 354_002,
     "conv_dropout": 354_002,
@@ -37,6 +39,61 @@ def test_parameter_counts(name):
         train=False,
     )
     assert logits.shape == (3, 10)
+
+
+# The codelab's section 10 building blocks as conv's flags: (flags, trainable params, of which
+# in the head after the convolutions).
+CONV_CONV = 3 * 3 * 1 * 12 + 12 + 6 * 6 * 12 * 24 + 24  # conv's first two layers
+SECTION_10 = {
+    "no hidden dense": (
+        ["--model-dense", "0"],
+        CONV_CONV + 6 * 6 * 24 * 32 + 32 + 7 * 7 * 32 * 10 + 10,
+        7 * 7 * 32 * 10 + 10,
+    ),  # fmt: skip
+    # Global average pooling over a last convolution of 10 channels: its averages are the
+    # logits, the head has 0 weights (the codelab's "0 weights").
+    "pooling head": (
+        ["--model-dense", "0", "--model-gap", "--model-channels", "12,24,10"],
+        CONV_CONV + 6 * 6 * 24 * 10 + 10,
+        0,
+    ),  # fmt: skip
+    "max pool, valid": (
+        [
+            "--model-kernels",
+            "3,3,3",
+            "--model-strides",
+            "1,1,1",
+            "--model-pool",
+            "2,2,2",
+            "--model-padding",
+            "VALID",
+        ],
+        120 + 2616 + 6944 + 32 * 200 + 200 + 2010,
+        32 * 200 + 200 + 2010,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", SECTION_10)
+def test_section_10_building_blocks(name):
+    from mnist_jax import flags
+
+    argv, total, head = SECTION_10[name]
+    config = flags.parse_config(stage_config("conv"), argv)
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    assert count(state.params) == total
+    convs = sum(count(v) for k, v in state.params.items() if k.startswith("Conv"))
+    assert total - convs == head
+    logits = state.apply_fn({"params": state.params}, np.zeros((3, 28, 28, 1), np.float32), train=False)  # fmt: skip
+    assert logits.shape == (3, 10)
+
+
+def test_a_pooling_head_without_a_dense_layer_needs_a_channel_per_class():
+    from mnist_jax import flags, models
+
+    config = flags.parse_config(stage_config("conv"), ["--model-dense", "0", "--model-gap"])
+    with pytest.raises(models.ConfigError, match="its channels must be the 10 classes, got --model-channels 12,24,32"):  # fmt: skip
+        train.create_train_state(config, jax.random.PRNGKey(0))
 
 
 def test_conv_bn_has_no_biases_and_keeps_batch_statistics():

@@ -352,7 +352,7 @@ BAD_VALUES = [  # stage, flag, value, the message's start
     ("conv", "--model-kernels", "3,0,6", "--model-kernels: must be 3 positive sizes"),
     ("conv", "--model-strides", "1,2", "--model-strides: must be 3 positive sizes"),
     ("conv", "--model-strides", "1,-2,2", "--model-strides: must be 3 positive sizes"),
-    ("conv", "--model-dense", "0", "--model-dense: must be at least 1"),
+    ("conv", "--model-dense", "-1", "--model-dense: must be 0 (no hidden dense layer) or more"),
     ("conv", "--model-dropout", "1", "--model-dropout: must be in [0, 1)"),
     ("conv_bn", "--model-dropout", "-0.1", "--model-dropout: must be in [0, 1)"),
     ("dense_relu", "--model-features", ",", "--model-features: must be positive sizes"),
@@ -386,7 +386,8 @@ def test_a_flag_mix_up_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
         "error: --model-name mlp: the mlp model has no --model-batch-norm, --model-bn-momentum, "
-        "--model-channels, --model-dense, --model-kernels, --model-strides (set by the stage or a flag); its "
+        "--model-channels, --model-dense, --model-gap, --model-kernels, --model-padding, --model-pool, "
+        "--model-strides (set by the stage or a flag); its "
         "fields are --model-features, --model-activation, --model-dropout; use a stage built on "
         "that model"
     ]
