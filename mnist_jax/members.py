@@ -25,40 +25,22 @@ from mnist_jax.config import ConfigError
 MEMBER_FIELDS = ("seed", "opt.lr", "opt.weight_decay", "loss.label_smoothing")
 
 
-def _get(config, path: str):
-    for part in path.split("."):
-        config = config[part]
-    return config
-
-
-def _set(config, path: str, value) -> None:
-    *parents, key = path.split(".")
-    for part in parents:
-        config = config[part]
-    config[key] = value
-
-
 def member_configs(config, given: list | None, n: int) -> list:
     """Each member's config: `config` with the MEMBER_FIELDS of its `given` config (default:
     seeds config.seed, config.seed + 1, ...). ConfigError if they differ in anything else."""
-    given = given or [_with(config, seed=config.seed + i) for i in range(n)]
+    given = given or [_with(config, {"seed": config.seed + i}) for i in range(n)]
     program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}  # noqa: E731  # fmt: skip
     for g in given:
         if program(g) != program(given[0]):
             diff = sorted(k for k in program(g) if program(g)[k] != program(given[0]).get(k))
             raise ConfigError(f"members trained together differ only in {', '.join(MEMBER_FIELDS)}; these differ in {', '.join(diff)}")  # fmt: skip
-    out = []
-    for g in given:
-        c = ml_collections.ConfigDict(config.to_dict())
-        for path in MEMBER_FIELDS:
-            _set(c, path, _get(g, path))
-        out.append(c)
-    return out
+    return [_with(config, {p: v for p, v in flags.leaves(g) if p in MEMBER_FIELDS}) for g in given]
 
 
-def _with(config, **values):
+def _with(config, values: dict):
+    """A copy of config with {dotted path: value} set."""
     c = ml_collections.ConfigDict(config.to_dict())
-    c.update(values)
+    c.update_from_flattened_dict(values)
     return c
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files, never a window
+import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
@@ -95,10 +96,11 @@ def schedule(config, steps_per_epoch: int, out: Path) -> None:
     total = config.epochs * steps_per_epoch
     opt = config.opt
     shape = optim.shape(opt.schedule, opt.decay, opt.get("warmup", 0.0), steps_per_epoch, config.epochs)  # fmt: skip
-    steps = np.arange(total)
-    rates = opt.lr * np.asarray([shape(int(t)) for t in steps[:: max(1, total // 2000)]])
+    steps = np.arange(0, total, max(1, total // 2000))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps[:: max(1, total // 2000)] / steps_per_epoch, rates, drawstyle="steps-post")
+    ax.plot(
+        steps / steps_per_epoch, opt.lr * np.asarray(jax.vmap(shape)(steps)), drawstyle="steps-post"
+    )
     ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="learning rate", title=f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})")  # fmt: skip
     ax.grid(alpha=0.3, which="both")

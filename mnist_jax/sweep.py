@@ -50,29 +50,17 @@ _FINAL = {TrialState.COMPLETE, TrialState.PRUNED}
 
 
 def _number(text: str):
-    value = json.loads(text) if re.fullmatch(r"-?\d+", text) else float(text)
-    return value
-
-
-def _field(config, path: str):
-    node = config
-    for part in path.split("."):
-        node = node[part]
-    return node
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
 
 
 def _put(config, name: str, value) -> None:
-    """Set the parameter `name` (a path, or path[i] for a tuple's element) in config."""
+    """Set the parameter `name` (a dotted path, or path[i] for a tuple's element) in config."""
     path, _, index = name.partition("[")
-    *parents, key = path.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
     if index:
-        items = list(node[key])
+        items = list(dict(flags.leaves(config))[path])
         items[int(index[:-1])] = value
         value = tuple(items)
-    node[key] = value
+    config.update_from_flattened_dict({path: value})
 
 
 def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
@@ -232,6 +220,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, ids: list, interval: int):
         self.stop, storage = threading.Event(), study._storage
+        # Optuna wraps an RDB store in a cache that is a heartbeat store too: ask it, as optimize does.
         enabled = optuna.storages._heartbeat.is_heartbeat_enabled(storage)
 
         def beat():
