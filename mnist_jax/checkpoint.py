@@ -42,6 +42,15 @@ class Damaged(Exception):
     """A checkpoint that cannot be read: metadata unparseable, files truncated or missing."""
 
 
+# What an exception from Orbax means when it is one of these: how we called it, not what is on
+# disk. Such a one surfaces as the bug it is and never has a checkpoint moved aside as damaged.
+BUGS = (TypeError, AttributeError, NameError, AssertionError, ImportError, NotImplementedError)
+
+
+def is_damage(e: Exception) -> bool:
+    return not isinstance(e, BUGS)
+
+
 def steps(workdir: Path) -> list[int]:
     """The committed checkpoints' steps, newest first (Orbax renames a finished one to its step)."""
     found = (p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit() and p.is_dir())
@@ -91,10 +100,13 @@ def mismatch(step_dir: Path, items: dict) -> str | None:
     or shapes) in structure, shapes or dtypes, as "the first differing leaf: here, there"; None
     if it fits. Damaged if its metadata cannot be read."""
     handler = ocp.StandardCheckpointHandler()
+    step_dir = Path(step_dir).absolute()  # Orbax refuses a relative path
     for name, tree in items.items():
         try:
-            saved = handler.metadata(Path(step_dir) / name).tree
-        except Exception as e:  # Orbax and tensorstore raise many types
+            saved = handler.metadata(step_dir / name).tree
+        except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+            if not is_damage(e):
+                raise
             raise Damaged(f"its {name} metadata: {reason(e)}") from None
         tree = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), tree)
         ours = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)  # a fresh state's step is 0

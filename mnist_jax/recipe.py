@@ -148,6 +148,8 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
         except ConfigError:
             raise
         except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+            if not checkpoint.is_damage(e):
+                raise
             restored, reason = None, checkpoint.reason(e)
         if parallel.agree(reason is None):
             return restored
