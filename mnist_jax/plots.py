@@ -112,10 +112,20 @@ def schedule(config, steps_per_epoch: int, out: Path) -> None:
 def learning_rate(workdir: Path, out: Path) -> None:
     epochs = metrics.read(workdir / metrics.EPOCHS_FILE)
     steps = metrics.read(workdir / metrics.STEPS_FILE)
+    fig = learning_rate_figure(steps, epochs, _name(workdir))
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def learning_rate_figure(steps: list[dict], epochs: list[dict], name: str):
+    """learning_rate.png's figure from the rows of train_steps.jsonl and metrics.jsonl."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(
-        _epochs_axis(steps, epochs), [r["learning_rate"] for r in steps], drawstyle="steps-post"
-    )
+    # A row's learning_rate is the rate its last step used (hooks.LAST), and rows fall on every
+    # epoch's end, so under a per-epoch schedule each value held over the steps since the row
+    # before: drawn over that interval ("steps-pre"), a drop shows at the epoch's end where it
+    # happens (steps-post drew it at the next row, up to --log-every steps late). A smooth
+    # schedule's interval shows its last step's rate.
+    ax.plot(_epochs_axis(steps, epochs), [r["learning_rate"] for r in steps], drawstyle="steps-pre")
     ax.plot(
         [r["epoch"] for r in epochs],
         [r["learning_rate"] for r in epochs],
@@ -126,12 +136,11 @@ def learning_rate(workdir: Path, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"{_name(workdir)}: learning-rate schedule")
+    ax.set_title(f"{name}: learning-rate schedule")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def render_digit(digit: int, font: str) -> np.ndarray:
@@ -266,7 +275,7 @@ def draw_sweep(rows: list[dict], importances: dict, log: dict, out: Path) -> lis
 
 def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     """Draw the figures into WORKDIR/plots/; returns their paths."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser()
     restored = checkpoint.restore(workdir)  # first: a run it cannot restore is left untouched
     info = restored.config.get("dataset") or {}
     digits, names = info.get("digits", True), tuple(info.get("names") or ())

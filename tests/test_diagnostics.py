@@ -1,10 +1,12 @@
-"""Diagnostics of a run that does not learn: a collapse to one class, dead ReLU units."""
+"""Diagnostics of a run that does not learn: a collapse to one class, dead units."""
+
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 
-from experiments import conv, dense_relu
-from mnist_jax import data, diagnostics, train
+from experiments import conv, dense_relu, dense_sigmoid, linear
+from mnist_jax import data, diagnostics, hooks, train
 
 
 def test_collapsed_to_names_the_only_class_predicted():
@@ -48,3 +50,43 @@ def test_dead_units_count_real_images_only(mnist):
     assert diagnostics.dead_units(state, images) == diagnostics.dead_counts(alive)
     blank = diagnostics.dead_units(state, np.zeros_like(images[:1]))
     assert blank["hidden_0"][0] == blank["hidden_0"][1] - 1  # zero biases: only unit 7 fires
+
+
+def _collapse_warning(get_config, alive, capsys) -> str:
+    """What hooks.CollapseWarning prints for one member that predicts class 3 everywhere."""
+    members = SimpleNamespace(label=lambda i: "")
+    run = SimpleNamespace(config=get_config(), primary=True, members=members)
+    evaluation = {"test": {"predictions": np.full((1, 10), 3), "alive": alive}}
+    hook = hooks.CollapseWarning()
+    hook.on_train_start(run)
+    hook.on_epoch_end(run, [{"epoch": 1, "test_accuracy": 0.1}], evaluation)
+    return capsys.readouterr().err
+
+
+def test_collapse_warning_names_the_units_the_activation_has(capsys):
+    # dense_sigmoid collapses to one class early in some seeds (tests/test_stages.py). Its units
+    # are sigmoids, which no ReLU rule describes: 0 on every image means saturated at 0.
+    alive = {"hidden_0": np.ones((1, 200), bool), "hidden_1": np.ones((1, 60), bool)}
+    alive["hidden_1"][0, :5] = False
+    sigmoid = _collapse_warning(dense_sigmoid.get_config, alive, capsys)
+    assert "predicts class 3" in sigmoid and "hidden_0 0/200, hidden_1 5/60" in sigmoid
+    assert "relu" not in sigmoid.lower() and "sigmoid units saturated at 0" in sigmoid
+    relu = _collapse_warning(dense_relu.get_config, alive, capsys)  # the same counts
+    assert "dead ReLU units (0 on every test image): hidden_0 0/200, hidden_1 5/60" in relu
+    # No hidden layer, no units to speak of.
+    softmax = _collapse_warning(linear.get_config, {}, capsys)
+    assert "predicts class 3" in softmax and "units" not in softmax
+
+
+def test_a_sigmoid_unit_counts_dead_only_saturated_at_exactly_0(mnist):
+    # What the warning says of a sigmoid network: a unit far below 0 on every image (-100:
+    # sigmoid 0 in float32) counts; one merely near 0 (-10: sigmoid 4.5e-5) does not.
+    state = train.create_train_state(dense_sigmoid.get_config(), jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x, state.params)
+    kernel, bias = params["Dense_0"]["kernel"], params["Dense_0"]["bias"]
+    params["Dense_0"] = {
+        "kernel": kernel.at[:, 3].set(0.0).at[:, 4].set(0.0),
+        "bias": bias.at[3].set(-100.0).at[4].set(-10.0),
+    }
+    dead = diagnostics.dead_units(state.replace(params=params), mnist.test_images[:500])
+    assert dead == {"hidden_0": (1, 200), "hidden_1": (0, 60)}

@@ -12,10 +12,11 @@ import termios
 import jax
 import numpy as np
 import pytest
+from matplotlib.cbook import STEP_LOOKUP_MAP
 from PIL import Image
 
 from experiments import linear
-from mnist_jax import cli, metrics, plots, train
+from mnist_jax import cli, loop, metrics, plots, train
 from tests.conftest import ROOT
 
 PLOTS = ["curves", "learning_rate", "font_digits", "test_digits", "confusion"]
@@ -63,6 +64,27 @@ def test_test_digit_grid_marks_exactly_the_misrecognised(trained_conv_bn, mnist)
         assert (text, color == plots.RED) == (want, i in wrong)
     matrix = plots.confusion_matrix(predictions, mnist.test_labels)
     assert matrix.sum() == 10_000 and matrix.sum() - np.trace(matrix) == len(wrong)
+
+
+def test_learning_rate_plot_drops_where_the_schedule_does(mnist_dir, tmp_path):
+    # 10 steps an epoch, a row every 4: rows at steps 4, 8, 10, 14, 18, 20. The rate halves at
+    # the end of epoch 1 (a per-epoch schedule: step 11 is the first at 0.005), and
+    # learning_rate.png, drawn from the logged rows, must show it there, as schedule.png does
+    # (drawn steps-post, it dropped at the next row, step 14: epoch 1.4).
+    config = linear.get_config()
+    config.update(epochs=2, batch_size=128, log_every=4)
+    config.data.update(dir=str(mnist_dir), train_limit=1280, test_limit=500)
+    config.opt.decay = 0.5
+    loop.train_and_evaluate(config, tmp_path)
+    steps = metrics.read(tmp_path / metrics.STEPS_FILE)
+    assert [r["step"] for r in steps] == [4, 8, 10, 14, 18, 20]
+    fig = plots.learning_rate_figure(steps, metrics.read(tmp_path / metrics.EPOCHS_FILE), "linear")
+    line = fig.axes[0].lines[0]
+    x, y = STEP_LOOKUP_MAP[line.get_drawstyle()](*line.get_data())  # the vertices drawn
+    plots.plt.close(fig)
+    first = np.flatnonzero(np.diff(y) < 0)[0]  # the first drop: from vertex first to first + 1
+    assert x[first] == x[first + 1] == pytest.approx(1.0)
+    assert (y[first], y[first + 1]) == pytest.approx((0.01, 0.005))
 
 
 def test_a_wrong_guess_is_shown_beside_its_true_digit():
