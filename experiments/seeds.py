@@ -125,11 +125,12 @@ def main(argv=None):
     flags.add(p, "seeds")
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (default 0)")
     flags.add(p, "epochs")
-    p.add_argument("--target", type=float, default=0.0, help="default: the stage's TARGET")
-    p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax")
-    json_help = "default runs/seeds_<stage>[_keras].json"
+    p.add_argument("--target", type=float, default=0.0, help="a final test accuracy; each seed's line says when it first reached it (default: the stage's TARGET)")  # fmt: skip
+    p.add_argument("--framework", choices=FRAMEWORKS, default="mnist_jax",
+                   help="train with this port, or the stage's recipe in Keras 3 (default %(default)s)")  # fmt: skip
+    json_help = "where to write the results (default runs/seeds_<stage>[_keras].json)"
     flags.add(p, "data_dir", "train_limit", json={"help": json_help})
-    p.add_argument("--workdir", default="", help="default runs/seeds/<stage> (seed_<s>/ in it)")
+    p.add_argument("--workdir", default="", help="the runs' work directory, seed_<s>/ in it (default runs/seeds/<stage>)")  # fmt: skip
     flags.add(p, "restart", "val_split")
     args = p.parse_args(argv)
     try:

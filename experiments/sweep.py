@@ -52,12 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-trials", type=int, default=0,
                    help="trials trained together, vmapped, when the space changes only numbers that are data "
                         "(lr, weight decay, label smoothing); 0: 4 on GPU/TPU, 1 on the CPU")  # fmt: skip
-    p.add_argument(
-        "--storage", default="", help="'' (WORKDIR/study.db), an RDB URL, or journal:PATH"
-    )
+    p.add_argument("--storage", default="",
+                   help="where the study lives: '' (WORKDIR/study.db), an RDB URL, or journal:PATH")  # fmt: skip
     p.add_argument("--study", default="", help="the study's name (default: the stage's)")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
-    p.add_argument("--pruner", choices=("median", "none"), default="median")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                   help="how Optuna picks the next trial's values: tpe (learns from the trials so far) or random (default %(default)s)")  # fmt: skip
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop a trial early: median (below the median of earlier trials at the same epoch) or none (default %(default)s)")  # fmt: skip
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (default %(default)s)")  # fmt: skip
     return p
 

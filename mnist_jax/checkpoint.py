@@ -263,7 +263,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
 
     FileNotFoundError or ConfigError, one line, for a directory that holds no run this code can
     restore (no checkpoint, a damaged one, a model that does not fit config.json's)."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser()
     config = read_config(workdir)
     image_shape, num_classes, _ = data.spec(config)
     try:
@@ -282,6 +282,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
 def init_from(state, source: Path, seed: int):
     """`state` with the trained params and batch statistics of the run in `source` (its
     seed_<seed>/ when it has seed directories), and {"dir", "step"}: where they come from."""
+    source = Path(source).expanduser()
     seeded = sorted(p.name for p in source.glob("seed_*") if p.is_dir())
     if seeded:
         if f"seed_{seed}" not in seeded:

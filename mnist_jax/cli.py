@@ -30,7 +30,7 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     prog = f"python -m experiments.{stage}"
     doc = (main.__doc__ or "").strip().splitlines()
     config = flags.parse_config(config, argv, prog=prog, description=doc[0] if doc else None)
-    workdir = config.workdir or f"runs/{stage}"
+    workdir = os.path.expanduser(config.workdir) if config.workdir else f"runs/{stage}"
     try:
         with flags.user_errors(ConfigError, DataError):
             startup.start(config)  # the process's set-up, once: XLA flags, caches, hosts

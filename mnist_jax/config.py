@@ -16,6 +16,9 @@ SCHEDULES = ("exponential", "onecycle", "cosine", "constant")
 LOSSES = ("cross_entropy",)
 SEED_MODES = ("auto", "vmap", "turn")
 CONV_GRADS = ("auto", "space_to_depth", "xla")
+DTYPES = ("float32", "bfloat16")
+DIGITS = ("auto", "yes", "no")
+PADDINGS = ("SAME", "VALID")  # the values models._check accepts for model.padding
 # XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME). experiments/xla_cpu.py measures
 # them; docs/performance.md has the speed and the error against float64 of each.
 XLA_CPU = {
@@ -104,6 +107,88 @@ FIELD_CLASSES = {
 }
 # Schedules whose learning rate at a step depends on the run's length (epochs x steps).
 SPANNING_SCHEDULES = ("onecycle", "cosine")
+
+# Each field's line in its flag's --help, the one place (flags.py adds its choices, from
+# `choices()`, and its default; tests/test_front_door.py fails on a flag without a line).
+HELP = {
+    "workdir": "where the run's checkpoints, metrics and plots go; the same command again resumes there (default: runs/<stage>)",
+    "seed": "the random seed: initial weights, data order and dropout masks",
+    "seeds": "train N seeds (seed, seed+1, ...), each in WORKDIR/seed_<s>/, and print their spread",
+    "seed_mode": "how --seeds N train: vmap (one vmapped program), turn (one after another), auto (vmap on GPU/TPU; on the CPU, turn for convolutions)",
+    "epochs": "passes over the training images",
+    "batch_size": "images per training step",
+    "init_from": "start from another run's trained weights (its work directory; not its optimizer state or step; default: none)",
+    "data.dir": "the IDX directory (the four MNIST files, raw or .gz); default: $MNIST_DATA_DIR, else TFDS's mnist",
+    "data.tfds": "a TFDS image-classification dataset by name (fashion_mnist, cifar10, ...); wins over --data-dir and $MNIST_DATA_DIR",
+    "data.num_classes": "how many classes (0: from the labels, or TFDS's label feature)",
+    "data.digits": "whether the classes are MNIST-like digits 0-9, for the plots and predict (auto: guessed from the data)",
+    "data.val_split": "hold out N training images as a validation set (0: none)",
+    "data.train_limit": "train on the first N training images only (0: all); for quick tries",
+    "data.test_limit": "evaluate on the first N test images only (0: all)",
+    "data.augment_shift": "shift training images randomly by up to N pixels (0: off)",
+    "model.name": "the model (a stage sets its fields)",
+    "model.features": "mlp: the hidden layers' widths, comma-separated",
+    "model.activation": "mlp: the hidden layers' activation",
+    "model.dropout": "dropout rate (0: off): mlp after each hidden layer, conv before the last dense layer",
+    "model.channels": "conv: each convolution's output channels, comma-separated",
+    "model.kernels": "conv: each convolution's kernel size, one per --model-channels entry",
+    "model.strides": "conv: each convolution's stride, one per --model-channels entry",
+    "model.dense": "conv: the hidden dense layer's width (0: none)",
+    "model.batch_norm": "conv: batch normalisation between each layer and its relu (the layers lose their biases)",
+    "model.bn_momentum": "conv with batch norm: the running statistics' decay",
+    "model.padding": "conv: the convolutions' padding",
+    "model.pool": "conv: a max-pooling size after each convolution, comma-separated (empty: none; 1: none there)",
+    "model.gap": "conv: global average pooling before the head",
+    "opt.name": "the optimizer (adam: Keras's, as the codelab; optax_adam: optax's; adamw: with --opt-weight-decay)",
+    "opt.lr": "the peak learning rate",
+    "opt.decay": "the exponential schedule's factor per epoch (not the weight decay)",
+    "opt.schedule": "the learning rate's shape: exponential (x --opt-decay each epoch), onecycle, cosine (after --opt-warmup), constant",
+    "opt.warmup": "cosine: the fraction of the run spent warming up",
+    "opt.momentum": "sgd: heavy-ball momentum (0: none)",
+    "opt.nesterov": "sgd with --opt-momentum: Nesterov's momentum",
+    "opt.weight_decay": "adamw: decoupled weight decay",
+    "opt.clip_norm": "clip gradients to this global norm first (0: off)",
+    "loss.name": "the training loss",
+    "loss.label_smoothing": "move this much of each target's probability to the other classes (0: off)",
+    "steps_per_call": "training steps per compiled call (0: the whole epoch on GPU/TPU, 1 on the CPU)",
+    "log_every": "steps between training-metric samples (train_steps.jsonl, the progress bar)",
+    "plots": "draw WORKDIR/plots/ at the end of the run",
+    "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
+    "restart": "start over: delete the work directory's checkpoints and metrics first",
+    "compile_cache": "JAX's persistent compilation cache, so a second run skips compiling ('': off; $JAX_COMPILATION_CACHE_DIR wins)",
+    "debug_nans": "stop at the first operation that makes a NaN (slow; to find it)",
+    "xla_cpu": "XLA:CPU kernel settings, set as XLA_FLAGS (experiments.xla_cpu measures them)",
+    "conv_grad": "stride-2 convolutions' input gradient: space_to_depth (4x faster on XLA:CPU) or xla's; auto: per backend",
+    "dtype": "what convolutions and matmuls compute in (bfloat16: for GPUs); parameters stay float32",
+    "devices": "data-parallel over this many devices (0: all)",
+    "distributed.auto": "several processes: let JAX find the cluster (SLURM, Open MPI, Kubernetes)",
+    "distributed.coordinator": "several processes: host:port of process 0, e.g. 10.0.0.1:1234",
+    "distributed.num_processes": "several processes: how many, with --distributed-coordinator",
+    "distributed.process_id": "several processes: this one's index in 0..N-1, with --distributed-coordinator",
+    "distributed.heartbeat_timeout": "seconds: a process silent this long counts as lost, and the others stop (exit 4)",
+    "distributed.shutdown_timeout": "seconds a finished process waits for the others at the end",
+    "distributed.init_timeout": "seconds to wait for every process to join at the start",
+}  # fmt: skip
+
+
+def choices() -> dict:
+    """{field: its values} of the fields with a fixed set, from the registries that decide them
+    (validate's, models'), so that --help cannot list a stale set."""
+    from mnist_jax import models  # it imports this module
+
+    return {
+        "seed_mode": SEED_MODES,
+        "data.digits": DIGITS,
+        "model.name": tuple(models.MODELS),
+        "model.activation": tuple(models.ACTIVATIONS),
+        "model.padding": PADDINGS,
+        "opt.name": OPTIMIZERS,
+        "opt.schedule": SCHEDULES,
+        "loss.name": LOSSES,
+        "xla_cpu": tuple(XLA_CPU),
+        "conv_grad": CONV_GRADS,
+        "dtype": DTYPES,
+    }
 
 
 def base() -> ml_collections.ConfigDict:
@@ -211,14 +296,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
         check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
-    check(config.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
+    check(config.dtype in DTYPES, "dtype", f"must be {' or '.join(DTYPES)}")
     check(config.xla_cpu in XLA_CPU, "xla_cpu", f"must be one of {', '.join(XLA_CPU)}")
     check(config.conv_grad in CONV_GRADS, "conv_grad", f"must be one of {', '.join(CONV_GRADS)}")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")
     check(config.data.num_classes >= 0, "data.num_classes", "must be 0 (from the labels) or more")
-    check(config.data.digits in ("auto", "yes", "no"), "data.digits", "must be auto, yes or no")
+    check(config.data.digits in DIGITS, "data.digits", "must be auto, yes or no")
     check(config.data.val_split >= 0, "data.val_split", "must be 0 (none) or positive")
     check(config.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(config.opt.lr > 0, "opt.lr", "must be positive")

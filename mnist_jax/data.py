@@ -8,7 +8,11 @@ a dataset costs 1 byte per pixel on the device. `identity` is what a run records
 
 import gzip
 import hashlib
+import logging
 import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +29,11 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 DIGITS_TFDS = ("mnist", "emnist/digits", "emnist/mnist")  # classes 0-9 written by hand
+# Seconds a TFDS download host has to take a connection before a dataset not yet prepared is
+# given up on: without a network, TFDS itself retries for minutes before failing.
+PROBE_SECONDS = 3.0
+TFDS_GCS = "https://storage.googleapis.com/tfds-data"  # TFDS's copies (gs://tfds-data)
+NO_NETWORK = "without internet, pass --data-dir DIR (or set MNIST_DATA_DIR), and no --data-tfds, to a directory with the four IDX files"  # fmt: skip
 
 
 class DataError(Exception):
@@ -127,7 +136,7 @@ _last: dict = {}
 def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
     """The four IDX files from a directory (gzip-compressed or raw), of any image shape;
     num_classes 0: from the labels."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         what = "is not a directory" if data_dir.exists() else "directory not found"
         raise DataError(f"{data_dir}: {what}")
@@ -141,29 +150,85 @@ def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
     return _last[stamp]
 
 
+def unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why `url`'s host (or the proxy that requests, TFDS's downloader, would go through) takes
+    no TCP connection within `timeout` seconds; None when it does. The connection is tried in a
+    thread, as a name lookup has no timeout of its own."""
+    import requests
+
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    if proxy and "//" not in proxy:
+        proxy = f"http://{proxy}"
+    where = urllib.parse.urlsplit(proxy or url)
+    host, port = where.hostname, where.port or (443 if where.scheme == "https" else 80)
+    outcome = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    reason = outcome[0] if outcome else f"no answer in {timeout:g}s"
+    return reason and f"{host}:{port}{' (proxy)' if proxy else ''}: {reason}"
+
+
+def _check_download(builder) -> None:
+    """DataError in one line when a host TFDS would download `builder`'s dataset from does not
+    answer: TFDS itself would retry for minutes (3.5 measured, offline) before failing."""
+    urls = sorted(builder.url_infos or ()) or [TFDS_GCS]  # the hosts of its files, else TFDS's
+    hosts = {urllib.parse.urlsplit(u).hostname: u for u in urls}
+    for url in hosts.values():
+        reason = unreachable(url)
+        if reason:
+            raise DataError(
+                f"TFDS could not load {builder.name!r}: it is not prepared in {builder.data_dir} "
+                f"and its download host is unreachable ({reason}); {NO_NETWORK}"
+            )
+
+
 def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
     """An image-classification dataset from TensorFlow Datasets, by name (downloaded and
-    prepared once; needs TensorFlow): its train and test splits, its classes' names."""
+    prepared once; needs TensorFlow): its train and test splits, its classes' names. One not
+    prepared here is downloaded only when its host answers (_check_download), else fails at once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow_datasets as tfds
 
-    def split(s):
+    def split(s, download):
         # Iterate in batches: batch_size=-1 needs a known cardinality, which mock data lacks.
-        ds, info = tfds.load(name, split=s, as_supervised=True, batch_size=10_000, with_info=True)
+        ds, info = tfds.load(name, split=s, as_supervised=True, batch_size=10_000, with_info=True,
+                             download=download)  # fmt: skip
         parts = list(tfds.as_numpy(ds))
         images = np.concatenate([p[0] for p in parts]).astype(np.uint8)
         images = images[..., None] if images.ndim == 3 else images
         return images, np.concatenate([p[1] for p in parts]).astype(np.int32), info
 
+    absl = logging.getLogger("absl")  # TFDS warns of each version folder it finds empty
+    level = absl.level
     try:
-        (tr_x, tr_y, info), (te_x, te_y, _) = split("train"), split("test")
+        absl.setLevel(logging.ERROR)
+        try:  # what is prepared here (or TFDS's mock data), without the network
+            loaded = split("train", False), split("test", False)
+        except Exception:
+            builder = tfds.builder(name)
+            if builder.is_prepared():
+                raise
+            _check_download(builder)
+            absl.setLevel(level)  # a download's own warnings are the user's to see
+            loaded = split("train", True), split("test", True)
+        (tr_x, tr_y, info), (te_x, te_y, _) = loaded
         names = getattr(info.features[info.supervised_keys[1]], "names", None) or ()
+    except DataError:
+        raise
     except Exception as e:  # download, preparation or import failures all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(
-            f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); without internet, "
-            "pass --data-dir DIR (or set MNIST_DATA_DIR) to a directory with the four IDX files"
-        ) from None
+        raise DataError(f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); {NO_NETWORK}") from None  # fmt: skip
+    finally:
+        absl.setLevel(level)
     arrays = dict(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
     paths = {k: Path(f"tfds {name} {k.split('_')[0]}") for k in arrays}
     return _checked(arrays, paths, num_classes or len(names), f"tfds {name}", names)

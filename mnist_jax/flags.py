@@ -8,11 +8,13 @@ report them into that line.
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import ml_collections
 
+from mnist_jax import config as config_lib
 from mnist_jax.config import flag_name
 
 EXIT_USAGE = 2  # bad flags, data or work directory
@@ -21,14 +23,20 @@ EXIT_LOST = 4  # several processes: another one is gone (cli.lost)
 
 # Flags several commands take, spelt, typed and described once; `add` declares them.
 COMMON = {
-    "workdir": dict(required=True, help="work directory of a training run"),
+    "workdir": dict(
+        required=True, type=os.path.expanduser, help="work directory of a training run"
+    ),
     "data_dir": dict(
-        default=None, help="IDX directory (default: the run's, else $MNIST_DATA_DIR, else TFDS)"
+        default=None,
+        help="the IDX directory (the four MNIST files, raw or .gz); default: the run's, else "
+        "$MNIST_DATA_DIR, else TFDS",
     ),
     "step": dict(type=int, default=None, help="checkpoint step (default: latest)"),
-    "seeds": dict(type=int, default=5, help="how many seeds (default %(default)s)"),
-    "epochs": dict(type=int, default=None, help="default: the stage's"),
-    "train_limit": dict(type=int, default=0, help="first N training images (0: all)"),
+    "seeds": dict(type=int, default=5, help="how many seeds to train (default %(default)s)"),
+    "epochs": dict(type=int, default=None, help="epochs each run trains (default: the stage's)"),
+    "train_limit": dict(
+        type=int, default=0, help="train on the first N training images only (0: all)"
+    ),
     "json": dict(default="", help="where to write the results (default %(default)s)"),
     "restart": dict(action="store_true", help="discard the runs already in the work directory"),
     "val_split": dict(
@@ -120,14 +128,24 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
             yield path, value
 
 
+def field_help(path: str, default, choices: dict | None = None) -> str:
+    """A config field's --help: its line (config.HELP), its choices where they are a fixed set,
+    its default."""
+    choices = config_lib.choices() if choices is None else choices
+    text = config_lib.HELP.get(path, f"config {path}")  # a field a stage adds without a line
+    if path in choices:
+        text += f"; one of {', '.join(map(str, choices[path]))}"
+    shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+    return text + (f" (default: {shown})" if shown else "")
+
+
 def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, description=None):
     """Override `config` from command-line flags; returns the config."""
     parser = Parser(prog=prog, description=description)
-    paths = {}
+    paths, choices = {}, config_lib.choices()
     for path, value in leaves(config):
         if path == "name":
             continue
-        shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
         flag = flag_name(path)
         paths[flag[2:].replace("-", "_")] = path
         flag_kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
@@ -137,7 +155,7 @@ def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, descri
             type=_parser_for(value),
             default=argparse.SUPPRESS,
             metavar=type(value).__name__.upper(),
-            help=f"config {path} (default: {shown!s})",
+            help=field_help(path, value, choices),
         )
     args = parser.parse_args(argv)
     for dest, value in vars(args).items():

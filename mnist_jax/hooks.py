@@ -203,7 +203,8 @@ class Printer(Hook):
         self.start = time.perf_counter()
         if not run.primary:
             return
-        print(run.summary)
+        if run.show_summary:  # once a command, not for a finished run (loop.train)
+            print(run.summary)
         for line in run.members.describe():
             print(line)
         if run.step:
@@ -243,7 +244,8 @@ class CollapseWarning(Hook):
             self.warned.add(i)
             dead = diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()})
             if run.primary:
-                warning = diagnostics.collapse_warning(row["epoch"], label, row["test_accuracy"], dead)  # fmt: skip
+                act = run.config.model.get("activation", "relu")  # conv nets: relu
+                warning = diagnostics.collapse_warning(row["epoch"], label, row["test_accuracy"], dead, act)  # fmt: skip
                 print(run.members.label(i) + warning, file=sys.stderr)
 
 

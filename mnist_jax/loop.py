@@ -61,6 +61,7 @@ class Run:
     state: Any  # the TrainState, stacked over members when they are vmapped
     primary: bool  # process 0: writes the files; every process trains and checkpoints
     summary: str  # the model's table
+    show_summary: bool = True  # print it: not twice a command, nor with nothing left to train
     step_fn: Any = train_lib.train_step
     eval_metrics: tuple = train_lib.EVAL_METRICS
     partial: dict = dataclasses.field(default_factory=dict)  # the epoch's step metrics [N, done]
@@ -143,6 +144,24 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
                arrays=parallel.put_replicated(arrays, mesh), state=members.put(states),
                mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],
                primary=parallel.is_primary(), summary=summary, rows=[None] * len(workdirs))  # fmt: skip
+
+
+# The model tables printed by the command in progress (`one_summary`): a command that trains
+# several runs (seeds in turn, a sweep's trials) prints each table once.
+_printed: list[set] = []
+
+
+@contextlib.contextmanager
+def one_summary():
+    """Within, loop.train prints each model table once; nested, the outermost's set counts."""
+    outer = bool(_printed)
+    if not outer:
+        _printed.append(set())
+    try:
+        yield
+    finally:
+        if not outer:
+            _printed.pop()
 
 
 def resume(run: Run) -> None:
@@ -270,6 +289,11 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
         run.eval_metrics = train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items()))
         resume(run)
         hook_list, spe = [*defaults(save), *hooks], run.steps_per_epoch
+        # The table once a command, and not for a finished run run again; summary.txt has it.
+        printed = _printed[-1] if _printed else set()
+        run.show_summary = run.step < config.epochs * spe and run.summary not in printed
+        if run.show_summary:
+            printed.add(run.summary)
         try:
             call(hook_list, "on_train_start", run)
             for epoch in range(run.step // spe, config.epochs):

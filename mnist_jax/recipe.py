@@ -14,6 +14,7 @@ the damaged ones it meets: nothing here deletes a file.
 
 import datetime
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from mnist_jax import config as config_lib
 from mnist_jax.config import ARITHMETIC, FIELD_CLASSES, LENGTH, RECIPE, ConfigError, flag_name
 
 HISTORY = "config_history.jsonl"
+PATHS = {"init_from"}  # recipe fields that name a directory: compared as the directories they name
 
 
 class Plan(NamedTuple):
@@ -89,6 +91,8 @@ def compare(old: dict, new: ml_collections.ConfigDict) -> tuple[list[str], dict]
             continue  # the model's name says it
         was = was_flat[path] if path in was_flat else _default(path, old)
         now = now_flat[path] if path in now_flat else _default(path, now_tree)
+        if path in PATHS and was and now:  # runs/x/, ./runs/x and ~/runs/x: one directory
+            was, now = (os.path.realpath(os.path.expanduser(p)) for p in (was, now))
         if was == now:
             continue
         kind = FIELD_CLASSES.get(path, RECIPE)  # a field with no class yet counts as recipe

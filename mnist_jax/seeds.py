@@ -85,6 +85,7 @@ def seed_line(r: dict) -> str:
     return line
 
 
+@loop.one_summary()  # the model's table once, not once a seed
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
           target: float | None = None, dead_units: bool = False, report: bool = True,
           hooks: tuple = ()) -> dict:  # fmt: skip

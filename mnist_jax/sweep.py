@@ -342,6 +342,7 @@ def tally(study) -> tuple[int, list]:
     return done, [t.number for t in trials if t.state == TrialState.RUNNING]
 
 
+@loop.one_summary()  # the model's table once, not once a trial
 def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds: int = 1,
              batch: int = 1, heartbeat: int = 30, hooks: tuple = (), say=print) -> None:  # fmt: skip
     """Run trials until the study has `trials` done (every process sharing it counts): `batch`

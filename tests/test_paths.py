@@ -5,6 +5,7 @@ and an intact checkpoint read through any of them is never moved aside as damage
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,57 @@ def test_default_relative_workdir_trains_twice_and_every_reader_reads_it(
     code, out, err = _stage(capsys, *TRAIN, "--workdir", "runs/from_linear", "--init-from", "runs/linear")  # fmt: skip
     assert code == 0 and "Starting from the weights of" in out, err
     assert_nothing_moved(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir, tmp_path_factory):
+    """A finished linear run, copied into each test's runs/linear."""
+    workdir = tmp_path_factory.mktemp("paths") / "linear"
+    argv = [*TRAIN, "--data-dir", str(mnist_dir), "--workdir", str(workdir), "--plots", "false"]
+    cli.run(linear.get_config, argv)
+    return workdir
+
+
+FORMS = {
+    "relative": "runs/linear",
+    "trailing slash": "runs/linear/",
+    "dot": "./runs/../runs/linear",
+    "tilde": "~/runs/linear",
+    "symlink": "link",
+    "absolute": None,  # the test's own absolute path
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_reader_takes_each_path_form_and_moves_nothing(
+    trained, mnist_dir, mnist, tmp_path, monkeypatch, capsys, form
+):
+    shutil.copytree(trained, tmp_path / "runs/linear")
+    (tmp_path / "link").symlink_to(tmp_path / "runs/linear")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_dir))
+    path = FORMS[form] or str(tmp_path / "runs/linear")
+    Image.fromarray(mnist.test_images[0, ..., 0]).save("digit.png")
+    step = checkpoint.steps(tmp_path / "runs/linear")[0]
+
+    code, out, err = _stage(capsys, *TRAIN, "--workdir", path, "--plots", "false")
+    assert code == 0 and "Traceback" not in err, err
+    for main, argv in [
+        (evaluate.main, ["--workdir", path]),
+        (plots.main, ["--workdir", path]),
+        (predict.main, ["--workdir", path, "digit.png"]),
+    ]:
+        code, out, err = _command(capsys, main, *argv)
+        assert code == 0, (main.__module__, err)
+    assert mnist_jax.restore(path).step == step
+    # --init-from the same directory typed two ways is one recipe: the second resumes.
+    code, out, err = _stage(capsys, *TRAIN, "--workdir", "runs/b", "--init-from", path)
+    assert code == 0 and "Starting from the weights of" in out, err
+    other = "runs/linear" if form != "relative" else str(tmp_path / "runs/linear/")
+    code, out, err = _stage(capsys, *TRAIN, "--workdir", "runs/b", "--init-from", other)
+    assert code == 0, err
+    assert_nothing_moved(tmp_path / "runs/linear")
 
 
 def test_a_library_bug_surfaces_and_moves_nothing(mnist_dir, tmp_path, monkeypatch, capsys):
