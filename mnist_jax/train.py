@@ -241,7 +241,15 @@ def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0
                 step=train_step):  # fmt: skip
     """train_steps for N seeds in one vmapped program: states stacked on a leading axis,
     orders [N, S, B], rngs [N] (each seed its own weights, batch order and dropout keys; the
-    data are shared). Metrics come back [N, steps]."""
+    data are shared). Metrics come back [N, steps].
+
+    On the CPU a seed here is its run alone bit for bit only while no operation crosses the size
+    at which XLA:CPU hands it to YNNPACK (4,096 elements, xla/backends/cpu/ynn_support.cc), which
+    rounds otherwise: the member axis multiplies every size by N. At batch 128 the softmax's
+    reductions ([N, 128, 10]) cross it from N = 4; then seeds differ from their runs alone in the
+    last bits, and drift apart later as any float change makes runs do (tests/test_core.py
+    bounds it). Computing each member at its own shapes would be exact, but cost 12-18% a step
+    here: --seed-mode turn is the exact way."""
     one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step)  # noqa: E731
     return jax.vmap(one)(states, orders, rngs)
 

@@ -33,7 +33,8 @@ def test_each_seed_is_the_stage_commands_run(mnist_dir, tmp_path, capsys):
     # Each seed is a run in its own directory, restorable alone.
     assert mnist_jax.restore(tmp_path / "w" / "seed_2").step == 2 * 4096 // 128
     # Seed 2 by the stage's own command: the same epochs, to the last bit (dense seeds train
-    # vmapped on the CPU, and a vmapped dense step is bitwise the single one: test_core.py).
+    # vmapped on the CPU, and with 3 seeds a vmapped dense step is bitwise the single one; from 4
+    # at batch 128 it is not: test_core.py).
     work = tmp_path / "stage"
     cli.run(dense_relu.get_config, ["--seed", "2", "--epochs", "2", "--data-train-limit", "4096",
             "--data-val-split", "1000", "--plots", "false", "--data-dir", str(mnist_dir),
