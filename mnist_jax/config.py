@@ -171,16 +171,17 @@ HELP = {
 }  # fmt: skip
 
 
+# models.py's names and activations, registered there: it sits above this module.
+MODEL_CHOICES: dict[str, tuple] = {}
+
+
 def choices() -> dict:
     """{field: its values} of the fields with a fixed set, from the registries that decide them
     (validate's, models'), so that --help cannot list a stale set."""
-    from mnist_jax import models  # it imports this module
-
     return {
         "seed_mode": SEED_MODES,
         "data.digits": DIGITS,
-        "model.name": tuple(models.MODELS),
-        "model.activation": tuple(models.ACTIVATIONS),
+        **MODEL_CHOICES,
         "model.padding": PADDINGS,
         "opt.name": OPTIMIZERS,
         "opt.schedule": SCHEDULES,

@@ -207,8 +207,10 @@ class Printer(Hook):
             print(run.summary)
         for line in run.members.describe():
             print(line)
-        if run.step:
-            spe = run.steps_per_epoch
+        spe = run.steps_per_epoch
+        if run.step >= run.config.epochs * spe:
+            print(f"{run.members.where}: trained to epoch {run.config.epochs} already (step {run.step}); nothing left to train")  # fmt: skip
+        elif run.step:
             print(f"Resumed {run.members.where} at step {run.step} (epoch {run.step // spe + 1}, step {run.step % spe} of it)")  # fmt: skip
 
     def on_epoch_end(self, run, rows, evaluation):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from mnist_jax.config import ConfigError, flag_name
+from mnist_jax.config import MODEL_CHOICES, ConfigError, flag_name
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -191,6 +191,7 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
+MODEL_CHOICES.update({"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)})  # --help
 # Set by the data (num_classes) and the backend (how it computes): build's keywords, not the
 # config's model fields.
 NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")

@@ -17,29 +17,37 @@
 # The codelab's path with this project's library: the data, the model, the learning-rate
 # schedule, training with curves that move, and the digits it gets wrong. Each stage of the
 # codelab is a config (`experiments/<stage>.py`); change `STAGE` to walk the path, from
-# `linear` to `conv_bn`. Open in Jupyter with jupytext, or `jupytext --to ipynb` it for Colab.
+# `linear` to `conv_bn`. Run it as the README says (`jupytext --execute`), open it in Jupyter
+# Lab (the `notebook` extra), or `jupytext --to ipynb` it for Colab.
 
 # %%
-# In Colab: install the project (elsewhere this cell does nothing).
+# In Colab: install the project from your copy of it (elsewhere this cell does nothing).
 import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-    REPO = "git+https://github.com/mnist-jax/mnist_jax"  # or your fork
+    REPO = ""  # your repository's pip address, e.g. "git+https://github.com/<you>/mnist_jax"
+    if not REPO:
+        raise SystemExit("set REPO to the address of your copy of the project, then run again")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", REPO], check=True)
 
 # %%
 # Parameters. The test suite runs this notebook on a small budget (MNIST_JAX_NOTEBOOK_SMALL=1).
 import os
+from pathlib import Path
+
+# Work from the repository root, as every command does: runs/ and a relative $MNIST_DATA_DIR
+# mean the same here as in a shell there (Jupyter starts the kernel in notebooks/).
+if Path.cwd().name == "notebooks" and (Path.cwd().parent / "mnist_jax").is_dir():
+    os.chdir(Path.cwd().parent)
 
 SMALL = os.environ.get("MNIST_JAX_NOTEBOOK_SMALL") == "1"
 STAGE = "dense_relu" if SMALL else "conv_bn"
-WORKDIR = os.environ.get("MNIST_JAX_NOTEBOOK_WORKDIR", f"runs/notebook_{STAGE}")
+WORKDIR = f"runs/notebook_{STAGE}"
 
 # %%
 import importlib
 import io
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import Image, display
