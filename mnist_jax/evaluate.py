@@ -36,6 +36,7 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
         "num_examples": len(test_y),
         # {hidden layer: [dead, units]}
         "dead_units": diagnostics.dead_counts(out["alive"]),  # counted in the same pass
+        "activation": restored.config.model.get("activation", "relu"),  # what "dead" means
     }
 
 
@@ -51,7 +52,7 @@ def main(argv=None):
     )
     if result["dead_units"]:
         dead = diagnostics.format_dead(result["dead_units"])
-        print(f"dead ReLU units (0 on every test image): {dead}")
+        print(f"{diagnostics.dead_what(result['activation'])}: {dead}")
     (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

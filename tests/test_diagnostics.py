@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from experiments import conv, dense_relu, dense_sigmoid, linear
-from mnist_jax import data, diagnostics, hooks, train
+from mnist_jax import cli, data, diagnostics, evaluate, hooks, train
 
 
 def test_collapsed_to_names_the_only_class_predicted():
@@ -90,3 +90,14 @@ def test_a_sigmoid_unit_counts_dead_only_saturated_at_exactly_0(mnist):
     }
     dead = diagnostics.dead_units(state.replace(params=params), mnist.test_images[:500])
     assert dead == {"hidden_0": (1, 200), "hidden_1": (0, 60)}
+
+
+def test_evaluate_names_the_units_of_the_runs_activation(mnist_dir, tmp_path, capsys):
+    """`mnist_jax.evaluate` on a sigmoid network speaks of saturated units, not dead ReLUs."""
+    argv = ["--epochs", "1", "--data-train-limit", "1024", "--plots", "false"]
+    cli.run(dense_sigmoid.get_config, [*argv, "--data-dir", str(mnist_dir), "--workdir", str(tmp_path)])  # fmt: skip
+    capsys.readouterr()
+    evaluate.main(["--workdir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "sigmoid units saturated at 0 (exactly 0 on every test image): hidden_0 " in printed
+    assert "ReLU" not in printed
