@@ -53,7 +53,7 @@ def main(argv=None):
     if result["dead_units"]:
         dead = diagnostics.format_dead(result["dead_units"])
         print(f"{diagnostics.dead_what(result['activation'])}: {dead}")
-    (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    flags.write_atomic(Path(args.workdir) / "eval.json", json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

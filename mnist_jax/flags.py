@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import ml_collections
@@ -78,12 +79,26 @@ def user_errors(*errors: type[Exception], code: int = EXIT_USAGE):
         fail(str(e), code)
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` so that a kill at any moment leaves the old file or the new,
+    never half of one: a sibling with a name of its own, then a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str, obj) -> None:
     """Write results to --json PATH, or fail with one line."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        write_atomic(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
         fail(f"--json {path}: cannot write ({e.strerror})")
     print(f"Results in {path}")

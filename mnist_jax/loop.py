@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, metrics, models, parallel, recipe, startup
+from mnist_jax import checkpoint, data, flags, metrics, models, parallel, recipe, startup
 from mnist_jax import train as train_lib  # train.py: the pure step, its compiled forms
 from mnist_jax.config import ConfigError, validate
 from mnist_jax.hooks import LAST, call, defaults
@@ -139,7 +139,7 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
     summary = models.summary(train_lib.model_of(config), dataset["image_shape"])
     if parallel.is_primary():
         for workdir in members.workdirs:
-            (workdir / "summary.txt").write_text(summary + "\n")
+            flags.write_atomic(workdir / "summary.txt", summary + "\n")
     return Run(config=config, members=members, steps_per_epoch=spe,
                arrays=parallel.put_replicated(arrays, mesh), state=members.put(states),
                mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],

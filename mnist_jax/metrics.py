@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from mnist_jax import flags
+
 EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
 
 
@@ -26,10 +28,22 @@ def upgrade(row: dict | None) -> dict | None:
 
 
 def read(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file. A last line cut short (a kill or a full disk in the middle
+    of an append) is dropped with a one-line warning: the checkpoint's own record is what counts,
+    and the next start writes the rows again from it."""
     path = Path(path)
     if not path.exists():
         return []
-    return [upgrade(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(upgrade(json.loads(line)))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            print(f"warning: {path}: its last line is incomplete (a write cut short); dropped", file=sys.stderr)  # fmt: skip
+    return rows
 
 
 def append(path: str | Path, row: dict) -> None:
@@ -38,11 +52,8 @@ def append(path: str | Path, row: dict) -> None:
 
 
 def write(path: str | Path, rows: list[dict]) -> None:
-    """Replace the file atomically (write a sibling, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    """Replace the file atomically (flags.write_atomic)."""
+    flags.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def summary_writer():

@@ -238,7 +238,7 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
         raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
     for step, reason in plan.damaged:
         move_aside(workdir, step, reason)
-    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    flags.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
     metrics.append(
         workdir / HISTORY,
         {
