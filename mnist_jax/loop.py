@@ -267,6 +267,17 @@ def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
     call(hook_list, "on_epoch_end", run, rows, evaluation)
 
 
+@contextlib.contextmanager
+def _locked(workdirs: list):
+    """Within: the work directories' locks, once setup takes them (recipe.lock), released at
+    the end however it ends."""
+    try:
+        yield
+    finally:
+        for workdir in workdirs:
+            recipe.unlock(Path(workdir))
+
+
 def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
           hooks: tuple = (), save: bool = True, step_fn=None, eval_metrics: dict | None = None,
           members: list | None = None, labels: list | None = None) -> Run:  # fmt: skip
@@ -283,7 +294,10 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
     """
     # For this call only; only when asked: a config value set in a context is part of every
     # jitted function's cache key, so a context always on would compile apart from callers'.
-    with jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext():
+    with (
+        jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext(),
+        _locked(workdirs),
+    ):
         run = setup(config, startup.resolve(config), workdirs, vmap, members, labels)
         run.step_fn = step_fn or train_lib.step_for(config.loss.name)
         run.eval_metrics = train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items()))

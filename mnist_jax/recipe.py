@@ -13,6 +13,7 @@ the damaged ones it meets: nothing here deletes a file.
 """
 
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -269,8 +270,68 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
         )
 
 
+_LOCKS: dict[str, int] = {}  # work directory (resolved) -> the descriptor holding its lock
+
+
+def _holder(workdir: Path) -> str:
+    """The process holding `workdir`'s lock, from Linux's /proc/locks (else unnamed)."""
+    try:
+        inode = f":{workdir.stat().st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(inode):
+                cmd = Path(f"/proc/{parts[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()  # fmt: skip
+                return f"process {parts[4]}: {cmd[:200]}"
+    except OSError:
+        pass
+    return "another process"
+
+
+def lock(workdir: Path) -> None:
+    """Hold `workdir` for this process while it trains there: an OS lock (flock) on the
+    directory itself, so it ends with the process, a SIGKILLed one too, and is no file to leave
+    behind. ConfigError naming the holder when another process has it. Readers take none."""
+    key = str(workdir.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot use it ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(
+            f"--workdir {workdir}: another run is training there ({_holder(workdir)}); "
+            "wait for it to end, or use another --workdir"
+        ) from None
+    _LOCKS[key] = fd
+
+
+def unlock(workdir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(workdir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def lock_all(workdirs: list[Path]) -> None:
+    """`lock` each on process 0 (which writes the files); every process stops if one failed."""
+    error = None
+    if parallel.is_primary():
+        try:
+            for workdir in workdirs:
+                lock(workdir)
+        except ConfigError as e:
+            error = e
+    if not parallel.agree(error is None):
+        raise error or ConfigError(f"--workdir: process 0 could not lock {workdirs[0]}")
+
+
 def prepare_all(workdirs: list[Path], configs: list, plans: list[Plan]) -> None:
     """`prepare` each work directory on process 0; every process stops if one could not."""
+    lock_all(workdirs)  # before anything is written; held until loop.train ends
     error = None
     if parallel.is_primary():
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from mnist_jax import diagnostics, flags, loop, metrics, startup
+from mnist_jax import diagnostics, flags, loop, metrics, recipe, startup
 from mnist_jax.hooks import StopAt
 
 
@@ -94,6 +94,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
     the caller prints its own lines. vmap: the seeds are one group of members (members.Members);
     turn: a group each, one after another. hooks go to every group's loop.train."""
     dirs, how = workdirs(config, workdir), startup.resolve(config).seed_mode
+    if len(dirs) > 1:  # seeds.json's directory: one command at a time writes it
+        recipe.lock_all([Path(workdir)])
+    try:
+        return _train(config, workdir, dirs, how, save, target, dead_units, report, hooks)
+    finally:
+        recipe.unlock(Path(workdir))
+
+
+def _train(config, workdir, dirs, how, save, target, dead_units, report, hooks) -> dict:
     size = len(dirs) if how == "vmap" else 1
     extra = (*hooks, *([StopAt(target)] if target is not None else []))
     results = []
