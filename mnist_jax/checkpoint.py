@@ -1,9 +1,13 @@
 """Orbax checkpoints in WORKDIR/checkpoints, one per epoch, written atomically by Orbax.
 
-Each checkpoint holds three items, so each reader takes only what it needs:
+Each checkpoint holds its items, so each reader takes only what it needs:
   model   {"params", "batch_stats"}: all that evaluation and prediction need;
   train   {"opt_state", "step"}: what resuming adds;
-  metrics the epoch's metrics line, so metrics.jsonl can be repaired on resume.
+  metrics the epoch's metrics line, so metrics.jsonl can be repaired on resume;
+  run     {"layout": LAYOUT, "config": the recipe as config.json records it}: what trained it,
+          so a run whose config.json is gone is still checked against the command.
+Layouts: 1 has no `run` item (read as layout 1); 2 adds it. Every layout stays readable
+(tests/fixtures/layout1_linear is a layout-1 run).
 """
 
 import json
@@ -58,16 +62,19 @@ def steps(workdir: Path) -> list[int]:
 
 
 def screen(workdir: Path) -> list[tuple[int, str]]:
-    """(step, reason) of the checkpoints whose _CHECKPOINT_METADATA does not parse: Orbax's
-    manager parses them all when it starts, and fails on such a one."""
+    """(step, reason) of the checkpoints with a file that Orbax's manager parses when it starts
+    (each step's _CHECKPOINT_METADATA and its `metrics` item) and that does not parse: the
+    manager would fail on such a one, for every command."""
     bad = []
     for step in steps(workdir):
-        meta = workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA"
-        try:
-            if meta.exists():
-                json.loads(meta.read_text())
-        except (ValueError, OSError) as e:
-            bad.append((step, f"{type(e).__name__} in its metadata"))
+        step_dir = workdir / "checkpoints" / str(step)
+        for name, path in (("metadata", "_CHECKPOINT_METADATA"), ("metrics item", "metrics/metrics")):  # fmt: skip
+            try:
+                if (step_dir / path).exists():
+                    json.loads((step_dir / path).read_text())
+            except (ValueError, OSError) as e:
+                bad.append((step, f"{type(e).__name__} in its {name}"))
+                break
     return bad
 
 
@@ -181,8 +188,12 @@ def items(state) -> dict:
     return {"model": model_item(state), "train": {"opt_state": state.opt_state, "step": state.step}}
 
 
-def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int) -> None:
-    """Save asynchronously; Orbax copies the arrays before returning, so `state` may be donated."""
+LAYOUT = 2  # what save writes (the module's docstring)
+
+
+def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int, config: dict) -> None:
+    """Save asynchronously; Orbax copies the arrays before returning, so `state` may be donated.
+    config: the run's recipe as config.json records it."""
     trees = items(state)
     mngr.save(
         step,
@@ -190,8 +201,22 @@ def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int) -> None:
             model=ocp.args.StandardSave(trees["model"]),
             train=ocp.args.StandardSave(trees["train"]),
             metrics=ocp.args.JsonSave(metrics),
+            run=ocp.args.JsonSave({"layout": LAYOUT, "config": config}),
         ),
     )
+
+
+def recorded_config(workdir: Path) -> tuple[int, dict] | None:
+    """(step, recipe) from the newest checkpoint that carries one (layout 2 on), else None."""
+    for step in steps(workdir):
+        try:
+            item = json.loads(
+                (workdir / "checkpoints" / str(step) / "run" / "metadata").read_text()
+            )
+            return step, item["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # layout 1, or a damaged item: the one before may still say
+    return None
 
 
 def abstract(tree):

@@ -122,7 +122,7 @@ class Checkpoints(Hook):
                 checkpoint.mark_committed(run.members.workdirs[i])
             partial = {k: v[i].tolist() for k, v in run.partial.items()} or None
             saved = {"last_epoch": run.rows[i], "partial": partial}
-            checkpoint.save(mngr, run.members.take(run.state, i), saved, run.step)
+            checkpoint.save(mngr, run.members.take(run.state, i), saved, run.step, run.recorded[i])
 
     def on_train_end(self, run):
         for workdir, mngr in zip(run.members.workdirs, run.mngrs):

@@ -17,6 +17,7 @@ compiled call. Everything else (files, checkpoints, signals, printing, plots) is
 
 import contextlib
 import dataclasses
+import json
 import signal
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ class Run:
     state: Any  # the TrainState, stacked over members when they are vmapped
     primary: bool  # process 0: writes the files; every process trains and checkpoints
     summary: str  # the model's table
+    recorded: list  # each member's recipe as its config.json records it (saved in checkpoints)
     show_summary: bool = True  # print it: not twice a command, nor with nothing left to train
     step_fn: Any = train_lib.train_step
     eval_metrics: tuple = train_lib.EVAL_METRICS
@@ -143,7 +145,8 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
     return Run(config=config, members=members, steps_per_epoch=spe,
                arrays=parallel.put_replicated(arrays, mesh), state=members.put(states),
                mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],
-               primary=parallel.is_primary(), summary=summary, rows=[None] * len(workdirs))  # fmt: skip
+               primary=parallel.is_primary(), summary=summary, rows=[None] * len(workdirs),
+               recorded=[json.loads(c.to_json()) for c in recorded])  # fmt: skip
 
 
 # The model tables printed by the command in progress (`one_summary`): a command that trains

@@ -179,8 +179,22 @@ def check(workdir: Path, config, runtime: dict) -> Plan:
         return Plan(None, [], {}, runtime)
     changed = {}
     trained = checkpoint.steps(workdir) or (workdir / checkpoint.COMMITTED).exists()
+    old = None
     if (workdir / "config.json").exists() and trained:
-        refused, changed = compare(checkpoint.read_config(workdir).to_dict(), config)
+        old = checkpoint.read_config(workdir).to_dict()
+    elif trained:  # config.json gone: the checkpoints' own record says what trained them
+        found = checkpoint.recorded_config(workdir)
+        if found is None:
+            raise ConfigError(
+                f"--workdir {workdir}: holds a run but no config.json, and its checkpoints (written "
+                "before they carried their recipe) cannot say what trained them; put config.json "
+                "back, or add --restart to start over"
+            )
+        step, old = found
+        if parallel.is_primary():
+            print(f"note: {workdir / 'config.json'} is missing; the recipe is read from checkpoint {step} and written back")  # fmt: skip
+    if old is not None:
+        refused, changed = compare(old, config)
         if refused:
             raise ConfigError(
                 f"--workdir {workdir}: holds a run of another recipe, left as it is:\n"

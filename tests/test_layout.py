@@ -1,0 +1,81 @@
+"""The checkpoint layout: versioned, carrying its recipe, every older layout still readable, and
+every item Orbax parses screened for damage."""
+
+import json
+import shutil
+
+import pytest
+
+import mnist_jax
+from experiments import linear
+from mnist_jax import checkpoint, cli, evaluate
+from tests.conftest import ROOT
+
+LAYOUT1 = ROOT / "tests" / "fixtures" / "layout1_linear"  # written by the code of layout 1
+SMALL = ["--data-train-limit", "256", "--data-test-limit", "256", "--plots", "false"]
+
+
+def run(capsys, mnist_dir, workdir, *extra):
+    capsys.readouterr()
+    try:
+        cli.run(linear.get_config, [*SMALL, "--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra])  # fmt: skip
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, *capsys.readouterr()
+
+
+def layout(step_dir) -> int:
+    item = step_dir / "run" / "metadata"  # JsonSave names its file so
+    return json.loads(item.read_text())["layout"] if item.exists() else 1
+
+
+def test_a_layout_1_run_is_read_resumed_and_goes_on_in_the_new_layout(mnist_dir, tmp_path, capsys):  # fmt: skip
+    shutil.copytree(LAYOUT1, tmp_path, dirs_exist_ok=True)
+    assert [layout(tmp_path / "checkpoints" / str(s)) for s in checkpoint.steps(tmp_path)] == [1]
+    assert mnist_jax.restore(tmp_path).step == 2
+    capsys.readouterr()
+    evaluate.main(["--workdir", str(tmp_path), "--data-dir", str(mnist_dir)])
+    assert "step 2: test accuracy" in capsys.readouterr().out
+    code, out, err = run(capsys, mnist_dir, tmp_path, "--epochs", "2")
+    assert code == 0 and "Resumed" in out and "at step 2" in out, err
+    assert layout(tmp_path / "checkpoints" / "4") == checkpoint.LAYOUT
+    assert not (tmp_path / checkpoint.DAMAGED).exists()
+
+
+def test_a_layout_1_run_without_config_json_is_refused_not_guessed(mnist_dir, tmp_path, capsys):
+    shutil.copytree(LAYOUT1, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "config.json").unlink()
+    code, _, err = run(capsys, mnist_dir, tmp_path, "--epochs", "2")
+    assert code == 2 and "no config.json, and its checkpoints" in err and "put config.json back" in err  # fmt: skip
+
+
+def test_config_json_gone_the_checkpoint_still_refuses_another_recipe_and_writes_it_back(mnist_dir, tmp_path, capsys):  # fmt: skip
+    assert run(capsys, mnist_dir, tmp_path, "--epochs", "1")[0] == 0
+    written = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").unlink()
+    for other in (["--opt-lr", "0.5"], ["--data-train-limit", "512"]):
+        code, _, err = run(capsys, mnist_dir, tmp_path, "--epochs", "2", *other)
+        assert code == 2 and "holds a run of another recipe" in err, err
+        assert not (tmp_path / "config.json").exists()  # refused before anything is written
+    code, out, err = run(capsys, mnist_dir, tmp_path, "--epochs", "2")
+    assert code == 0 and "is missing; the recipe is read from checkpoint 2" in out, err
+    assert "Resumed" in out
+    again = json.loads((tmp_path / "config.json").read_text())
+    assert {k: v for k, v in again.items() if k != "epochs"} == {k: v for k, v in written.items() if k != "epochs"}  # fmt: skip
+
+
+def test_a_damaged_metrics_item_is_moved_aside_and_every_command_goes_on(mnist_dir, tmp_path, capsys):  # fmt: skip
+    """Orbax parses every step's `metrics` item when a manager opens: one emptied item used to
+    stop training, evaluate, plots and predict alike."""
+    assert run(capsys, mnist_dir, tmp_path, "--epochs", "2", "--checkpoint-every", "1")[0] == 0
+    steps = checkpoint.steps(tmp_path)
+    oldest = steps[-1]
+    (tmp_path / "checkpoints" / str(oldest) / "metrics" / "metrics").write_text("")
+    assert checkpoint.screen(tmp_path) == [(oldest, "JSONDecodeError in its metrics item")]
+    with pytest.raises(FileNotFoundError, match="damaged checkpoint"):
+        mnist_jax.restore(tmp_path)  # a reader moves nothing: it says so in one line
+    code, out, err = run(capsys, mnist_dir, tmp_path, "--epochs", "3")
+    assert code == 0 and f"checkpoint {tmp_path / 'checkpoints' / str(oldest)} is damaged" in err, err  # fmt: skip
+    assert (tmp_path / checkpoint.DAMAGED / str(oldest)).is_dir()
+    assert mnist_jax.restore(tmp_path).step == 6
