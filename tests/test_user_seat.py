@@ -31,9 +31,10 @@ DATA = "../shared/data/mnist"  # where the README points MNIST_DATA_DIR, from th
 STAGE = "--epochs 1 --data-train-limit 1024 --data-test-limit 1000"
 SHRINK = {  # per command: what makes it a test-sized run of the same code
     "experiments.seeds": "--epochs 1 --train-limit 1024 --seeds 2",
-    "experiments.sweep": f"{STAGE} --trials 2 --data-val-split 256",
+    "experiments.sweep": f"{STAGE} --trials 1 --data-val-split 256",
     "experiments.speedrun": "--epochs 1 --train-limit 1024 --seeds 1",
-    "experiments.benchmark": "--batch-sizes 64 --windows 1 --window-images 640",
+    # Keras and PyTorch's workers: tests/test_benchmark.py, which the bench extra serves too.
+    "experiments.benchmark": "--batch-sizes 64 --windows 1 --window-images 640 --frameworks mnist_jax",
 }
 TRAINS = ("experiments.seeds", "experiments.sweep", "experiments.speedrun")
 
