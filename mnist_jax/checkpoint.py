@@ -252,9 +252,12 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {workdir} a training work directory?")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        tree = json.loads(path.read_text())
     except ValueError as e:
         raise ConfigError(f"{path}: not a readable config ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: not a run's config (a JSON {type(tree).__name__}, not an object)")  # fmt: skip
+    return ml_collections.ConfigDict(tree)
 
 
 def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict, int]:

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from mnist_jax import flags, hooks, loop, seeds, startup
+from mnist_jax import checkpoint, flags, hooks, loop, recipe, seeds, startup
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
@@ -34,6 +34,8 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
     try:
         with flags.user_errors(ConfigError, DataError):
             startup.start(config)  # the process's set-up, once: XLA flags, caches, hosts
+            for w in [Path(workdir), *seeds.workdirs(config, workdir)]:  # before any write
+                recipe.check_workdir(w, restart=config.restart)
             # The curves as it trains, the rest at each run's end, on process 0.
             plots = [hooks.LiveCurves(), hooks.Plots()] if config.plots else []
             seeds.train(config, workdir, hooks=plots)  # --seeds 1: loop.train(config, [workdir])
@@ -47,6 +49,16 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
         if jax.process_count() == 1:
             raise
         lost(e, workdir)
+    except Exception as e:
+        where = flags.disk_full(e)
+        if where is None:
+            raise
+        kept = [f"step {checkpoint.steps(w)[0]} in {w / 'checkpoints'}" for w in seeds.workdirs(config, workdir) if checkpoint.steps(w)]  # fmt: skip
+        kept = f"the last checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint yet"
+        flags.fail(
+            f"{where or workdir}: no space left on device; {kept}: free some space and run the "
+            "same command again to resume"
+        )
 
 
 def lost(error: Exception, workdir: str) -> None:

@@ -4,6 +4,8 @@ A config is an `ml_collections.ConfigDict`: attribute access, type-checked assig
 Every leaf becomes a command-line flag (see `flags.py`): `data.dir` -> `--data-dir`.
 """
 
+import math
+
 import ml_collections
 
 
@@ -285,6 +287,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 value = value[part]
             raise ConfigError(f"{flag_name(path)}: {what}, got {value!r}")
 
+    def floats(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from floats(value, f"{prefix}{key}.")
+            elif isinstance(value, float):
+                yield f"{prefix}{key}", value
+
+    for path, value in floats(config):  # inf and nan pass every comparison below but one
+        check(math.isfinite(value), path, "must be a finite number")
     check(config.epochs >= 1, "epochs", "must be at least 1")
     check(config.seeds >= 1, "seeds", "must be at least 1")
     check(config.seed_mode in SEED_MODES, "seed_mode", f"must be one of {', '.join(SEED_MODES)}")

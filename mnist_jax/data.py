@@ -9,6 +9,7 @@ a dataset costs 1 byte per pixel on the device. `identity` is what a run records
 import gzip
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -89,7 +90,7 @@ def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes, expected {header})")
     shape = tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # Python ints: np.prod wraps at 2**63
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "too long"
         raise DataError(f"{path}: {what}: {len(raw)} bytes, header says {shape[0]} items ({expected} bytes)")  # fmt: skip
@@ -114,6 +115,8 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
         if len(labels) == 0:
             raise DataError(f"{where}: holds no examples")
     train, test = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if 0 in train:  # a model would have no pixels to look at
+        raise DataError(f"{paths['train_images']}: images are {'x'.join(map(str, train))}: no pixels")  # fmt: skip
     if train != test:
         shape = lambda s: "x".join(map(str, s))  # noqa: E731
         raise DataError(f"{paths['test_images']}: images are {shape(test)}, the training images {shape(train)}")  # fmt: skip

@@ -10,24 +10,53 @@ from pathlib import Path
 
 import jax
 
-from mnist_jax import checkpoint, data, diagnostics, flags, train
+from mnist_jax import checkpoint, data, diagnostics, flags, recipe, startup, train
 from mnist_jax.config import ConfigError
 
 
-def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None):
-    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images
-    (from `data_dir` when given, else the run's data)."""
+def restore(workdir: str | Path, step: int | None = None) -> checkpoint.Restored:
+    """checkpoint.restore, where a checkpoint that Orbax fails to read (a flipped bit in its
+    array metadata) is a FileNotFoundError in one line, as the damage it screens for is."""
+    startup.quiet_orbax()  # the reads a failed restore leaves behind
+    try:
+        return checkpoint.restore(workdir, step)
+    except (FileNotFoundError, ConfigError):
+        raise
+    except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+        if not checkpoint.is_damage(e):
+            raise
+        where = Path(workdir) / "checkpoints" / (str(step) if step is not None else "")
+        raise FileNotFoundError(f"{where}: damaged checkpoint ({checkpoint.reason(e)})") from None
+
+
+def test_data(restored: checkpoint.Restored, data_dir: str | None = None):
+    """(test images, labels) of a restored run (from `data_dir` when given, else the run's
+    data); DataError in one line when their images are not shaped like the run's."""
     config = restored.config
     ds = data.load(data_dir) if data_dir else data.from_config(config.data)
+    shape, num_classes, _ = data.spec(config)
+    found = tuple(ds.test_images.shape[1:])
+    where = f"--data-dir {data_dir}" if data_dir else f"the run's data ({ds.source})"
+    if found != tuple(shape):
+        show = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise data.DataError(f"{where}: images are {show(found)}, the run was trained on {show(shape)}: the shapes differ")  # fmt: skip
+    if ds.num_classes > num_classes:
+        raise data.DataError(f"{where}: {ds.num_classes} classes, the run was trained on {num_classes}")  # fmt: skip
     limit = config.data.test_limit or None
-    test_x, test_y = ds.test_images[:limit], ds.test_labels[:limit]
+    return ds.test_images[:limit], ds.test_labels[:limit]
+
+
+def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None, test=None):
+    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images
+    (`test`, else `test_data`)."""
+    test_x, test_y = test or test_data(restored, data_dir)
     out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))
     return test_x, test_y, out
 
 
 def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: int | None = None):
     """Metrics of checkpoint `step` (default latest) on the run's test images."""
-    restored = checkpoint.restore(workdir, step)
+    restored = restore(workdir, step)
     test_x, test_y, out = evaluate_restored(restored, data_dir)
     return {
         "step": restored.step,
@@ -45,6 +74,8 @@ def main(argv=None):
     flags.add(parser, "workdir", "data_dir", "step")
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
+        # eval.json goes in the work directory
+        recipe.check_workdir(args.workdir, writes=("",), uses=("checkpoints", "eval.json"))
         result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
     print(
         f"step {result['step']}: test accuracy {result['accuracy']:.2%}"
@@ -53,7 +84,11 @@ def main(argv=None):
     if result["dead_units"]:
         dead = diagnostics.format_dead(result["dead_units"])
         print(f"{diagnostics.dead_what(result['activation'])}: {dead}")
-    flags.write_atomic(Path(args.workdir) / "eval.json", json.dumps(result, indent=2) + "\n")
+    path = Path(args.workdir) / "eval.json"
+    try:
+        flags.write_atomic(path, json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # a full disk, say: the results above are printed all the same
+        flags.fail(f"{path}: cannot write ({e.strerror})")
 
 
 if __name__ == "__main__":

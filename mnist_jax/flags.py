@@ -7,8 +7,10 @@ report them into that line.
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -77,6 +79,23 @@ def user_errors(*errors: type[Exception], code: int = EXIT_USAGE):
         yield
     except errors as e:
         fail(str(e), code)
+
+
+def disk_full(error: BaseException) -> str | None:
+    """The file a write failed on for want of space (ENOSPC), if that is what `error` or an
+    exception it came from is: an OSError, or tensorstore's RESOURCE_EXHAUSTED from Orbax ("" if
+    it names none); else None. A checkpoint being written is named by its step's directory."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return str(error.filename or "")
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            found = re.search(r'"(/[^"]+)"', text)
+            return re.sub(r"\.orbax-checkpoint-tmp.*", "", found.group(1)) if found else ""
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -178,5 +197,19 @@ def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, descri
         node = config
         for part in parents:
             node = node[part]
-        node[key] = value
+        try:
+            node[key] = value
+        except (TypeError, ValueError):  # argparse hands `--flag=--` over as []
+            parser.error(f"argument {flag_name(paths[dest])}: invalid value {value!r}")
     return config
+
+
+def cannot_write(directory: Path) -> str | None:
+    """Why no file can be created in `directory`, or None; asked of the kernel (access(2), which
+    sees a read-only filesystem and, for root too, an immutable directory), so nothing is
+    written to find out."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    return os.strerror(errno.EPERM if os.geteuid() == 0 else errno.EACCES)

@@ -102,16 +102,37 @@ class Preemption(Hook):
             signal.signal(s, handler)
 
 
+def _named(what: str):
+    """A hook method whose OSError names `what` it writes ("{where}": the work directory) when
+    it names no file: a write cut short by a full disk raises at close with none, and so does
+    Orbax's save of a checkpoint's metadata."""
+
+    def wrap(method):
+        def named(self, run, *args):
+            try:
+                return method(self, run, *args)
+            except OSError as e:
+                if e.filename is None:
+                    e.filename = what.format(where=run.members.where)
+                raise
+
+        return named
+
+    return wrap
+
+
 class Checkpoints(Hook):
     """Save every member (asynchronously) at epoch ends, every --checkpoint-every steps and at a
     stop; at the end, wait for the saves and mark the work directory committed."""
 
+    @_named("{where} (its checkpoints)")
     def after_steps(self, run, metrics):
         every = run.config.checkpoint_every
         due = every and run.step % every == 0
         if run.done < run.steps_per_epoch and (due or run.stop):  # the epoch's end saves below
             self.save(run)
 
+    @_named("{where} (its checkpoints)")
     def on_epoch_end(self, run, rows, evaluation):
         self.save(run)
 
@@ -124,6 +145,7 @@ class Checkpoints(Hook):
             saved = {"last_epoch": run.rows[i], "partial": partial}
             checkpoint.save(mngr, run.members.take(run.state, i), saved, run.step, run.recorded[i])
 
+    @_named("{where} (its checkpoints)")
     def on_train_end(self, run):
         for workdir, mngr in zip(run.members.workdirs, run.mngrs):
             mngr.wait_until_finished()
@@ -138,6 +160,7 @@ class MetricsFiles(Hook):
 
     writers: list = []
 
+    @_named("{where} (its metrics files)")
     def on_train_start(self, run):
         self.writers = [
             metrics.Writer(w) if run.primary else metrics.NullWriter() for w in run.members.workdirs
@@ -145,6 +168,7 @@ class MetricsFiles(Hook):
         for writer, row in zip(self.writers, run.rows):  # rows after the checkpoint: again
             writer.truncate(row, run.step)
 
+    @_named("{where} (its metrics files)")
     def after_steps(self, run, new):
         every, spe, done = run.config.log_every, run.steps_per_epoch, run.done
         first = done - len(next(iter(new.values()))[0])
@@ -156,6 +180,7 @@ class MetricsFiles(Hook):
                             for k, v in run.partial.items()})  # fmt: skip
                 writer.step(row)
 
+    @_named("{where} (its metrics files)")
     def on_epoch_end(self, run, rows, evaluation):
         for writer, row in zip(self.writers, rows):
             writer.epoch(row)

@@ -90,6 +90,23 @@ def conv_s2d_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
 Conv = partial(nn.Conv, kernel_init=nn.initializers.glorot_uniform(), padding="SAME")
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
+SHAPE_FLAGS = "--model-kernels, --model-strides, --model-padding, --model-pool"
+
+
+def _no_pixels(x, before, what: str) -> None:
+    """ConfigError naming the layer after which `x` has no pixels left: checked while init
+    traces the model (shapes are static), so before training, instead of a ZeroDivisionError
+    in the next layer's initializer (a fan-in of 0)."""
+    if 0 in x.shape[1:]:
+        shape = lambda s: "x".join(map(str, s[1:3]))  # noqa: E731
+        raise ConfigError(f"{SHAPE_FLAGS}: {what} turns the {shape(before)} pixels into {shape(x.shape)}, leaving none; use SAME padding or smaller kernels, strides or pools")  # fmt: skip
+
+
+def _flat(x):
+    """[B, ...] -> [B, features]; ConfigError for images of no pixels (a 0-sized side)."""
+    if 0 in x.shape[1:]:
+        raise ConfigError(f"the images are {'x'.join(map(str, x.shape[1:]))}: no pixels to classify")  # fmt: skip
+    return x.reshape((x.shape[0], -1))
 
 
 class Softmax(nn.Module):
@@ -100,7 +117,7 @@ class Softmax(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:  # [B,H,W,C] -> [B,classes]
-        logits = Dense(self.num_classes, dtype=self.dtype)(x.reshape((x.shape[0], -1)))
+        logits = Dense(self.num_classes, dtype=self.dtype)(_flat(x))
         return logits.astype(jnp.float32)
 
 
@@ -115,7 +132,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        x = x.reshape((x.shape[0], -1))
+        x = _flat(x)
         for i, n in enumerate(self.features):
             x = ACTIVATIONS[self.activation](Dense(n, dtype=self.dtype)(x))
             self.sow("intermediates", f"hidden_{i}", x)  # dead units: train.eval_dataset
@@ -168,16 +185,21 @@ class ConvNet(nn.Module):
         )
         layers = list(zip(self.channels, self.kernels, self.strides, strict=True))
         logits_conv = self.gap and not self.dense  # the last convolution gives the logits
+        _flat(x)  # images of no pixels
         for i, (c, k, s) in enumerate(layers):
             last = logits_conv and i == len(layers) - 1
+            before = x.shape
             x = conv(c, (k, k), strides=s, padding=self.padding, use_bias=last or not bn, dtype=self.dtype)(x)  # fmt: skip
+            _no_pixels(x, before, f"layer {i + 1}'s {k}x{k} convolution (stride {s}, {self.padding})")  # fmt: skip
             if not last:
                 x = nn.relu(norm()(x) if bn else x)
                 # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to
                 # count dead units); flax's init leaves that collection out.
                 self.sow("intermediates", f"hidden_{i}", x)
             if self.pool and self.pool[i] > 1:
+                before = x.shape
                 x = nn.max_pool(x, (self.pool[i],) * 2, strides=(self.pool[i],) * 2)
+                _no_pixels(x, before, f"layer {i + 1}'s {self.pool[i]}x{self.pool[i]} pooling")
         x = x.mean(axis=(1, 2)) if self.gap else x.reshape((x.shape[0], -1))
         if logits_conv:
             return x.astype(jnp.float32)
@@ -191,7 +213,9 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
-MODEL_CHOICES.update({"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)})  # --help
+MODEL_CHOICES.update(
+    {"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)}
+)  # --help
 # Set by the data (num_classes) and the backend (how it computes): build's keywords, not the
 # config's model fields.
 NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")

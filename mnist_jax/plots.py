@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import checkpoint, data, evaluate, flags, metrics, optim, predict  # noqa: E402
+from mnist_jax import data, evaluate, flags, metrics, optim, predict, recipe  # noqa: E402
 from mnist_jax.config import ConfigError  # noqa: E402
 
 FONTS = [
@@ -276,9 +276,10 @@ def draw_sweep(rows: list[dict], importances: dict, log: dict, out: Path) -> lis
 def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     """Draw the figures into WORKDIR/plots/; returns their paths."""
     workdir = Path(workdir).expanduser()
-    restored = checkpoint.restore(workdir)  # first: a run it cannot restore is left untouched
+    restored = evaluate.restore(workdir)  # first: a run it cannot restore is left untouched
     info = restored.config.get("dataset") or {}
     digits, names = info.get("digits", True), tuple(info.get("names") or ())
+    test = evaluate.test_data(restored, data_dir)  # data that do not fit: refused, nothing drawn
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
     images_name = "test_digits" if digits else "test_images"
@@ -288,6 +289,8 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     learning_rate(workdir, paths["learning_rate"])
     if digits:
         images, labels, _ = font_digits()
+        shape = data.spec(restored.config)[0]  # digits of another size (--data-digits yes)
+        images = np.stack([predict.fit(image, shape) for image in images])
         predicted = predict.probabilities(restored, images).argmax(-1)
         _digit_grid(
             images,
@@ -298,7 +301,7 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
             paths["font_digits"],
         )
 
-    test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir)
+    test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir, test)
     predictions = np.asarray(out["predictions"])
     errors = int((predictions != test_y).sum())
     shown = test_digit_order(predictions, test_y)
@@ -326,6 +329,7 @@ def main(argv=None):
     flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
+        recipe.check_workdir(args.workdir, writes=("", "plots"), uses=("checkpoints", "plots", "metrics.jsonl", "train_steps.jsonl"))  # fmt: skip
         paths = draw_all(args.workdir, args.data_dir)
     for path in paths:
         print(path)

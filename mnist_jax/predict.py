@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_jax import checkpoint, data, flags
+from mnist_jax import checkpoint, data, evaluate, flags, recipe
 from mnist_jax.config import ConfigError
 
 
@@ -45,12 +45,35 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return np.clip(canvas, 0, 255).astype(np.uint8)[..., None]
 
 
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # the image's channels a run's data can have
+
+
+def mode_for(image_shape) -> str:
+    """The PIL mode of images shaped like the data; ValueError for other channel counts."""
+    c = image_shape[-1]
+    if c not in MODES:
+        raise ValueError(f"the run's images have {c} channels; only 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) can be made from an image file")  # fmt: skip
+    return MODES[c]
+
+
+def fit(digit: np.ndarray, image_shape) -> np.ndarray:
+    """A to_mnist digit [28, 28, 1] made [H, W, C] like the run's images (digits of another
+    size, --data-digits yes): scaled to H x W, the gray repeated into the colours (opaque)."""
+    h, w, _ = image_shape
+    if tuple(image_shape) == (28, 28, 1):
+        return digit
+    image = Image.fromarray(digit[..., 0]).resize((w, h), Image.LANCZOS)
+    return np.asarray(image.convert(mode_for(image_shape)), np.uint8).reshape(image_shape)
+
+
 def like_data(image: Image.Image, image_shape=(28, 28, 1), digits: bool = True) -> np.ndarray:
-    """uint8 [H, W, C] like the run's images: to_mnist for digits, else resized to H x W."""
+    """uint8 [H, W, C] like the run's images: to_mnist for digits (then fit to the data's
+    shape), else resized to H x W in the data's mode (L, LA, RGB or RGBA)."""
+    image_shape = tuple(image_shape)
     if digits:
-        return to_mnist(image)
+        return fit(to_mnist(image), image_shape)
     h, w, c = image_shape
-    resized = image.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+    resized = image.convert(mode_for(image_shape)).resize((w, h), Image.BILINEAR)
     return np.asarray(resized, np.uint8).reshape(h, w, c)
 
 
@@ -65,6 +88,8 @@ def load_image(path: str | Path, image_shape=(28, 28, 1), digits: bool = True) -
         raise ValueError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against huge images
+        raise ValueError(f"{path}: image too large to read ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
 
@@ -81,9 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError):
-        restored = checkpoint.restore(args.workdir, args.step)
+        recipe.check_workdir(args.workdir, writes=(), uses=("checkpoints",))  # reads only
+        restored = evaluate.restore(args.workdir, args.step)
     info = restored.config.get("dataset") or {}
     shape, names = data.spec(restored.config)[0], info.get("names") or []
+    with flags.user_errors(ValueError):  # a channel count no image file gives: refused once
+        mode_for(shape)
     failed = 0
     for path in args.images:
         try:

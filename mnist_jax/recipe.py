@@ -312,7 +312,7 @@ def lock(workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(workdir, os.O_RDONLY)
     except OSError as e:
-        raise ConfigError(f"--workdir {workdir}: cannot use it ({e.strerror})") from None
+        raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -355,3 +355,40 @@ def prepare_all(workdirs: list[Path], configs: list, plans: list[Plan]) -> None:
             error = e
     if not parallel.agree(error is None):
         raise error or ConfigError(f"--workdir: process 0 could not prepare {workdirs[0]}")
+
+
+RUN_DIRS = ("checkpoints", "tensorboard", "plots", checkpoint.DAMAGED)  # the rest are files
+
+
+def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = False,
+                  uses: tuple | None = None) -> None:  # fmt: skip
+    """ConfigError in one line for a work directory a command cannot use, before it reads or
+    writes anything there: a file where a directory belongs or the other way round, a
+    config.json that is no JSON object, or a directory of `writes` ("": WORKDIR itself) that
+    takes no new file (a read-only checkpoints/ otherwise ends in Orbax's threads timing out).
+    restart: what --restart deletes and config.json's contents are not looked at. uses: the
+    names whose kind is checked besides config.json (None: all a run has; a reader's). A WORKDIR that does not exist yet passes: creating it is checked where it is created."""
+    workdir = Path(workdir)
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
+    names = checkpoint.RUN_FILES + ("summary.txt",) if uses is None else uses
+    for name in ((), names)[not restart] + ("config.json",):
+        path, want_dir = workdir / name, name in RUN_DIRS
+        if path.exists() and path.is_dir() != want_dir:
+            what = "a directory where a file" if path.is_dir() else "a file where a directory"
+            raise ConfigError(f"{path}: is {what} belongs; move it away (or add --restart to a training command)")  # fmt: skip
+    config = workdir / "config.json"
+    if config.is_file() and not restart:
+        try:
+            tree = json.loads(config.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config}: not a readable config ({getattr(e, 'strerror', None) or e})") from None  # fmt: skip
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{config}: not a run's config (a JSON {type(tree).__name__}, not an object)")  # fmt: skip
+    for name in writes:
+        directory = workdir / name
+        reason = directory.is_dir() and flags.cannot_write(directory)
+        if reason:
+            raise ConfigError(f"--workdir {workdir}: cannot write in {directory} ({reason})")

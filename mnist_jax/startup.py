@@ -7,12 +7,15 @@ value depends on the backend, here and nowhere else; the training function calls
 records what it chose beside the config (config_history.jsonl's runtime), not in it.
 """
 
+import logging
 import os
+import sys
+from pathlib import Path
 
 import jax
 import ml_collections
 
-from mnist_jax import parallel
+from mnist_jax import flags, parallel
 from mnist_jax.config import XLA_CPU, ConfigError, flag_name, validate
 
 
@@ -33,13 +36,61 @@ def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *wanted]).strip()
 
 
+def _leftover(unraisable) -> bool:
+    """Orbax's restore reads a checkpoint's arrays in coroutines; when one part fails (a
+    damaged checkpoint: reported, moved aside), the reads left behind report at garbage
+    collection ("Exception ignored in: <coroutine ...>") or call back into the closed event
+    loop: some 80 lines of traceback after the one line that already said what happened."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"  # fmt: skip
+    return closed and unraisable.object is None
+
+
+class _DiskFullLogs(logging.Filter):
+    """Orbax logs a failed background save with its traceback, then raises the same error
+    in the main thread; a full disk is reported there in one line (cli.run)."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or flags.disk_full(error) is None
+
+
+def quiet_orbax() -> None:
+    """Keep Orbax's echoes of an error the command reports itself off stderr (idempotent)."""
+    if getattr(sys.unraisablehook, "quiet_orbax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _leftover(unraisable):
+            previous(unraisable)
+
+    hook.quiet_orbax = True
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_DISK_FULL_LOGS)  # the same one: added once
+
+
+_DISK_FULL_LOGS = _DiskFullLogs()
+
+
 def start(config: ml_collections.ConfigDict) -> None:
     """Set up this process for `config`: a command calls this once, first."""
     validate(config)  # a bad value: one line naming the flag, before anything starts
+    quiet_orbax()
     set_xla_cpu(config)
     # $JAX_COMPILATION_CACHE_DIR, when set, wins: JAX reads it itself (the test suite sets one).
     if config.compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
+        cache = Path(os.path.expanduser(config.compile_cache))
+        try:  # else JAX warns at every compile that it cannot write the cache
+            cache.mkdir(parents=True, exist_ok=True)
+            reason = flags.cannot_write(cache)
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        if reason:
+            raise ConfigError(f"{flag_name('compile_cache')} {cache}: cannot write there ({reason})")  # fmt: skip
+        jax.config.update("jax_compilation_cache_dir", str(cache))
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 
 
