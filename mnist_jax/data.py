@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -127,6 +128,10 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
         if labels.max() >= num_classes:
             bad = int(np.argmax(labels >= num_classes))
             raise DataError(f"{paths[f'{split}_labels']}: label {labels[bad]} at index {bad} is not in 0..{num_classes - 1} (--data-num-classes {num_classes})")  # fmt: skip
+    unseen = np.setdiff1d(arrays["test_labels"], arrays["train_labels"])
+    if len(unseen):  # the model has outputs for them, but nothing ever trains them
+        shown = ", ".join(map(str, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
+        print(f"warning: {paths['test_labels']}: test labels {shown} are in no training image", file=sys.stderr)  # fmt: skip
     labels = {k: v.astype(np.int32) for k, v in arrays.items() if k.endswith("labels")}
     return Dataset(**{**arrays, **labels}, num_classes=num_classes, names=tuple(names), source=source)  # fmt: skip
 

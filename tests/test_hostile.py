@@ -75,6 +75,14 @@ def prepared(tmp_path_factory, mnist_dir):
         digits = ["--data-digits", "yes"] if c == 1 else []
         train(linear, ["--workdir", root / name, "--data-dir", d, *digits, *TINY])
         p[name] = root / name
+    p["data_o28"] = tiny_data(root / "data_o28", (28, 28, 1))  # MNIST's shape, other images
+    c12 = tiny_data(root / "data_c12", (28, 28, 1))  # labels up to 11
+    write_idx(c12 / "t10k-labels-idx1-ubyte", np.arange(64, dtype=np.uint8) % 12)
+    p["data_c12"] = c12
+    unseen = tiny_data(root / "data_unseen", (8, 8, 1))  # class 9 only in the test set
+    write_idx(unseen / "train-labels-idx1-ubyte", np.arange(256, dtype=np.uint8) % 9)
+    write_idx(unseen / "t10k-labels-idx1-ubyte", np.arange(64, dtype=np.uint8) % 10)
+    p["data_unseen"] = unseen
     zero = root / "data_zero"
     zero.mkdir()
     for split, count in (("train", 4), ("t10k", 4)):
@@ -183,6 +191,13 @@ def run_of(name: str):
     return setup
 
 
+def data_env(name: str):
+    def setup(ctx):
+        ctx["monkeypatch"].setenv("MNIST_DATA_DIR", str(ctx[name]))
+
+    return setup
+
+
 def both(*setups):
     def setup(ctx):
         for s in setups:
@@ -215,6 +230,10 @@ ROWS = [
     Row("digits-8x8-predict", run_of("d8"), "predict", ["--workdir", "{run}", "{seven}"], 0, [], out="seven.png: "),
     Row("evaluate-other-shape", nothing, "evaluate", ["--workdir", "{run}", "--data-dir", "{data_d8}"], 2, ["images are 8x8x1, the run was trained on 28x28x1: the shapes differ"]),
     Row("plots-other-shape", nothing, "plots", ["--workdir", "{run}", "--data-dir", "{data_d8}"], 2, ["the shapes differ"]),
+    Row("evaluate-other-data", data_env("data_o28"), "evaluate", ["--workdir", "{run}"], 2, ["not the data the run trained on (idx "]),
+    Row("evaluate-other-data-dir", nothing, "evaluate", ["--workdir", "{run}", "--data-dir", "{data_o28}"], 0, ["note: --data-dir "], False, "test accuracy"),
+    Row("evaluate-more-classes", nothing, "evaluate", ["--workdir", "{run}", "--data-dir", "{data_c12}"], 2, ["test labels 10, 11 are in no training image", "12 classes, the run was trained on 10"]),
+    Row("test-labels-unseen", nothing, "linear", ["--workdir", "{tmp}/new", "--data-dir", "{data_unseen}", *TINY], 0, ["test labels 9 are in no training image"], False),
     Row("predict-rgba-run", run_of("rgba"), "predict", ["--workdir", "{run}", "{seven}"], 0, [], out="seven.png: "),
     Row("predict-la-run", run_of("la"), "predict", ["--workdir", "{run}", "{seven}"], 0, [], out="seven.png: "),
     Row("predict-5-channel-run", run_of("five"), "predict", ["--workdir", "{run}", "{seven}"], 2, ["the run's images have 5 channels"]),
@@ -273,6 +292,7 @@ def test_hostile(row: Row, prepared, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             if row.command in STAGES:
                 cli.run(STAGES[row.command].get_config, argv)
+                raise SystemExit(0)
             else:
                 raise SystemExit(READERS[row.command](argv) or 0)
         gc.collect()  # the reads a failed restore left behind report now, if they do
