@@ -127,13 +127,27 @@ CORRUPTIONS = [
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
-def test_broken_files_raise_one_line_naming_the_file(small_dir, how):
+def test_broken_files_are_one_line_naming_the_file_and_end_a_run_with_exit_2(small_dir, how, tmp_path, capsys):  # fmt: skip
+    """Both paths to the files: the loader's DataError, and a stage command, which prints that
+    one line, exits 2 and writes nothing."""
+    from experiments import linear
+    from mnist_jax import cli
+
     path, problem = _corrupt(small_dir, how)
     with pytest.raises(data.DataError) as e:
         data.load_idx(small_dir, num_classes=10)
     message = str(e.value)
     assert "\n" not in message
     assert str(path) in message and problem in message
+
+    args = ["--data-dir", str(small_dir), "--workdir", str(tmp_path / "run"), "--batch-size", "4",
+            "--data-num-classes", "10"]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(linear.get_config, args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"  # the loader's line, nothing more
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
 def test_missing_directory(tmp_path):
@@ -158,23 +172,6 @@ def test_epoch_batches_are_a_seeded_permutation():
     assert len(np.unique(a)) == a.size and a.max() < 1000
     np.testing.assert_array_equal(a, data.epoch_batches(rng, 0, 1000, 64))
     assert not np.array_equal(a, data.epoch_batches(rng, 1, 1000, 64))
-
-
-@pytest.mark.parametrize("how", CORRUPTIONS)
-def test_broken_files_end_a_run_with_one_line_and_exit_2(small_dir, how, tmp_path, capsys):
-    from experiments import linear
-    from mnist_jax import cli
-
-    path, problem = _corrupt(small_dir, how)
-    args = ["--data-dir", str(small_dir), "--workdir", str(tmp_path / "run"), "--batch-size", "4",
-            "--data-num-classes", "10"]  # fmt: skip
-    with pytest.raises(SystemExit) as e:
-        cli.run(linear.get_config, args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ")
-    assert str(path) in err and problem in err
-    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
 def test_tfds_failure_is_one_line_pointing_at_data_dir(monkeypatch, tmp_path):

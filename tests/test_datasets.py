@@ -35,7 +35,7 @@ def learnable(n: int, shape: tuple, classes: int, seed: int):
 
 def idx_dir(tmp_path, shape, classes):
     tmp_path.mkdir()
-    for split, n, seed in (("train", 1536, 0), ("t10k", 500, 1)):
+    for split, n, seed in (("train", 512, 0), ("t10k", 500, 1)):
         images, labels = learnable(n, shape, classes, seed)
         write_idx(tmp_path / f"{split}-images-idx3-ubyte", images)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte", labels)
@@ -46,17 +46,20 @@ def idx_dir(tmp_path, shape, classes):
 def test_idx_files_of_any_shape_train_a_conv_stage_and_every_command_reads_them(shape, classes, tmp_path, capsys):  # fmt: skip
     source = idx_dir(tmp_path / "data", shape, classes)
     work = tmp_path / "run"
-    cli.run(conv.get_config, ["--data-dir", str(source), "--workdir", str(work), "--epochs", "3",
+    cli.run(conv.get_config, ["--data-dir", str(source), "--workdir", str(work), "--epochs", "2",
             "--batch-size", "64", "--opt-lr", "0.003"])  # fmt: skip
     rows = metrics.read(work / "metrics.jsonl")
-    assert rows[-1]["test_accuracy"] > 2 / classes  # chance is 1/classes; seeds 0-4 gave 100%
+    # Chance is 1/classes. 16 steps (512 images, 2 epochs) are enough: seeds 0-4 gave 100% on
+    # the 500 test images for both shapes; 95% leaves room for a machine's rounding.
+    assert rows[-1]["test_accuracy"] >= 0.95
     recorded = json.loads((work / "config.json").read_text())["dataset"]
     channels = shape[2] if len(shape) == 3 else 1
     assert recorded["image_shape"] == [*shape[:2], channels] and recorded["num_classes"] == classes
-    assert recorded["digits"] is False and recorded["num_train"] == 1536
+    assert recorded["digits"] is False and recorded["num_train"] == 512
 
     restored = mnist_jax.restore(work)
-    assert evaluate.evaluate_checkpoint(work)["accuracy"] == rows[-1]["test_accuracy"]
+    # evaluate reads the run's own test files (evaluate = the logged accuracy: test_checkpoint.py)
+    assert evaluate.evaluate_checkpoint(work)["num_examples"] == 500
     drawn = sorted(p.name for p in (work / "plots").iterdir())
     assert drawn == [
         "confusion.png",
@@ -129,7 +132,17 @@ def test_with_a_split_the_best_epoch_is_the_best_validation_epoch(mnist_dir, tmp
     assert all("val_loss" in row and "test_loss" in row for row in rows)
     out = capsys.readouterr().out
     assert f"val_acc {rows[-1]['val_accuracy']:.2%}" in out  # the epoch line names both
-    plots.draw_all(tmp_path)  # the curves draw validation beside test
+    drawn = plots.draw_all(tmp_path)
+    names = ["confusion", "curves", "font_digits", "learning_rate", "test_digits"]
+    assert sorted(p.name for p in drawn) == sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"{n}.png" for n in names]  # fmt: skip
+    for path in drawn:
+        with Image.open(path) as png:
+            assert png.format == "PNG" and min(png.size) >= 200, (path, png.size)
+    curves = np.asarray(Image.open(tmp_path / "plots" / "curves.png").convert("RGB"), int)
+    assert curves.shape == (420, 1500, 3)  # figsize 15 x 4.2 at 100 dpi
+    # The curves draw validation (green, #2ca02c) beside test (orange, #ff7f0e): markers of both.
+    for rgb in ((0x2C, 0xA0, 0x2C), (0xFF, 0x7F, 0x0E)):
+        assert (np.abs(curves - rgb).max(-1) < 8).sum() > 50, rgb
 
 
 def test_metrics_files_from_before_the_split_are_read_as_test_metrics(tmp_path):

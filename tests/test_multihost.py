@@ -22,12 +22,21 @@ import mnist_jax
 from mnist_jax import evaluate, flags, metrics
 from tests.conftest import ROOT
 
-# conv_bn (batch norm: statistics of the global batch), 32 steps an epoch, a row every 4 steps
-# (the chunks at whose ends the processes agree to stop), a checkpoint every 8.
-FLAGS = ["--data-train-limit", "2048", "--data-test-limit", "1000", "--epochs", "2",
+# conv_bn (batch norm: statistics of the global batch) made small (its layers 4, 8, 12 and 32
+# wide: the protocol does not need its size), 24 steps an epoch, a row every 4 steps (the chunks
+# at whose ends the processes agree to stop), a checkpoint every 8.
+FLAGS = ["--data-train-limit", "1536", "--data-test-limit", "500", "--epochs", "2",
+         "--model-channels", "4,8,12", "--model-dense", "32",
          "--log-every", "4", "--checkpoint-every", "8",
          "--distributed-heartbeat-timeout", "10", "--distributed-shutdown-timeout", "60"]  # fmt: skip
 BOUND = 240  # seconds a launch may take before the test fails
+# A stop after a signal or a lost process is documented as fast (docs/design.md, measured on the
+# 2-core machine): SIGKILL to one, the other exits 4 in 0.14-0.16 s; SIGTERM to one, both saved
+# and exited in 2.0-3.3 s; to both 0.3 s apart, 3.4-3.7 s (with this small model, on a 2-core
+# machine shared with other work: exit 4 in 0.10-0.13 s in 5 trials, 4.5 s and 3.1 s). The
+# bounds: 2 s, still 5x below the heartbeat timeout (10 s here) that a missed failure would wait
+# for, and 20 s, 5x the slowest stop (a machine 2x slower still passes).
+LOST_S, SIGTERM_S = 2, 20
 
 
 def free_port() -> int:
@@ -104,7 +113,7 @@ def wait_for_checkpoint_after(workdir, step, procs, timeout=BOUND):
 def same_run(a, b):
     """Same final parameters, batch statistics and logs (wall times aside)."""
     ra, rb = mnist_jax.restore(a), mnist_jax.restore(b)
-    assert ra.step == rb.step == 64
+    assert ra.step == rb.step == 2 * 1536 // 64
     jax.tree.map(np.testing.assert_array_equal, ra.variables, rb.variables)
     for name in ("metrics.jsonl", "train_steps.jsonl"):
         rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / name)] for d in (a, b)]  # fmt: skip
@@ -162,14 +171,15 @@ def test_a_lost_process_then_sigterm_to_one_then_to_both_then_resume(reference, 
     wait_for_checkpoint_after(tmp_path, 0, procs)
     t = time.monotonic()
     procs[1].kill()
-    (code, _, err), _ = finish(procs, timeout=120)
-    assert code != 0 and time.monotonic() - t < 60, (code, err[-2000:])
-    # Our line when the collective fails at once (Gloo: connection reset), else JAX's own, at
-    # the heartbeat timeout (10 s here).
-    assert code == flags.EXIT_LOST or "another task died" in err, err[-2000:]
-    if code == flags.EXIT_LOST:
-        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-        assert "another process is likely gone" in line and "run the same command again" in line
+    while procs[0].poll() is None and time.monotonic() - t < BOUND:
+        time.sleep(0.005)
+    lost_s = time.monotonic() - t
+    (code, _, err), _ = finish(procs, timeout=10)
+    # Our line: the collective fails at once (Gloo: the connection is reset), not JAX's own at
+    # the heartbeat timeout.
+    assert code == flags.EXIT_LOST and lost_s < LOST_S, (code, lost_s, err[-2000:])
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "another process is likely gone" in line and "run the same command again" in line
     lost = committed(tmp_path)
     # A cluster's preemption: SIGTERM to one process first (the other has not heard yet) ...
     procs = launch(tmp_path, mnist_dir)
@@ -177,7 +187,7 @@ def test_a_lost_process_then_sigterm_to_one_then_to_both_then_resume(reference, 
     t = time.monotonic()
     procs[1].send_signal(signal.SIGTERM)
     first = stopped_together(finish(procs), tmp_path)
-    assert first > lost and time.monotonic() - t < 60
+    assert first > lost and time.monotonic() - t < SIGTERM_S, time.monotonic() - t
     # ... then to both, a few hundred milliseconds apart, after the resumed run made progress.
     procs = launch(tmp_path, mnist_dir)
     wait_for_checkpoint_after(tmp_path, first, procs)
@@ -186,7 +196,7 @@ def test_a_lost_process_then_sigterm_to_one_then_to_both_then_resume(reference, 
     time.sleep(0.3)
     procs[1].send_signal(signal.SIGTERM)
     second = stopped_together(finish(procs), tmp_path)
-    assert second > first and time.monotonic() - t < 60
+    assert second > first and time.monotonic() - t < SIGTERM_S, time.monotonic() - t
     # The same command again on both: the run ends as the uninterrupted one, to the bit.
     results = finish(launch(tmp_path, mnist_dir, "--plots", "false"))
     assert [r[0] for r in results] == [0, 0], results

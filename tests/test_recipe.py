@@ -18,6 +18,7 @@ import mnist_jax
 from experiments import conv, conv_bn, dense_relu, linear
 from mnist_jax import (
     cli,
+    data,
     evaluate,
     flags,
     loop,
@@ -337,7 +338,17 @@ def test_every_model_name_on_every_stage_trains_or_is_one_line(name):
             assert all(config_lib.flag_name(f"model.{k}") in message for k in foreign)
         else:
             state = build(config)  # e.g. linear --model-name conv: the model's own defaults
-            assert jax.tree.leaves(state.params)
+            # It trains: a whole training step (forward, gradients, the optimizer's update) is
+            # traced on a batch of the data's shape, and updates every parameter in place. Traced
+            # only (jax.eval_shape), as `build`: compiling 20-odd programs would take a minute.
+            shape, classes, _ = data.spec(config)
+            batch = (jax.ShapeDtypeStruct((2, *shape), np.float32), jax.ShapeDtypeStruct((2,), np.int32))  # fmt: skip
+            new, m = jax.eval_shape(train.train_step, state, batch, jax.random.PRNGKey(0))
+            assert jax.tree.leaves(state.params) and m["loss"].shape == ()
+            logits = jax.eval_shape(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False), state, batch[0])  # fmt: skip
+            assert logits.shape == (2, classes)
+            assert jax.tree.structure(new.params) == jax.tree.structure(state.params)
+            assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, new.params, state.params)))  # fmt: skip
 
 
 BAD_VALUES = [  # stage, flag, value, the message's start

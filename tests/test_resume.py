@@ -94,7 +94,9 @@ def latest_checkpoint(workdir) -> int:
 def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
     rng = random.Random(0)
     kills = []
-    for _ in range(4):
+    # Three launches, each killed: a launch that ends the run leaves the next nothing to kill,
+    # so "3 kills in 4 launches", as this was, always meant the first 3 (and one launch more).
+    for _ in range(3):
         before = latest_checkpoint(tmp_path)
         proc = subprocess.Popen(
             command(tmp_path, mnist_dir),
@@ -113,7 +115,7 @@ def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
             proc.kill()
             kills.append(latest_checkpoint(tmp_path))
         proc.wait()
-    assert len(kills) >= 3, kills  # the test must really interrupt the run, several times
+    assert len(kills) == 3, kills  # the test must really interrupt the run, several times
     final = run(tmp_path, mnist_dir)
     assert final.returncode == 0, final.stderr
     assert_same_run(reference, tmp_path)
@@ -123,25 +125,38 @@ def test_killed_before_the_first_checkpoint_the_same_command_goes_on(reference, 
     """A requeued job re-runs its command: killed in start-up, then during the first save, then
     mid-epoch, it must each time go on, and end as the uninterrupted run."""
     start = lambda: subprocess.Popen(command(tmp_path, mnist_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip  # noqa: E731
+
+    # Each kill is checked against the files it left (a killed process changes nothing after):
+    # a kill that missed its moment fails the test rather than passing untested.
+    def kill(proc):
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL  # killed, not ended by itself
+        names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*"))
+        return names, metrics.read(tmp_path / "train_steps.jsonl")
+
     proc = start()  # 1. in start-up: imports, data, compilation
     time.sleep(1.0)
-    proc.kill()
-    proc.wait()
-    assert latest_checkpoint(tmp_path) == 0
+    names, rows = kill(proc)
+    assert latest_checkpoint(tmp_path) == 0 and not rows, (names, rows)  # not a step logged
     proc = start()  # 2. while Orbax writes the first checkpoint (a temporary directory)
     deadline = time.monotonic() + 300
     tmp = ".orbax-checkpoint-tmp"
     while proc.poll() is None and not any(tmp in p.name for p in (tmp_path / "checkpoints").glob("*")):  # fmt: skip
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    proc.kill()
-    proc.wait()
+    names, _ = kill(proc)
+    # the first save (step 3) half written, none committed
+    assert latest_checkpoint(tmp_path) == 0 and any(tmp in n for n in names), names
     proc = start()  # 3. mid-epoch, after checkpoints
     while proc.poll() is None and latest_checkpoint(tmp_path) < 6:
         assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+        time.sleep(0.001)
+    names, rows = kill(proc)
+    # Checkpoints 3 and 6 (maybe 9) of the 10-step epoch 1 committed, its end not reached: no
+    # epoch row, and the step rows (every 4 steps) short of step 10.
+    assert 6 <= latest_checkpoint(tmp_path) < 10, names
+    assert not metrics.read(tmp_path / "metrics.jsonl"), rows
+    assert max((r["step"] for r in rows), default=0) < 10, rows
     final = run(tmp_path, mnist_dir)
     assert final.returncode == 0, final.stderr
     assert_same_run(reference, tmp_path)
