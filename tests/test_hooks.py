@@ -16,6 +16,9 @@ def small(mnist_dir, epochs=2):
     config = linear.get_config()
     config.data.dir, config.data.train_limit, config.data.test_limit = str(mnist_dir), 1280, 500
     config.epochs, config.plots, config.log_every = epochs, False, 5
+    # One step a call on every backend (the CPU's default; a GPU's is the whole epoch, one sync
+    # an epoch): the host syncs at each --log-every, joining the calls between.
+    config.steps_per_call = 1
     return config
 
 
@@ -42,7 +45,7 @@ def test_a_hook_sees_every_sync_and_epoch_in_order(mnist_dir, tmp_path):
     calls = Calls()
     run = loop.train(small(mnist_dir), [tmp_path], hooks=[calls])
     rows = metrics.read(tmp_path / "metrics.jsonl")
-    # 10 steps an epoch, one a call on the CPU, a host sync at each --log-every 5 steps.
+    # 10 steps an epoch, one a call, a host sync at each --log-every 5 steps.
     expected = [("start", 0)]
     for epoch, row in enumerate(rows, 1):
         expected += [("steps", 10 * epoch - 5, (1, 5)), ("steps", 10 * epoch, (1, 5))]

@@ -138,9 +138,10 @@ def test_conv_stride2_matches_lax_with_gradients(x_shape, k_shape):
     def loss(conv):
         return lambda x, k: (conv(x, k) ** 2 * np.arange(1, 1 + k_shape[-1])).sum()
 
-    np.testing.assert_allclose(models.conv_stride2(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
-    got = jax.grad(loss(models.conv_stride2), argnums=(0, 1))(x, k)
-    want = jax.grad(loss(plain), argnums=(0, 1))(x, k)
+    with jax.default_matmul_precision("highest"):  # float32 products, not a GPU's TF32
+        np.testing.assert_allclose(models.conv_stride2(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
+        got = jax.grad(loss(models.conv_stride2), argnums=(0, 1))(x, k)
+        want = jax.grad(loss(plain), argnums=(0, 1))(x, k)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3 * np.abs(w).max())
 
@@ -169,14 +170,16 @@ def test_conv_layers_take_the_stride2_path_when_asked(monkeypatch):
 @pytest.mark.parametrize("name", PARAMS)
 def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name):
     """jvp in the parameters and jacfwd in a batch of two images, on the path the CPU takes by
-    default (space-to-depth input gradients), agree with reverse mode."""
+    default (space-to-depth input gradients, asked for: the same path on every backend), agree
+    with reverse mode."""
     import jax.numpy as jnp
     import optax
 
     from mnist_jax import startup
 
-    config = startup.resolve(stage_config(name))
-    assert config.conv_grad == "space_to_depth"  # the CPU's path
+    config = stage_config(name)
+    config.conv_grad = "space_to_depth"
+    config = startup.resolve(config)
     state = train.create_train_state(config, jax.random.PRNGKey(0), 10)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
@@ -196,6 +199,7 @@ def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name):
         dot = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))  # fmt: skip
         return along, dot, jax.jacfwd(loss, argnums=1)(params, images), jax.grad(loss, argnums=1)(params, images)  # fmt: skip
 
-    along, dot, forward, reverse = both_modes(state.params, images)
+    with jax.default_matmul_precision("highest"):  # the modes' products in float32, not TF32
+        along, dot, forward, reverse = both_modes(state.params, images)
     np.testing.assert_allclose(along, dot, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(forward, reverse, rtol=1e-3, atol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 
 from experiments import dense_relu
 from mnist_jax import cli, members, metrics, optim, parallel, train
+from tests.conftest import assert_same_or_close
 
 RECIPES = {  # each optimizer once, each schedule once; clipping and label smoothing beside
     "sgd, Nesterov momentum, per-epoch decay": [
@@ -90,15 +91,18 @@ def test_runs_that_differ_only_in_their_numbers_share_one_program(batches):
     nothing; another optimizer is another program."""
     x, y, order = batches
     step = jax.jit(train.train_step)  # a program of its own, counted from zero
-    adamw = dict(name="adamw", weight_decay=1e-4)
-    configs = [small_config(lr=0.01, **adamw), small_config(lr=0.003, **adamw), small_config(lr=0.003, name="adamw", weight_decay=1e-2)]  # fmt: skip
+    adamw = dict(name="adamw", weight_decay=1e-4, schedule="onecycle")  # at step 1: lr / 25
+    configs = [small_config(lr=0.01, **adamw), small_config(lr=0.003, **adamw), small_config(lr=0.003, **{**adamw, "weight_decay": 1e-2})]  # fmt: skip
     configs[2].loss.label_smoothing = 0.1
     losses = []
-    for state in states_for(configs, x):
+    for config, state in zip(configs, states_for(configs, x)):
         batch = (x[order[0]] / 256.0, y[order[0]])
         new, m = step(state, batch, jax.random.PRNGKey(1))
         losses.append(float(m["loss"]))
-        assert float(m["learning_rate"]) == pytest.approx(optim.learning_rate(new.opt_state))
+        # The rate this step used: each run's own lr (data, not the program) on the schedule.
+        o = config.opt
+        curve = optim.shape(o.schedule, o.decay, o.warmup, 16, config.epochs)
+        assert float(m["learning_rate"]) == pytest.approx(o.lr * float(curve(0)), rel=1e-6)
     assert step._cache_size() == 1
     assert len(set(losses)) == 2  # the same batch, weights: label smoothing changes the loss
     step(states_for([small_config(lr=0.01, name="sgd")], x)[0], batch, jax.random.PRNGKey(1))
@@ -106,8 +110,8 @@ def test_runs_that_differ_only_in_their_numbers_share_one_program(batches):
 
 
 def test_a_vmapped_learning_rate_trains_what_the_single_run_with_it_trains(batches):
-    """Members with rates 0.001 and 0.003 in one vmapped program: each bitwise the run with its
-    rate alone (a dense stage on the CPU, as vmapped seeds are)."""
+    """Members with rates 0.001 and 0.003 in one vmapped program: each the run with its rate
+    alone (bitwise for a dense stage on the CPU, as vmapped seeds are)."""
     x, y, order = batches
     configs = [small_config(lr=lr) for lr in (0.001, 0.003)]
     states = states_for(configs, x)
@@ -117,7 +121,11 @@ def test_a_vmapped_learning_rate_trains_what_the_single_run_with_it_trains(batch
     together, m = train.train_seeds(group.put(states), x, y, orders, np.int32(0), rngs, 8)
     for i, config in enumerate(configs):
         alone, mi = train.train_steps(states[i], x, y, order, np.int32(0), rngs[i], 8)
-        jax.tree.map(np.testing.assert_array_equal, group.take(together, i).params, alone.params)
+        # Bitwise on the CPU; elsewhere a vmapped program may round otherwise: within the CPU's
+        # measured gap for 5 vmapped seeds (losses 7e-5 apart by step 7, test_core), and each
+        # weight within one step of the larger rate (Adam's step is at most about lr).
+        assert_same_or_close(m["loss"][i], mi["loss"], atol=1e-4)
+        assert_same_or_close(group.take(together, i).params, alone.params, atol=0.003)
         np.testing.assert_array_equal(m["learning_rate"][i], mi["learning_rate"])
         assert float(mi["learning_rate"][-1]) == pytest.approx(config.opt.lr)
     assert not np.array_equal(m["loss"][0], m["loss"][1])

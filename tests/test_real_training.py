@@ -1,7 +1,9 @@
-"""One full epoch on the real 60,000 training images, evaluated on all 10,000 test images."""
+"""Real training evaluated on all 10,000 test images: dense_relu one full epoch of the 60,000
+training images, conv_bn (the shared fixture) 400 steps."""
 
 from experiments import dense_relu
 from mnist_jax import loop, metrics
+from tests.conftest import CONV_BN_TRAIN
 
 
 def test_dense_relu_one_epoch(mnist_dir, tmp_path):
@@ -17,10 +19,10 @@ def test_dense_relu_one_epoch(mnist_dir, tmp_path):
     assert row["test_accuracy"] >= 0.94
 
 
-def test_conv_bn_one_epoch(trained_conv_bn):
+def test_conv_bn_400_steps(trained_conv_bn):
     workdir, _ = trained_conv_bn
     (row,) = metrics.read(workdir / "metrics.jsonl")
-    assert row["step"] == 60_000 // 64
-    # Seeds 0-9 on two machines: 96.21-98.83% (conftest.trained_conv_bn). The bar sits 0.7 points
-    # under the lowest seed; it still fails a run that learns much less than conv_bn's epoch does.
-    assert row["test_accuracy"] >= 0.955
+    assert row["step"] == CONV_BN_TRAIN // 64
+    # Seeds 0-5 of this recipe: 92.48-97.11% on all 10,000 test images (conftest.trained_conv_bn).
+    # The bar sits 1.5 points under the lowest seed; it still fails a run that learns much less.
+    assert row["test_accuracy"] >= 0.91

@@ -5,6 +5,7 @@ import numpy as np
 
 from experiments import dense_deep, dense_fast_lr, dense_lr_decay
 from mnist_jax import seeds
+from tests.conftest import RUN_DRIFT, assert_same_or_close
 
 
 def losses_of(stage, mnist_dir, tmp_path, train_limit: int, epochs: int) -> np.ndarray:
@@ -22,7 +23,9 @@ def test_adam_at_0_01_bounces_where_the_decayed_rate_settles(mnist_dir, tmp_path
     to 80x per seed), and it ends 1.39-1.72x the decayed run's."""
     fast = losses_of(dense_fast_lr, mnist_dir, tmp_path, 10_000, 6)
     decayed = losses_of(dense_lr_decay, mnist_dir, tmp_path, 10_000, 6)
-    np.testing.assert_array_equal(fast[:, 0], decayed[:, 0])  # the decay starts after epoch 1
+    # The decay starts after epoch 1: the same epoch, in two programs (the decay is a constant of
+    # each), bitwise on the CPU; elsewhere within a run's drift (conftest.RUN_DRIFT).
+    assert_same_or_close(fast[:, 0], decayed[:, 0], **RUN_DRIFT["rows"])
     rises = lambda losses: np.clip(np.diff(losses, axis=1), 0, None).sum(1)  # noqa: E731
     assert np.all(rises(fast) > 1.5 * rises(decayed)), (rises(fast), rises(decayed))
     assert np.all(fast[:, -1] > 1.2 * decayed[:, -1]), (fast[:, -1], decayed[:, -1])
