@@ -6,20 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from experiments import linear
-from mnist_jax import cli, flags, metrics, recipe
+from mnist_jax import flags, metrics, recipe
+from tests.helpers import inprocess
 
 SMALL = ["--epochs", "1", "--data-train-limit", "1024", "--plots", "false", "--log-every", "4"]
 
 
 def run(capsys, mnist_dir, workdir, *extra):
-    capsys.readouterr()
-    try:
-        cli.run(linear.get_config, [*SMALL, "--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra])  # fmt: skip
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, *capsys.readouterr()
+    return inprocess.stage(capsys, *SMALL, "--data-dir", mnist_dir, "--workdir", workdir, *extra)
 
 
 @pytest.mark.parametrize("name", [metrics.EPOCHS_FILE, metrics.STEPS_FILE, recipe.HISTORY])

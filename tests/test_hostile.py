@@ -8,6 +8,7 @@ channels (the 1-channel one as --data-digits yes).
 """
 
 import errno
+import fcntl
 import gc
 import os
 import shutil
@@ -191,6 +192,30 @@ def run_of(name: str):
     return setup
 
 
+def append_to(rel: str, text: str):
+    """`text` appended to the run's `rel`: a write a kill cut short."""
+
+    def setup(ctx):
+        with open(ctx["run"] / rel, "a") as f:
+            f.write(text)
+
+    return setup
+
+
+def remove(rel: str):
+    def setup(ctx):
+        (ctx["run"] / rel).unlink()
+
+    return setup
+
+
+def locked(ctx):
+    """The run's directory held as a training process holds it (flock), until the row ends."""
+    fd = os.open(ctx["run"], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx["undo"].append(lambda: os.close(fd))
+
+
 def data_env(name: str):
     def setup(ctx):
         ctx["monkeypatch"].setenv("MNIST_DATA_DIR", str(ctx[name]))
@@ -261,6 +286,18 @@ ROWS = [
     # 6. A bit flipped in a checkpoint's array metadata: no leftover reads' tracebacks.
     Row("bitflip-evaluate", flip("model/array_metadatas/process_0"), "evaluate", ["--workdir", "{run}"], 2, ["damaged checkpoint (JSONDecodeError"]),
     Row("bitflip-train", flip("model/array_metadatas/process_0"), "linear", MORE, 2, ["is damaged (JSONDecodeError", "holds a run but no readable checkpoint"], False),
+    # 8. What a second process, a kill or a hand did to the run's own files.
+    Row("workdir-locked", locked, "linear", MORE, 2, [f"another run is training there (process {os.getpid()}: "]),
+    Row("workdir-locked-restart", locked, "linear", [*MORE, "--restart"], 2, ["another run is training there"]),
+    Row("workdir-locked-evaluate", locked, "evaluate", ["--workdir", "{run}"], 0, [], False, "test accuracy"),  # readers take no lock
+    Row("metrics-item-emptied", replace_with("checkpoints/8/metrics/metrics", "file"), "linear", MORE, 2, ["is damaged (JSONDecodeError in its metrics item)", "holds a run but no readable checkpoint"], False),
+    Row("metrics-item-emptied-evaluate", replace_with("checkpoints/8/metrics/metrics", "file"), "evaluate", ["--workdir", "{run}"], 2, ["damaged checkpoint (JSONDecodeError in its metrics item)"]),
+    Row("metrics-line-cut", append_to("metrics.jsonl", '{"epoch": 2, "st'), "linear", MORE, 0, ["its last line is incomplete"], False, "Resumed"),
+    Row("steps-line-cut", append_to("train_steps.jsonl", '{"step": 9'), "linear", MORE, 0, ["its last line is incomplete"], False, "Resumed"),
+    Row("history-line-cut", append_to("config_history.jsonl", '{"step'), "linear", MORE, 0, ["its last line is incomplete"], False, "Resumed"),
+    Row("config-json-gone-other-lr", remove("config.json"), "linear", [*MORE, "--opt-lr", "0.5"], 2, ["holds a run of another recipe", "--opt-lr: 0.01 in that run, 0.5 here", "To keep it"]),
+    Row("config-json-gone-other-data", remove("config.json"), "linear", [*MORE, "--data-dir", "{data_o28}"], 2, ["holds a run of another recipe", "the data's num_test", "the data's num_train", "the data's sha256", "To keep it"]),
+    Row("config-json-gone-same", remove("config.json"), "linear", MORE, 0, [], False, "is missing; the recipe is read from checkpoint 8"),
     # 7. Numbers no run can use, flags no argparse type can, a cache that cannot be written.
     Row("lr-inf", nothing, "linear", [*TRAIN, "--opt-lr", "inf"], 2, ["--opt-lr: must be a finite number, got inf"]),
     Row("lr-nan", nothing, "linear", [*TRAIN, "--opt-lr", "nan"], 2, ["--opt-lr: must be a finite number, got nan"]),

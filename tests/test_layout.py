@@ -7,22 +7,16 @@ import shutil
 import pytest
 
 import mnist_jax
-from experiments import linear
-from mnist_jax import checkpoint, cli, evaluate
+from mnist_jax import checkpoint, evaluate
 from tests.conftest import ROOT
+from tests.helpers import inprocess
 
 LAYOUT1 = ROOT / "tests" / "fixtures" / "layout1_linear"  # written by the code of layout 1
 SMALL = ["--data-train-limit", "256", "--data-test-limit", "256", "--plots", "false"]
 
 
 def run(capsys, mnist_dir, workdir, *extra):
-    capsys.readouterr()
-    try:
-        cli.run(linear.get_config, [*SMALL, "--data-dir", str(mnist_dir), "--workdir", str(workdir), *extra])  # fmt: skip
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, *capsys.readouterr()
+    return inprocess.stage(capsys, *SMALL, "--data-dir", mnist_dir, "--workdir", workdir, *extra)
 
 
 def layout(step_dir) -> int:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from experiments import dense_relu, linear
+from experiments import dense_relu
 from mnist_jax import cli, evaluate, metrics, recipe
 from tests.conftest import ROOT
+from tests.helpers import inprocess
 
 SMALL = ["--epochs", "1", "--data-train-limit", "1024", "--plots", "false"]
 
@@ -24,13 +25,7 @@ def listing(path):
 
 
 def run(capsys, *argv):
-    capsys.readouterr()
-    try:
-        cli.run(linear.get_config, list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, *capsys.readouterr()
+    return inprocess.stage(capsys, *argv)
 
 
 def test_a_locked_directory_is_refused_unchanged_and_readers_still_read(mnist_dir, tmp_path, capsys):  # fmt: skip

@@ -14,29 +14,17 @@ from PIL import Image
 import mnist_jax
 from experiments import linear
 from mnist_jax import checkpoint, cli, evaluate, plots, predict
+from tests.helpers import inprocess
 
 TRAIN = ["--epochs", "1", "--data-train-limit", "2000"]
 
 
 def _stage(capsys, *argv):
-    capsys.readouterr()
-    try:
-        cli.run(linear.get_config, list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return inprocess.stage(capsys, *argv)
 
 
 def _command(capsys, main, *argv):
-    capsys.readouterr()
-    try:
-        code = main(list(argv)) or 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return inprocess.command(capsys, main, *argv)
 
 
 def assert_nothing_moved(workdir: Path):
