@@ -22,6 +22,8 @@ import mnist_jax
 from mnist_jax import evaluate, flags, metrics
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.after_suite  # processes: run by .ci/run after the suite
+
 # conv_bn (batch norm: statistics of the global batch) made small (its layers 4, 8, 12 and 32
 # wide: the protocol does not need its size), 24 steps an epoch, a row every 4 steps (the chunks
 # at whose ends the processes agree to stop), a checkpoint every 8.

@@ -18,6 +18,8 @@ from experiments import conv_bn, dense_relu
 from mnist_jax import cli, metrics, recipe
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.after_suite  # processes: run by .ci/run after the suite
+
 SMALL = ["--data-train-limit", "2048", "--data-test-limit", "1000", "--epochs", "2", "--plots", "false"]  # fmt: skip
 # The runs compared across device counts: conv_bn 16 steps an epoch, dense_relu 8.
 TINY = ["--data-train-limit", "1024", "--data-test-limit", "500", "--plots", "false"]

@@ -9,9 +9,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from experiments import linear
 from mnist_jax import checkpoint, cli, metrics
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.after_suite  # processes: run by .ci/run after the suite
 
 # The stage's command, with one hook added after the built-in ones: at step 7 (in the second
 # epoch, the first's checkpoint, step 5, saved) it says READY and waits for a first Ctrl-C to be heard

@@ -91,6 +91,7 @@ def latest_checkpoint(workdir) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.after_suite  # processes killed: run by .ci/run after the suite
 def test_sigkill_at_random_moments_then_resume(reference, mnist_dir, tmp_path):
     rng = random.Random(0)
     kills = []
@@ -278,6 +279,7 @@ def test_same_seed_same_run(reference, mnist_dir, tmp_path):
     assert cfg["seed"] == 0
 
 
+@pytest.mark.after_suite  # processes killed: run by .ci/run after the suite
 def test_sigkill_with_seeds_and_steps_per_call_then_resume(mnist_dir, tmp_path, capsys):
     """Two seeds vmapped (dense_dropout), K = 3 steps a call, 80 steps, a checkpoint every 20 (not
     a multiple of K): killed at random moments, then resumed, each seed ends bit for bit as the

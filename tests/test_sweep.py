@@ -86,6 +86,7 @@ def sweep_process(tmp_path, mnist_dir, out):
     return subprocess.Popen(command, cwd=ROOT, stdout=open(out, "w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.after_suite  # processes killed: run by .ci/run after the suite
 def test_a_killed_sweep_continues_and_two_processes_share_its_study(mnist_dir, tmp_path):
     first = sweep_process(tmp_path, mnist_dir, tmp_path / "first.log")
     log = tmp_path / "s/trial_1/metrics.jsonl"
