@@ -48,7 +48,12 @@ def free_port() -> int:
 
 
 def env(devices=1):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    # Forced CPU devices on any machine: these tests are of the multi-host code, not a GPU.
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
 
 
 def launch(workdir, mnist_dir, *extra):

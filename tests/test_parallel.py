@@ -26,7 +26,12 @@ TINY = ["--data-train-limit", "1024", "--data-test-limit", "500", "--plots", "fa
 
 
 def python(*args, devices=1, data_dir=None, wait=True):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    # Forced CPU devices on any machine: these tests are of the multi-device code, not a GPU.
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
     if data_dir:
         env["MNIST_DATA_DIR"] = str(data_dir)
     cmd = [sys.executable, "-m", *args]
