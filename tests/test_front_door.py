@@ -15,6 +15,7 @@ import experiments.sweep as sweep_cmd
 from experiments import linear
 from mnist_jax import cli, config, data, flags, models
 from tests.conftest import ROOT
+from tests.helpers import tfds_digits
 
 
 def help_lines(capsys, monkeypatch, main, argv) -> dict:
@@ -150,36 +151,17 @@ def test_the_probe_says_why_a_host_is_unreachable_and_passes_a_reachable_one():
         assert data.unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
 
 
-_TINY = {}
-
-
 def tiny_tfds():
-    """A TFDS dataset built here, from no download: 8 digits a split (registered once)."""
-    if not _TINY:
-        import numpy as np
-        import tensorflow_datasets as tfds
+    """A TFDS dataset built here, from no download: 8 random digits a split."""
+    import numpy as np
 
-        class TinyDigits(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
+    def splits():
+        draw = lambda seed: np.random.default_rng(seed).integers(
+            0, 256, (8, 28, 28, 1), dtype=np.uint8
+        )  # noqa: E731
+        return {"train": (draw(0), np.arange(8)), "test": (draw(1), np.arange(8))}
 
-            def _info(self):
-                features = tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(28, 28, 1)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                })  # fmt: skip
-                return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))  # fmt: skip
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples(0), "test": self._generate_examples(1)}
-
-            def _generate_examples(self, seed):
-                rng = np.random.default_rng(seed)
-                for i in range(8):
-                    image = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
-                    yield i, {"image": image, "label": i % 10}
-
-        _TINY["builder"] = TinyDigits
-    return _TINY["builder"]
+    return tfds_digits.builder("TinyDigits", splits)
 
 
 def tfds_data_dir(monkeypatch, path) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 import mnist_jax
 from experiments import linear
 from mnist_jax import checkpoint, cli, data, metrics, predict
+from tests.helpers import tfds_digits
 
 
 def stage(mnist_dir, workdir, *extra):
@@ -28,38 +29,19 @@ def recorded(workdir) -> dict:
 
 # --- 1. A TFDS dataset prepared in a local data directory, through --data-tfds ---------------
 
-_BUILDERS: dict = {}
 TFDS_TRAIN, TFDS_TEST = 256, 64  # real MNIST images, the first of each split
 
 
 def promise_digits(mnist):
-    """A TFDS builder (registered once a process: TFDS refuses a name twice) whose splits are the
-    first TFDS_TRAIN training and TFDS_TEST test images of the real MNIST, with their labels."""
-    if not _BUILDERS:
-        import tensorflow_datasets as tfds
-
-        class PromiseDigits(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
-
-            def _info(self):
-                features = tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(28, 28, 1)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                })  # fmt: skip
-                return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))  # fmt: skip
-
-            def _split_generators(self, dl_manager):
-                return {
-                    "train": self._generate_examples(mnist.train_images, mnist.train_labels, TFDS_TRAIN),
-                    "test": self._generate_examples(mnist.test_images, mnist.test_labels, TFDS_TEST),
-                }  # fmt: skip
-
-            def _generate_examples(self, images, labels, n):
-                for i in range(n):
-                    yield i, {"image": images[i], "label": int(labels[i])}
-
-        _BUILDERS["builder"] = PromiseDigits
-    return _BUILDERS["builder"]
+    """A TFDS builder whose splits are the first TFDS_TRAIN training and TFDS_TEST test images
+    of the real MNIST, with their labels."""
+    splits = (
+        lambda: {  # noqa: E731
+            "train": (mnist.train_images[:TFDS_TRAIN], mnist.train_labels[:TFDS_TRAIN]),
+            "test": (mnist.test_images[:TFDS_TEST], mnist.test_labels[:TFDS_TEST]),
+        }
+    )
+    return tfds_digits.builder("PromiseDigits", splits)
 
 
 def as_set(images, labels) -> list:
