@@ -284,10 +284,11 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
         )
 
 
-_LOCKS: dict[str, int] = {}  # work directory (resolved) -> the descriptor holding its lock
+# A work directory (resolved) -> [the descriptor holding its lock, how many holds].
+_LOCKS: dict[str, list] = {}
 
 
-def _holder(workdir: Path) -> str:
+def holder(workdir: Path) -> str:
     """The process holding `workdir`'s lock, from Linux's /proc/locks (else unnamed)."""
     try:
         inode = f":{workdir.stat().st_ino}"
@@ -301,12 +302,17 @@ def _holder(workdir: Path) -> str:
     return "another process"
 
 
+class Busy(ConfigError):
+    """The work directory is held by another live process (`lock`)."""
+
+
 def lock(workdir: Path) -> None:
     """Hold `workdir` for this process while it trains there: an OS lock (flock) on the
     directory itself, so it ends with the process, a SIGKILLed one too, and is no file to leave
     behind. ConfigError naming the holder when another process has it. Readers take none."""
     key = str(workdir.resolve())
-    if key in _LOCKS:
+    if key in _LOCKS:  # held here already (a sweep holds its trial's across its run): counted
+        _LOCKS[key][1] += 1
         return
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -317,17 +323,20 @@ def lock(workdir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise ConfigError(
-            f"--workdir {workdir}: another run is training there ({_holder(workdir)}); "
+        raise Busy(
+            f"--workdir {workdir}: another run is training there ({holder(workdir)}); "
             "wait for it to end, or use another --workdir"
         ) from None
-    _LOCKS[key] = fd
+    _LOCKS[key] = [fd, 1]
 
 
 def unlock(workdir: Path) -> None:
-    fd = _LOCKS.pop(str(Path(workdir).resolve()), None)
-    if fd is not None:
-        os.close(fd)
+    """Undo one `lock`; the last releases the directory."""
+    key = str(Path(workdir).resolve())
+    if key in _LOCKS:
+        _LOCKS[key][1] -= 1
+        if not _LOCKS[key][1]:
+            os.close(_LOCKS.pop(key)[0])
 
 
 def lock_all(workdirs: list[Path]) -> None:

@@ -11,7 +11,10 @@ A trial left RUNNING may be alive in another process. As Optuna does it: every p
 a heartbeat for its running trials; a trial whose heartbeat is older than the grace period is
 failed and re-queued with its parameters (`RetryHeartbeatStaleTrialCallback`), and the retry
 resumes the run in the first trial's directory from its last checkpoint. A trial stopped by a
-signal is re-queued at once. Trials that differ only in numbers that are data in the state
+signal is re-queued at once. A process holds its trial's directory until the trial is told
+(recipe.lock): a process paused past the grace period keeps it, so its retry waits, beating,
+while that process goes on with other trials; the paused one, continued, stops its run after
+the epoch it was in and leaves the directory to the retry. Trials that differ only in numbers that are data in the state
 (members.MEMBER_FIELDS) can train together vmapped (`batch`): a pruned member trains on with the
 others (the program keeps its shape), its later epochs are written to its files but not told.
 """
@@ -32,7 +35,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_jax import flags, loop, models, parallel, seeds, startup
+from mnist_jax import flags, loop, models, parallel, recipe, seeds, startup
 from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
 from mnist_jax.hooks import Hook
 from mnist_jax.members import MEMBER_FIELDS
@@ -192,23 +195,29 @@ class Report(Hook):
     trial, once an epoch; a trial the pruner stops is marked pruned; when every trial in the run
     is, the run stops after this epoch."""
 
-    def __init__(self, trials: list, groups: list, pruned: dict):
-        self.trials, self.groups, self.pruned = trials, groups, pruned
+    def __init__(self, trials: list, groups: list, pruned: dict, lost: dict):
+        self.trials, self.groups, self.pruned, self.lost = trials, groups, pruned, lost
         self.signal = None  # a signal heard after the run's last host sync: it ended anyway
 
     def on_epoch_end(self, run, rows, evaluation):
         accuracy, epoch = evaluation["val"]["accuracy"], rows[0]["epoch"]
         for trial, members in zip(self.trials, self.groups):
-            if trial.number in self.pruned:
+            if trial.number in self.pruned or trial.number in self.lost:
                 continue
-            reported = _frozen(trial.study, trial.number).intermediate_values
+            frozen = _frozen(trial.study, trial.number)
+            if frozen.state != TrialState.RUNNING:  # failed as stale while this process slept
+                self.lost[trial.number] = epoch
+                continue
+            reported = frozen.intermediate_values
             if epoch not in reported:  # a resumed retry has its first epochs already
                 trial.report(float(np.median(accuracy[members])), epoch)
             if trial.should_prune():
                 self.pruned[trial.number] = epoch
                 if run.primary:
                     print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
-        run.finished = all(t.number in self.pruned for t in self.trials)
+        # The run stops after this epoch (its checkpoint saved) when every trial is pruned, or
+        # when one was taken over: its retry resumes this directory once this process leaves it.
+        run.finished = bool(self.lost) or all(t.number in self.pruned for t in self.trials)
 
     def on_train_end(self, run):
         self.signal = run.interrupt
@@ -274,7 +283,7 @@ def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
 def requeue(study: optuna.Study, entries: list) -> None:
     """Fail the trials and queue each again with its parameters (their runs resume)."""
     callback = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-    for e in entries:
+    for e in [e for e in entries if _frozen(study, e.trial.number).state == TrialState.RUNNING]:
         study.tell(e.trial, state=TrialState.FAIL)
         callback(study, _frozen(study, e.trial.number))
 
@@ -283,7 +292,7 @@ def _has_run(workdir: Path) -> bool:
     return any(workdir.glob("**/checkpoints/*"))
 
 
-def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: dict,
+def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: dict, lost: dict,
                   hooks: tuple) -> int | None:  # fmt: skip
     """Train the entries' runs: vmapped as one group of members (trial x seed), or each trial
     alone (its seeds vmapped where that pays, startup.resolve, else in turn); fills results.
@@ -302,14 +311,14 @@ def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: di
         if not isinstance(group[0], tuple):
             group = [(0, s) for s in group]
         live = [i for i in sorted({i for i, _ in group}) if entries[i].trial.number not in pruned]
-        if not live:  # pruned on an earlier seed: the later ones are not trained
+        if not live or lost:  # pruned on an earlier seed, or taken over: the rest not trained
             continue
         members = [seeded(entries[i], s) for i, s in group]
         workdirs = [dirs(entries[i])[s] for i, s in group]
         labels = [f"trial {entries[i].trial.number}" + (f" seed {m.seed}" if trial_seeds > 1 else "") for (i, _), m in zip(group, members)]  # fmt: skip
         trials = [entries[i].trial for i in live]
         idx = [[j for j, (i2, _) in enumerate(group) if i2 == i] for i in live]
-        report = Report(trials, idx, pruned)
+        report = Report(trials, idx, pruned, lost)
         c = ml_collections.ConfigDict({**base.to_dict(), "seed": members[0].seed, "seeds": 1})
         run = loop.train(c, workdirs, vmap=len(group) > 1, hooks=(*hooks, report),
                          members=members, labels=labels)  # fmt: skip
@@ -342,43 +351,89 @@ def tally(study) -> tuple[int, list]:
     return done, [t.number for t in trials if t.state == TrialState.RUNNING]
 
 
+def _claim(entry: Entry) -> bool:
+    """Hold the trial's directory for this process (recipe.lock) until the trial is told, or
+    False while another live process has it: one paused past the grace period, whose trial
+    this one was given again, or one given the same trial (SQLite cannot lock the row a trial
+    is taken from: two processes may both take one)."""
+    ok = True
+    if parallel.is_primary():
+        try:
+            recipe.lock(entry.workdir)
+        except recipe.Busy:
+            ok = False
+    return parallel.agree(ok)
+
+
+def _drop_gone(study, entries: list, say) -> list:
+    """The entries claimed, less those told elsewhere (given to another process too), released."""
+    kept = []
+    for e in entries:
+        if _frozen(study, e.trial.number).state == TrialState.RUNNING:
+            kept.append(e)
+        else:
+            say(f"trial {e.trial.number}: finished by another process")
+            recipe.unlock(e.workdir)
+    return kept
+
+
 @loop.one_summary()  # the model's table once, not once a trial
 def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds: int = 1,
              batch: int = 1, heartbeat: int = 30, hooks: tuple = (), say=print) -> None:  # fmt: skip
     """Run trials until the study has `trials` done (every process sharing it counts): `batch`
-    at a time, vmapped together when batch > 1 (fresh trials of a batchable space)."""
-    waited = None
-    while True:
-        optuna.storages.fail_stale_trials(study)  # stale: failed, re-queued by the callback
-        done, running = tally(study)
-        free = trials - done - len(running)
-        if done >= trials:
-            return
-        if free <= 0:  # the rest are running: here, or elsewhere (stale after the grace period)
-            if waited != running:
-                say(f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)")  # fmt: skip
-                waited = running
-            time.sleep(min(heartbeat, 5))
-            continue
-        entries = [ask(study, space, config, workdir) for _ in range(min(batch, free))]
-        resumed = [e for e in entries if _has_run(e.workdir)]  # each alone: its own checkpoint
-        fresh = [e for e in entries if e not in resumed]
-        runs = [[e] for e in resumed] + ([fresh] if len(fresh) > 1 else [[e] for e in fresh])
-        beat = Heartbeat(study, [e.trial._trial_id for e in entries], heartbeat)  # Optuna's id
-        try:
-            for k, group in enumerate(runs):
-                for e in group:
-                    params = ", ".join(f"{n}={_show(v)}" for n, v in e.trial.params.items())
-                    say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))  # fmt: skip
-                _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)  # fmt: skip
-        finally:
+    at a time, vmapped together when batch > 1 (fresh trials of a batchable space). A trial
+    whose directory another process holds waits, beating, while this one goes on with others."""
+    waited, held = None, {}  # held: trial number -> (entry, its heartbeat), directory busy
+    try:
+        while True:
+            optuna.storages.fail_stale_trials(study)  # stale: failed, re-queued by the callback
+            done, running = tally(study)
+            free = trials - done - len(running)
+            if done >= trials:
+                return
+            ready = [e for e, _ in held.values() if _claim(e)]
+            for e in ready:
+                held.pop(e.trial.number)[1].close()
+            ready = _drop_gone(study, ready, say)
+            if not ready and free <= 0:  # the rest are running: here, or elsewhere
+                if waited != running:
+                    busy = [n for n in running if n in held]
+                    say(f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)" if not busy else  # fmt: skip
+                        f"waiting for trial(s) {', '.join(map(str, busy))}: a process still holds its directory")  # fmt: skip
+                    waited = running
+                time.sleep(min(heartbeat, 5))
+                continue
+            entries = ready or [ask(study, space, config, workdir) for _ in range(min(batch, free))]
+            for e in [e for e in entries if e not in ready and not _claim(e)]:
+                say(f"trial {e.trial.number}: {e.workdir} is held by {recipe.holder(e.workdir)}; it runs here once that process leaves it")  # fmt: skip
+                held[e.trial.number] = (e, Heartbeat(study, [e.trial._trial_id], heartbeat))
+                entries.remove(e)
+            entries = _drop_gone(study, entries, say)
+            resumed = [e for e in entries if _has_run(e.workdir)]  # each alone: its own checkpoint
+            fresh = [e for e in entries if e not in resumed]
+            runs = [[e] for e in resumed] + ([fresh] if len(fresh) > 1 else [[e] for e in fresh])
+            beat = Heartbeat(study, [e.trial._trial_id for e in entries], heartbeat)  # Optuna's id
+            try:
+                for k, group in enumerate(runs):
+                    for e in group:
+                        params = ", ".join(f"{n}={_show(v)}" for n, v in e.trial.params.items())
+                        say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))  # fmt: skip
+                    _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)  # fmt: skip
+            finally:
+                beat.close()
+                for e in entries:
+                    recipe.unlock(e.workdir)
+    finally:  # trials still waiting for a directory: failed and queued again, for whoever is left
+        for e, beat in held.values():
             beat.close()
+        requeue(study, [e for e, _ in held.values()])
 
 
 def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
     pruned: dict = {}
+    lost: dict = {}  # trials failed as stale by another process while this one slept
     try:
-        heard = train_entries(study, group, trial_seeds, vmap, pruned, hooks)
+        heard = train_entries(study, group, trial_seeds, vmap, pruned, lost, hooks)
     except loop.Diverged as e:
         bad = group[e.member // trial_seeds] if e.member is not None and vmap else group[0]
         bad.trial.set_user_attr("error", str(e))
@@ -400,8 +455,12 @@ def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
         requeue(study, [*group, *(e for g in later for e in g)])
         raise
     for entry in group:
-        if len(entry.results) < trial_seeds and entry.trial.number not in pruned:
-            requeue(study, [entry])  # seeds left untrained by a late signal
+        if _frozen(study, entry.trial.number).state != TrialState.RUNNING:
+            epoch = lost.get(entry.trial.number)
+            say(f"trial {entry.trial.number}: failed as stale by another process (no heartbeat from this one within the grace period: was it paused?); its run stopped" + (f" after epoch {epoch}" if epoch else "") + " and the trial's retry resumes it")  # fmt: skip
+            continue
+        if lost or (len(entry.results) < trial_seeds and entry.trial.number not in pruned):
+            requeue(study, [entry])  # stopped short: by a late signal, or with a taken-over one
             continue
         state = tell(study, entry, pruned)
         value = _frozen(study, entry.trial.number).value

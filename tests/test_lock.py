@@ -59,7 +59,7 @@ def test_two_processes_on_one_directory_one_trains_the_other_exits_2(mnist_dir, 
     first = subprocess.Popen([sys.executable, "-m", "experiments.dense_relu", *flags], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (workdir.exists() and "process" in recipe._holder(workdir)):  # it holds the lock
+    while not (workdir.exists() and "process" in recipe.holder(workdir)):  # it holds the lock
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.02)
     capsys.readouterr()
