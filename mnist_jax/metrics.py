@@ -10,6 +10,7 @@
 Plots and reports read these files, never the live run, so they work on old runs too.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -78,7 +79,10 @@ class Writer:
 
     def __init__(self, workdir: str | Path):
         self.workdir = Path(workdir)
-        self.tb = summary_writer()(str(self.workdir / "tensorboard"))
+
+    @functools.cached_property
+    def tb(self):  # on the first row: a finished run run again adds no empty events file
+        return summary_writer()(str(self.workdir / "tensorboard"))
 
     def truncate(self, last_epoch: dict | None, step: int) -> None:
         """On (re)start at `step`, keep each epoch and step row once: drop rows written after
@@ -107,7 +111,8 @@ class Writer:
                 self.tb.add_scalar(f"train/{key}", value, row["step"])
 
     def close(self) -> None:
-        self.tb.close()
+        if "tb" in self.__dict__:
+            self.tb.close()
 
 
 class NullWriter:

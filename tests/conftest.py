@@ -1,6 +1,7 @@
 """Shared fixtures. Real-data tests need the IDX files: $MNIST_DATA_DIR, or ../shared/data/mnist."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ if os.environ.get("JAX_PLATFORMS", "") != "cpu":
     _flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops" not in _flags:
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_gpu_deterministic_ops=true".strip()
+    # Two pytest workers (pyproject's addopts) share the GPU: neither takes 75% of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from mnist_jax import data
 
@@ -125,5 +128,11 @@ def trained_conv_bn(mnist_dir, tmp_path_factory):
     config.data.dir = str(mnist_dir)
     config.data.train_limit = CONV_BN_TRAIN
     config.epochs = 1  # the default seed, 0: no test may train a seed picked because it passes
-    workdir = tmp_path_factory.mktemp("conv_bn")
-    return workdir, loop.train_and_evaluate(config, workdir)
+    # Trained once for all pytest workers (their base directories share a parent): the first
+    # trains; the others, once it is done, find the run finished and restore it.
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    workdir = shared / "trained_conv_bn"
+    with open(shared / "trained_conv_bn.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return workdir, loop.train_and_evaluate(config, workdir)

@@ -45,6 +45,7 @@ def test_default_relative_workdir_trains_twice_and_every_reader_reads_it(
     assert again[0] == 0 and "Traceback" not in again[2], again[2]
     workdir = Path("runs/linear")
     assert_nothing_moved(workdir)
+    assert len(list(workdir.glob("tensorboard/events.out.tfevents.*"))) == 1  # none added, empty
 
     code, out, err = _command(capsys, evaluate.main, "--workdir", "runs/linear")
     assert code == 0 and "test accuracy" in out, err
