@@ -57,7 +57,8 @@ from mnist_jax import data, hooks, loop, models, plots, train
 config = importlib.import_module(f"experiments.{STAGE}").get_config()
 config.name = STAGE
 if SMALL:  # a few hundred steps: what the test needs to see, not a result
-    config.epochs, config.log_every = 2, 2
+    # a sync every 2 steps on any backend (a GPU's default is a call an epoch): curves that move
+    config.epochs, config.log_every, config.steps_per_call = 2, 2, 2
     config.data.update(train_limit=2000, test_limit=1000, val_split=1000)
 
 # %% [markdown]
