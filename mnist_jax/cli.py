@@ -15,13 +15,17 @@ from typing import Callable
 import jax
 import ml_collections
 
-from mnist_jax import checkpoint, flags, hooks, loop, recipe, seeds, startup
+from mnist_jax import checkpoint, flags, loop, recipe, seeds, startup
+from mnist_jax import hooks as hooks_lib
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
 
-def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
-    """Entry point of a stage module: parse flags, train and evaluate, draw the plots."""
+def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None, *, hooks: tuple = (),
+        step_fn=None, eval_metrics: dict | None = None) -> None:  # fmt: skip
+    """Entry point of a stage module: parse flags, train and evaluate, draw the plots. A stage
+    passes its own parts as loop.train takes them: hooks (after the built-in ones and the
+    plots), step_fn (its own step), eval_metrics ({name: fn(logits, labels)})."""
     main = sys.modules.get(get_config.__module__)
     spec = getattr(main, "__spec__", None)
     stage = (spec.name if spec else get_config.__module__).rsplit(".", 1)[-1]
@@ -37,8 +41,9 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None) -> None:
             for w in [Path(workdir), *seeds.workdirs(config, workdir)]:  # before any write
                 recipe.check_workdir(w, restart=config.restart)
             # The curves as it trains, the rest at each run's end, on process 0.
-            plots = [hooks.LiveCurves(), hooks.Plots()] if config.plots else []
-            seeds.train(config, workdir, hooks=plots)  # --seeds 1: loop.train(config, [workdir])
+            plots = [hooks_lib.LiveCurves(), hooks_lib.Plots()] if config.plots else []
+            seeds.train(config, workdir, hooks=(*plots, *hooks), step_fn=step_fn,
+                        eval_metrics=eval_metrics)  # --seeds 1: loop.train(config, [workdir])  # fmt: skip
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:

@@ -88,21 +88,23 @@ def seed_line(r: dict) -> str:
 @loop.one_summary()  # the model's table once, not once a seed
 def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
           target: float | None = None, dead_units: bool = False, report: bool = True,
-          hooks: tuple = ()) -> dict:  # fmt: skip
+          hooks: tuple = (), step_fn=None, eval_metrics: dict | None = None) -> dict:  # fmt: skip
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
     the caller prints its own lines. vmap: the seeds are one group of members (members.Members);
-    turn: a group each, one after another. hooks go to every group's loop.train."""
+    turn: a group each, one after another. hooks, step_fn and eval_metrics go to every
+    group's loop.train."""
     dirs, how = workdirs(config, workdir), startup.resolve(config).seed_mode
     if len(dirs) > 1:  # seeds.json's directory: one command at a time writes it
         recipe.lock_all([Path(workdir)])
     try:
-        return _train(config, workdir, dirs, how, save, target, dead_units, report, hooks)
+        parts = dict(step_fn=step_fn, eval_metrics=eval_metrics)
+        return _train(config, workdir, dirs, how, save, target, dead_units, report, hooks, parts)
     finally:
         recipe.unlock(Path(workdir))
 
 
-def _train(config, workdir, dirs, how, save, target, dead_units, report, hooks) -> dict:
+def _train(config, workdir, dirs, how, save, target, dead_units, report, hooks, parts) -> dict:
     size = len(dirs) if how == "vmap" else 1
     extra = (*hooks, *([StopAt(target)] if target is not None else []))
     results = []
@@ -112,7 +114,7 @@ def _train(config, workdir, dirs, how, save, target, dead_units, report, hooks) 
         if size < len(dirs) and jax.process_index() == 0:
             print(f"seed {c.seed} ({start + 1} of {len(dirs)}), in {group[0]}", flush=True)
         try:
-            run = loop.train(c, group, vmap=how == "vmap", hooks=extra, save=save)
+            run = loop.train(c, group, vmap=how == "vmap", hooks=extra, save=save, **parts)
         except loop.Interrupted as e:
             if size == len(dirs):
                 raise

@@ -121,3 +121,48 @@ def test_live_curves_draw_the_schedule_first_then_redraw_within_their_budget(mni
     tight = hooks.LiveCurves(budget=1e-9)
     loop.train(small(mnist_dir, epochs=3), [tmp_path / "b"], hooks=[tight])
     assert tight.draws == 2 and (tmp_path / "b/plots/curves.png").exists()
+
+
+STAGE_FILE = '''"""dense_relu with its own hook and evaluation metric, passed to the stage's command."""
+
+import jax.numpy as jnp
+
+from experiments import dense_relu
+from mnist_jax import cli, hooks
+
+
+def get_config():
+    return dense_relu.get_config()
+
+
+def top2(logits, labels):  # the label among the two highest logits
+    return (jnp.argsort(logits, axis=-1)[:, -2:] == labels[:, None]).any(-1).mean()
+
+
+class Epochs(hooks.Hook):
+    def on_epoch_end(self, run, rows, evaluation):
+        print(f"my hook: epoch {rows[0]['epoch']}, top-2 {rows[0]['test_top2']:.4f}")
+
+
+if __name__ == "__main__":
+    cli.run(get_config, hooks=[Epochs()], eval_metrics={"top2": top2})
+'''
+
+
+def test_a_stage_file_adds_a_hook_and_an_evaluation_metric(mnist_dir, tmp_path, monkeypatch, capsys):  # fmt: skip
+    """No library edit: the stage file passes them to cli.run, with every flag still a flag."""
+    import runpy
+    import sys
+
+    (tmp_path / "my_stage.py").write_text(STAGE_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["my_stage", "--epochs", "2", "--data-train-limit", "1280", "--data-test-limit", "500",
+            "--data-dir", str(mnist_dir), "--plots", "false", "--workdir", str(tmp_path / "w")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_module("my_stage", run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    rows = metrics.read(tmp_path / "w/metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:  # top-2 holds at least the top-1 hits, and is a fraction of the 500 images
+        assert r["test_accuracy"] <= r["test_top2"] <= 1 and round(r["test_top2"] * 500, 3) % 1 == 0
+        assert f"my hook: epoch {r['epoch']}, top-2 {r['test_top2']:.4f}" in out
