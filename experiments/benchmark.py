@@ -34,8 +34,8 @@ import platform
 import subprocess
 import sys
 
-from experiments import conv_bn, references
-from mnist_jax import flags, startup, timing
+from experiments import conv_bn, references, timing
+from mnist_jax import flags, startup
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 

@@ -4,7 +4,7 @@ Keras is the codelab's own framework: `keras_model` builds a stage's model layer
 `keras_train` trains a stage the codelab's way with `model.fit` (experiments.seeds
 --framework keras), and tests/test_keras_reference.py checks our steps against its steps from
 the same weights. `measure_keras` and `measure_torch` time the same conv_bn training as
-mnist_jax.timing.measure_ours, in the same dict (experiments/benchmark.py). Both come from the
+experiments.timing.measure_ours, in the same dict (experiments/benchmark.py). Both come from the
 `bench` extra (`pip install -e '.[bench]'`); nothing in mnist_jax imports this module.
 """
 
@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 
+from experiments.timing import _indices, _summary, _train_arrays, window_steps_for
 from mnist_jax import data, diagnostics, loop, optim
-from mnist_jax.timing import _indices, _summary, _train_arrays, window_steps_for
 
 
 def _keras():

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mnist_jax import metrics, seeds
+from mnist_jax import checkpoint, metrics, seeds
 
 ROWS = Path(__file__).resolve().parents[1] / "docs" / "rows"
 FIRST_STEPS = 100
@@ -25,7 +25,7 @@ FIRST_STEPS = 100
 def record(stage: str, workdir: Path, wall: float) -> dict:
     """The record of the --seeds run in `workdir` (its seeds.json, seed_<first>/'s files)."""
     summary = json.loads((workdir / "seeds.json").read_text())
-    first = workdir / f"seed_{summary['seeds'][0]}"
+    first = checkpoint.seed_dir(workdir, summary["seeds"][0])
     config = json.loads((first / "config.json").read_text())
     runtime = metrics.read(first / "config_history.jsonl")[0]["runtime"]
     return {

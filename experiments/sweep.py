@@ -36,7 +36,7 @@ flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-va
 
 
 def stages() -> list[str]:
-    skip = {"sweep", "seeds", "report", "rows", "benchmark", "speedrun", "references", "xla_cpu"}
+    skip = {"sweep", "seeds", "report", "rows", "benchmark", "speedrun", "references", "xla_cpu", "timing"}
     names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
     return sorted(n for n in names if n not in skip and not n.startswith("autograd"))
 

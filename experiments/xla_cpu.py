@@ -117,8 +117,7 @@ def errors(data_dir: str | None) -> dict:
 
 
 def child(data_dir: str | None, windows: int) -> dict:
-    from experiments import conv_bn
-    from mnist_jax import timing
+    from experiments import conv_bn, timing
 
     config = conv_bn.get_config()
     config.steps_per_call = 1

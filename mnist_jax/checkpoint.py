@@ -307,17 +307,22 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
     return Restored(model, variables, config, step)
 
 
+def seed_dir(workdir, seed: int) -> Path:
+    """Where seed `seed` of a several-seed run (--seeds, a sweep's --trial-seeds) lives."""
+    return Path(workdir) / f"seed_{seed}"
+
+
 def init_from(state, source: Path, seed: int):
     """`state` with the trained params and batch statistics of the run in `source` (its
     seed_<seed>/ when it has seed directories), and {"dir", "step"}: where they come from."""
     source = Path(source).expanduser()
     seeded = sorted(p.name for p in source.glob("seed_*") if p.is_dir())
     if seeded:
-        if f"seed_{seed}" not in seeded:
+        if seed_dir(source, seed).name not in seeded:
             raise ConfigError(
-                f"--init-from {source}: holds {', '.join(seeded)}, no seed_{seed}/ for seed {seed}"
+                f"--init-from {source}: holds {', '.join(seeded)}, no {seed_dir('', seed)}/ for seed {seed}"
             )
-        source = source / f"seed_{seed}"
+        source = seed_dir(source, seed)
     try:
         variables, step = _restore_model(source, None, abstract(model_item(state)))
     except (FileNotFoundError, ConfigError) as e:

@@ -36,8 +36,6 @@ import numpy as np
 from mnist_jax import checkpoint, diagnostics, metrics, parallel
 from mnist_jax.config import ConfigError
 
-LAST = ("learning_rate",)  # a schedule's value: logged as it is at a row's step, not averaged
-
 
 class Hook:
     """The protocol, doing nothing: subclass it and override what you need."""
@@ -156,7 +154,7 @@ class Checkpoints(Hook):
 
 class MetricsFiles(Hook):
     """metrics.jsonl (a row per epoch), train_steps.jsonl (a row per --log-every steps: each
-    metric's mean over them, LAST at the row's step) and TensorBoard, on process 0."""
+    metric's mean over them, metrics.LAST at the row's step) and TensorBoard, on process 0."""
 
     writers: list = []
 
@@ -176,7 +174,7 @@ class MetricsFiles(Hook):
             start = (end - 1) // every * every
             for i, writer in enumerate(self.writers):
                 row = {"step": run.step - done + end}
-                row.update({k: float(v[i, end - 1] if k in LAST else v[i, start:end].mean())
+                row.update({k: float(v[i, end - 1] if k in metrics.LAST else v[i, start:end].mean())
                             for k, v in run.partial.items()})  # fmt: skip
                 writer.step(row)
 

@@ -30,7 +30,7 @@ import numpy as np
 from mnist_jax import checkpoint, data, flags, metrics, models, parallel, recipe, startup
 from mnist_jax import train as train_lib  # train.py: the pure step, its compiled forms
 from mnist_jax.config import ConfigError, validate
-from mnist_jax.hooks import LAST, call, defaults
+from mnist_jax.hooks import call, defaults
 from mnist_jax.members import Members, member_configs
 
 
@@ -258,8 +258,8 @@ def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
     rows = []
     for i in range(len(run.rows)):
         row = {"epoch": epoch + 1, "step": run.step}
-        row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in LAST})  # fmt: skip
-        row.update({k: float(v[i, -1]) for k, v in run.partial.items() if k in LAST})
+        row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in metrics.LAST})  # fmt: skip
+        row.update({k: float(v[i, -1]) for k, v in run.partial.items() if k in metrics.LAST})
         for split, ev in evaluation.items():
             for name, _ in run.eval_metrics:  # an array: name_0, name_1, ...
                 value = np.ravel(ev[name][i])

@@ -20,6 +20,11 @@ from mnist_jax import flags
 EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
 
 
+# How a row reduces a step metric: the mean over its steps, but a schedule's value as it is at
+# the row's step.
+LAST = ("learning_rate",)
+
+
 def upgrade(row: dict | None) -> dict | None:
     """A row as this code names it: files written before validation splits named the test
     set's metrics val_*; a row with no test_* metric is one of those."""

@@ -120,7 +120,7 @@ def learning_rate(workdir: Path, out: Path) -> None:
 def learning_rate_figure(steps: list[dict], epochs: list[dict], name: str):
     """learning_rate.png's figure from the rows of train_steps.jsonl and metrics.jsonl."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    # A row's learning_rate is the rate its last step used (hooks.LAST), and rows fall on every
+    # A row's learning_rate is the rate its last step used (metrics.LAST), and rows fall on every
     # epoch's end, so under a per-epoch schedule each value held over the steps since the row
     # before: drawn over that interval ("steps-pre"), a drop shows at the epoch's end where it
     # happens (steps-post drew it at the next row, up to --log-every steps late). A smooth

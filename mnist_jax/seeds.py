@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from mnist_jax import diagnostics, flags, loop, metrics, recipe, startup
+from mnist_jax import checkpoint, diagnostics, flags, loop, metrics, recipe, startup
 from mnist_jax.hooks import StopAt
 
 
@@ -29,7 +29,7 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
     """One seed: WORKDIR itself. Several: WORKDIR/seed_<s>/ each."""
     if config.seeds == 1:
         return [Path(workdir)]
-    return [Path(workdir) / f"seed_{config.seed + i}" for i in range(config.seeds)]
+    return [checkpoint.seed_dir(workdir, config.seed + i) for i in range(config.seeds)]
 
 
 def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:

@@ -167,13 +167,9 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return (jnp.argmax(logits, -1) == labels).sum() / n
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 # The evaluation's metrics, by name: each a function of the test set's logits [n, classes] and
 # labels [n], to a scalar or an array (logged as name_0, name_1, ...). loop.train takes more.
-EVAL_METRICS = (("loss", cross_entropy), ("accuracy", accuracy))
+EVAL_METRICS = (("loss", optim.cross_entropy), ("accuracy", accuracy))
 
 
 def _split(x, sharding):

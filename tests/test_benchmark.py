@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from experiments import benchmark, dense_relu, speedrun
-from mnist_jax import cli, members, metrics, timing
+from experiments import benchmark, dense_relu, speedrun, timing
+from mnist_jax import cli, members, metrics
 from tests.conftest import ROOT, assert_runs_alike
 
 # The other frameworks' rows, as their workers print them: batch 64, the figures of

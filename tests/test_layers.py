@@ -36,7 +36,6 @@ ORDER = [
     "loop",
     "seeds",
     "sweep",
-    "timing",
     "cli",
     "__init__",
 ]

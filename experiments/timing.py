@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, members, parallel, seeds, startup, train
+from mnist_jax import checkpoint, data, members, parallel, seeds, startup, train
 
 
 def _peak_rss_mib() -> float:
@@ -72,7 +72,7 @@ def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int 
     per_window = -(-window_steps_for(b, window_images) // k)  # calls per window
     calls = 3 + windows * per_window
     x, y = jax.device_put((images, labels))
-    group = members.Members(config, [f"seed_{i}" for i in range(seeds)], parallel.make_mesh(1), seeds > 1)  # fmt: skip
+    group = members.Members(config, [checkpoint.seed_dir("", i) for i in range(seeds)], parallel.make_mesh(1), seeds > 1)  # fmt: skip
     state = group.put([train.create_train_state(config, r, n // b) for r in group.init_rngs])
     orders = group.put([_indices(n, b, calls * k)] * seeds)
 
