@@ -2,14 +2,17 @@
 
 Each checkpoint holds its items, so each reader takes only what it needs:
   model   {"params", "batch_stats"}: all that evaluation and prediction need;
-  train   {"opt_state", "step"}: what resuming adds;
+  train   every other field of the TrainState that is data (all but apply_fn and tx, which the
+          config rebuilds): what resuming adds, so a field added to the state is saved with it;
   metrics the epoch's metrics line, so metrics.jsonl can be repaired on resume;
   run     {"layout": LAYOUT, "config": the recipe as config.json records it}: what trained it,
           so a run whose config.json is gone is still checked against the command.
-Layouts: 1 has no `run` item (read as layout 1); 2 adds it. Every layout stays readable
+Layouts: 1 has no `run` item (read as layout 1); 2 adds it; 3 saves the whole state in `train`
+(1 and 2: opt_state and step; the rest came from the config). Every layout stays readable
 (tests/fixtures/layout1_linear is a layout-1 run).
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -183,12 +186,24 @@ def model_item(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def items(state) -> dict:
-    """What a checkpoint holds of a TrainState, by item."""
-    return {"model": model_item(state), "train": {"opt_state": state.opt_state, "step": state.step}}
+def items(state, layout: int | None = None) -> dict:
+    """What a checkpoint of `layout` (default: the one save writes) holds of a TrainState."""
+    if (layout or LAYOUT) >= 3:
+        names = [f.name for f in dataclasses.fields(state) if f.name not in ("apply_fn", "tx", *model_item(state))]  # fmt: skip
+    else:
+        names = ["opt_state", "step"]
+    return {"model": model_item(state), "train": {name: getattr(state, name) for name in names}}
 
 
-LAYOUT = 2  # what save writes (the module's docstring)
+LAYOUT = 3  # what save writes (the module's docstring)
+
+
+def layout(step_dir: Path) -> int:
+    """The layout checkpoint `step_dir` was written in (1 if it does not say)."""
+    try:
+        return int(json.loads((Path(step_dir) / "run" / "metadata").read_text())["layout"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
 
 
 def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int, config: dict) -> None:
@@ -225,9 +240,10 @@ def abstract(tree):
 
 def restore_state(mngr: ocp.CheckpointManager, state, step: int | None = None):
     """(state, metrics) from checkpoint `step` (default latest), shaped like `state`."""
-    trees = items(state)
+    step = mngr.latest_step() if step is None else step
+    trees = items(state, layout(Path(mngr.directory) / str(step)))
     restored = mngr.restore(
-        mngr.latest_step() if step is None else step,
+        step,
         args=ocp.args.Composite(
             model=ocp.args.StandardRestore(abstract(trees["model"])),
             train=ocp.args.StandardRestore(abstract(trees["train"])),

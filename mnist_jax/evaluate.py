@@ -58,7 +58,8 @@ def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None
     """(test images, labels, `train.eval_dataset` output) of a restored run on its test images
     (`test`, else `test_data`)."""
     test_x, test_y = test or test_data(restored, data_dir)
-    out = train.eval_dataset(train.inference_state(restored), *jax.device_put((test_x, test_y)))
+    state = train.inference_state(restored.model, restored.variables)
+    out = train.eval_dataset(state, *jax.device_put((test_x, test_y)))
     return test_x, test_y, out
 
 

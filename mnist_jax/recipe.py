@@ -144,7 +144,10 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
     """
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            diff = checkpoint.mismatch(workdir / "checkpoints" / str(step), checkpoint.items(state))
+            step_dir = workdir / "checkpoints" / str(step)
+            diff = checkpoint.mismatch(
+                step_dir, checkpoint.items(state, checkpoint.layout(step_dir))
+            )
             if diff is not None:
                 raise misfit(workdir, step, diff)
             restored, reason = checkpoint.restore_state(mngr, state, step), None
@@ -221,7 +224,10 @@ def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: i
         if s in dict(damaged):
             continue
         try:
-            diff = checkpoint.mismatch(workdir / "checkpoints" / str(s), checkpoint.items(state))
+            step_dir = workdir / "checkpoints" / str(s)
+            diff = checkpoint.mismatch(
+                step_dir, checkpoint.items(state, checkpoint.layout(step_dir))
+            )
         except checkpoint.Damaged as e:
             damaged.append((s, str(e)))
             continue

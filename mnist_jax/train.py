@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoint, data, models, optim
+from mnist_jax import data, models, optim
 
 
 class TrainState(train_state.TrainState):
@@ -69,12 +69,12 @@ def create_train_state(
     )
 
 
-def inference_state(restored: checkpoint.Restored) -> TrainState:
-    """A TrainState around restored variables, for `eval_dataset` (no optimizer state)."""
+def inference_state(model, variables: dict) -> TrainState:
+    """A TrainState around a model's variables (mnist_jax.restore's), for `eval_dataset`."""
     return TrainState.create(
-        apply_fn=restored.model.apply,
-        params=restored.variables["params"],
-        batch_stats=restored.variables["batch_stats"],
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
         tx=optax.identity(),
     )
 

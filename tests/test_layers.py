@@ -86,6 +86,11 @@ def test_modules_import_only_modules_below_them(module):
     assert [name for name in ours if name not in below] == [], f"{module} imports upwards"
 
 
+def test_the_pure_step_imports_no_checkpoint_or_loop_code():
+    ours = {name for name, _ in imports(PACKAGE / "train.py")}
+    assert ours & {"checkpoint", "recipe", "hooks", "loop", "members"} == set()
+
+
 @pytest.mark.parametrize("module", ORDER)
 def test_no_reference_frameworks_experiments_or_tests_in_the_library(module):
     assert {name for name, _ in imports(PACKAGE / f"{module}.py")} & NEVER == set()
