@@ -223,19 +223,32 @@ class Report(Hook):
         self.signal = run.interrupt
 
 
+# A trial's last sign of life (seconds since the epoch) where the storage keeps no heartbeats
+# of its own (a journal file, the gRPC proxy): a system attribute every store carries.
+BEAT = "mnist_jax:heartbeat"
+
+
+def _native(storage) -> bool:
+    # Optuna wraps an RDB store in a cache that is a heartbeat store too: ask it, as optimize does.
+    return optuna.storages._heartbeat.is_heartbeat_enabled(storage)
+
+
 class Heartbeat:
     """Record the trials' heartbeats every `interval` seconds in a thread (Optuna's optimize
-    does this for its one trial; ask-and-tell leaves it to the caller)."""
+    does this for its one trial; ask-and-tell leaves it to the caller): the storage's own, or
+    the BEAT attribute where it has none."""
 
     def __init__(self, study: optuna.Study, ids: list, interval: int):
         self.stop, storage = threading.Event(), study._storage
-        # Optuna wraps an RDB store in a cache that is a heartbeat store too: ask it, as optimize does.
-        enabled = optuna.storages._heartbeat.is_heartbeat_enabled(storage)
+        native = _native(storage)
 
         def beat():
-            while enabled:
+            while True:
                 for i in ids:
-                    storage.record_heartbeat(i)
+                    try:
+                        storage.record_heartbeat(i) if native else storage.set_trial_system_attr(i, BEAT, time.time())  # fmt: skip
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        pass  # failed as stale elsewhere (this process was paused): Report stops it
                 if self.stop.wait(interval):
                     return
 
@@ -343,6 +356,27 @@ def tell(study, entry: Entry, pruned: dict) -> str:
     return "complete"
 
 
+def fail_stale(study, interval: int) -> None:
+    """Fail each running trial with no sign of life for 2 x interval, and queue it again
+    (RetryHeartbeatStaleTrialCallback): Optuna's own check on a store with heartbeats, the
+    BEAT attribute (or the trial's start) elsewhere. Comparing another machine's clock, so
+    the machines' clocks must agree to well within the grace period (NTP does)."""
+    if _native(study._storage):
+        optuna.storages.fail_stale_trials(study)
+        return
+    retry, now = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True), time.time()  # fmt: skip
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = t.system_attrs.get(BEAT) or t.datetime_start.timestamp()
+        if now - last <= 2 * interval:
+            continue
+        try:  # only one process fails it: the others find it finished
+            failed = study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if failed:
+            retry(study, study._storage.get_trial(t._trial_id))
+
+
 def tally(study) -> tuple[int, list]:
     """Trials done (complete, pruned, or failed for their own reason, not re-queued) and the
     numbers of those running."""
@@ -386,7 +420,7 @@ def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds
     waited, held = None, {}  # held: trial number -> (entry, its heartbeat), directory busy
     try:
         while True:
-            optuna.storages.fail_stale_trials(study)  # stale: failed, re-queued by the callback
+            fail_stale(study, heartbeat)  # stale: failed, re-queued by the callback
             done, running = tally(study)
             free = trials - done - len(running)
             if done >= trials:
