@@ -210,7 +210,11 @@ class Report(Hook):
                 continue
             reported = frozen.intermediate_values
             if epoch not in reported:  # a resumed retry has its first epochs already
-                trial.report(float(np.median(accuracy[members])), epoch)
+                try:
+                    trial.report(float(np.median(accuracy[members])), epoch)
+                except optuna.exceptions.UpdateFinishedTrialError:  # failed since the read above
+                    self.lost[trial.number] = epoch  # (paused between them: seen in a test)
+                    continue
             if trial.should_prune():
                 self.pruned[trial.number] = epoch
                 if run.primary:

@@ -34,6 +34,7 @@ if os.environ.get("JAX_PLATFORMS", "") != "cpu":
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from mnist_jax import data
+from tests.helpers import postgres as postgres_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +137,14 @@ def trained_conv_bn(mnist_dir, tmp_path_factory):
     with open(shared / "trained_conv_bn.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         return workdir, loop.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server (tests/helpers/postgres.py); `postgres.database(name)` is a
+    new database's URL. Where none can start, the test fails saying why: CI always has one."""
+    try:
+        with postgres_helper.server() as server:
+            yield server
+    except postgres_helper.Unavailable as e:
+        pytest.fail(str(e))
