@@ -13,6 +13,7 @@ the damaged ones it meets: nothing here deletes a file.
 """
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -292,6 +293,7 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
 
 # A work directory (resolved) -> [the descriptor holding its lock, how many holds].
 _LOCKS: dict[str, list] = {}
+_UNLOCKABLE: set = set()  # work directories whose filesystem refused a lock (warned once)
 
 
 def holder(workdir: Path) -> str:
@@ -327,8 +329,14 @@ def lock(workdir: Path) -> None:
         raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks here
+            if key not in _UNLOCKABLE:
+                _UNLOCKABLE.add(key)
+                print(f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time", file=sys.stderr)  # fmt: skip
+            _LOCKS[key] = [os.open(workdir, os.O_RDONLY), 1]
+            return
         raise Busy(
             f"--workdir {workdir}: another run is training there ({holder(workdir)}); "
             "wait for it to end, or use another --workdir"

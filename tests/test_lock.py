@@ -77,3 +77,19 @@ def test_two_processes_on_one_directory_one_trains_the_other_exits_2(mnist_dir, 
     cli.run(dense_relu.get_config, [*flags[:-1], str(tmp_path / "alone")])
     ours, alone = (mnist_jax.restore(d).variables for d in (workdir, tmp_path / "alone"))
     assert jax.tree.all(jax.tree.map(np.array_equal, ours, alone))
+
+
+def test_a_filesystem_without_locks_trains_with_one_warning(mnist_dir, tmp_path, capsys, monkeypatch):  # fmt: skip
+    """NFS directories, Lustre mounted noflock: flock fails with ENOLCK or EOPNOTSUPP. The run
+    goes on, once warned; a lock held (EWOULDBLOCK) stays a refusal (the test above)."""
+    import errno
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    workdir = tmp_path / "w"
+    code, out, err = run(capsys, *SMALL, "--data-dir", mnist_dir, "--workdir", workdir)
+    assert code == 0, err
+    assert err.count("its filesystem takes no locks") == 1, err
+    assert [r["epoch"] for r in metrics.read(workdir / "metrics.jsonl")] == [1]
