@@ -136,6 +136,9 @@ def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_pat
     time.sleep(0.3)  # into epoch 2
     a.send_signal(signal.SIGSTOP)
     try:
+        # Past the grace period (2 x --heartbeat 1) before B starts: B, started warm in under
+        # 2 s, would otherwise find trial 0 alive and start a fresh trial 1 instead.
+        time.sleep(2.5)
         b = command(tmp_path / "b.log")
         deadline = time.time() + 120
         while "is held by" not in (tmp_path / "b.log").read_text() and time.time() < deadline:
