@@ -21,6 +21,7 @@ others (the program keeps its shape), its later epochs are written to its files 
 
 import dataclasses
 import json
+import math
 import re
 import signal
 import statistics
@@ -94,6 +95,8 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                 dist = CategoricalDistribution([cast(v) for v in values])
             elif kind in ("uniform", "loguniform", "int", "logint"):
                 nums = [_number(v) for v in values]
+                if not all(math.isfinite(n) for n in nums):  # inf, nan, 1e400
+                    raise bad(f"the bounds must be finite numbers, got ({args})")
                 if len(nums) != (3 if kind == "int" and len(nums) == 3 else 2):
                     raise bad(f"{kind} takes (LOW,HIGH){'[,STEP]' if kind == 'int' else ''}, got ({args})")  # fmt: skip
                 if nums[0] > nums[1]:
@@ -111,11 +114,15 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                     dist = FloatDistribution(float(nums[0]), float(nums[1]), log=kind == "loguniform")  # fmt: skip
             else:
                 raise bad(f"unknown distribution {kind!r}; {SYNTAX}")
+        except ConfigError:  # a ValueError too: said already, not to be wrapped again
+            raise
         except (ValueError, TypeError) as e:
             raise bad(f"cannot read ({e}); {SYNTAX}") from None
         name = path + (f"[{index}]" if index is not None else "")
         ends = dist.choices if kind == "choice" else (dist.low, dist.high)
         for end in ends:  # a value no run can train with: say so now, not in a trial
+            if type(end) is int and not -(2**63) <= end < 2**63:  # JAX's seeds, XLA's shapes
+                raise bad(f"{end} does not fit in 64 bits")
             c = ml_collections.ConfigDict(config.to_dict())
             _put(c, name, end)
             try:

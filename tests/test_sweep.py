@@ -182,14 +182,26 @@ def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_pat
         ),  # fmt: skip
         (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open"),
         (["--seeds", "3"], "--seeds: a sweep's trials take --trial-seeds"),
+        (["--space", "opt.lr=loguniform(1e-4,inf)"], "must be finite numbers, got (1e-4,inf)"),
+        (["--space", "opt.lr=uniform(nan,0.1)"], "the bounds must be finite numbers"),
+        (["--space", "seed=int(0,100000000000000000000000)"], "does not fit in 64 bits"),
+        (["--space", "opt.lr=foo(1,2)"], "unknown distribution 'foo'; PATH=loguniform"),
+        (
+            ["--space", "opt.lr=loguniform(1e-400,0.1)"],
+            "--space 'opt.lr=loguniform(1e-400,0.1)': loguniform needs LOW > 0, got 0.0",
+        ),  # fmt: skip
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(mnist_dir, tmp_path, capsys, flags, message):  # fmt: skip
+    """Each before the study records anything (a study keeps its first space and recipe): the
+    command corrected goes on. The syntax said once at most, a storage's password never."""
     workdir = tmp_path / "w"
     with pytest.raises(SystemExit) as exit:
-        sweep_cmd.main(["dense_relu", "--workdir", str(workdir), *flags])
-    err = capsys.readouterr().err
+        sweep_cmd.main(["dense_relu", "--workdir", str(workdir), "--data-dir", str(mnist_dir), *flags])  # fmt: skip
+    captured = capsys.readouterr()
+    err = captured.err
     assert exit.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert err.count("PATH=loguniform") <= 1 and "secret" not in captured.out + err
     assert not workdir.exists()
 
 
