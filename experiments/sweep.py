@@ -31,7 +31,8 @@ file on a shared filesystem (--storage journal:/shared/study.log). Each process 
 heartbeat for its trials in an RDB store: a trial without one for 2 x --heartbeat seconds is
 failed and run again from its checkpoint (Optuna's journal storage has no heartbeats: there, a
 killed trial stays RUNNING). --trials counts the study's trials over all processes. The stage's
-flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000.
+flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000
+(default: a tenth of the training images, at most 5,000).
 """
 
 
@@ -99,8 +100,6 @@ def main(argv=None) -> dict:
         space = sweep_lib.parse_space(specs, config)
         startup.start(config)
         batch = batch_size(args.batch_trials, space, config)
-        if note:
-            say(note)
         created = not workdir.exists()
         workdir.mkdir(parents=True, exist_ok=True)
         try:
@@ -110,6 +109,8 @@ def main(argv=None) -> dict:
             if created and not any(workdir.iterdir()):
                 shutil.rmtree(workdir)  # a bad storage writes nothing
             raise
+        if note:  # said once the study opened: a refusal is its one line
+            say(note)
         say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time; {args.storage or workdir / 'study.db'}")  # fmt: skip
         try:
             sweep_lib.optimize(study, space, config, workdir, args.trials, args.trial_seeds, batch,

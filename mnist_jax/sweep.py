@@ -36,7 +36,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_jax import flags, loop, models, parallel, recipe, seeds, startup
+from mnist_jax import data, flags, loop, models, parallel, recipe, seeds, startup
 from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
 from mnist_jax.hooks import Hook
 from mnist_jax.members import MEMBER_FIELDS
@@ -136,8 +136,8 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
 
 def batchable(space: dict) -> bool:
     """Whether the space changes only numbers that are data (trials can share a program)."""
-    data = [f for f in MEMBER_FIELDS if f != "seed"]
-    return all(name in data for name in space)
+    numbers = [f for f in MEMBER_FIELDS if f != "seed"]
+    return all(name in numbers for name in space)
 
 
 def trial_config(config, params: dict) -> ml_collections.ConfigDict:
@@ -546,11 +546,17 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
 
 
 def check_config(config) -> str | None:
-    """The fixed config a sweep needs: a validation split (set to 5,000 when absent: returned as
-    the line to say), one seed per run (trials have their own seeds)."""
+    """Check the fixed config a sweep needs, before a study records it: one seed per run (trials
+    have their own seeds), data that load and a validation split they can hold; a split set when
+    absent (a tenth of the training images, at most 5,000), returned as the line to say."""
     if config.seeds != 1:
         raise ConfigError("--seeds: a sweep's trials take --trial-seeds")
+    validate(config)
+    ds = data.from_config(config.data)
+    note = None
     if config.data.val_split == 0:
-        config.data.val_split = 5000
-        return "--data-val-split 5000: a sweep chooses on validation images held out of the training set (set it to change)"  # fmt: skip
-    return None
+        n = len(ds.train_labels)
+        config.data.val_split = max(1, min(5000, n // 10))
+        note = f"--data-val-split {config.data.val_split}: a sweep chooses on validation images held out of the {n:,} training images (a tenth of them, at most 5,000; set it to change)"  # fmt: skip
+    loop.split_data(ds, config)  # the split and the batch fit the data, or one line now
+    return note

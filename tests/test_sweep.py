@@ -17,6 +17,7 @@ from experiments import sweep as sweep_cmd
 from mnist_jax import loop, startup
 from mnist_jax import sweep as sweep_lib
 from tests.conftest import ROOT, assert_runs_alike, assert_same_or_close
+from tests.test_hostile import tiny_data
 
 SMALL = ["--epochs", "2", "--data-train-limit", "2000", "--data-val-split", "1000",
          "--data-test-limit", "1000", "--batch-size", "100"]  # fmt: skip
@@ -24,6 +25,17 @@ SMALL = ["--epochs", "2", "--data-train-limit", "2000", "--data-val-split", "100
 
 def rows(path):
     return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """2,000 training images of 8x8 noise: a dataset smaller than MNIST's validation split."""
+    return tiny_data(tmp_path_factory.mktemp("small") / "idx", (8, 8, 1), (2000, 100))
+
+
+def sweep_small(data_dir, workdir, *flags) -> dict:
+    return sweep_cmd.main(["dense_relu", "--workdir", str(workdir), "--data-dir", str(data_dir),
+                           "--epochs", "1", "--batch-size", "100", "--plots", "false", *flags])  # fmt: skip
 
 
 def test_a_study_writes_its_table_and_plots_and_a_batched_trial_is_its_run_alone(mnist_dir, tmp_path, capsys):  # fmt: skip
@@ -190,6 +202,9 @@ def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_pat
             ["--space", "opt.lr=loguniform(1e-400,0.1)"],
             "--space 'opt.lr=loguniform(1e-400,0.1)': loguniform needs LOW > 0, got 0.0",
         ),  # fmt: skip
+        (["--data-val-split", "60000"], "--data-val-split: 60000 leaves none of the 60000"),
+        (["--batch-size", "70000"], "--batch-size: 70000 is larger than the 55000 training"),
+        (["--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(mnist_dir, tmp_path, capsys, flags, message):  # fmt: skip
@@ -215,3 +230,18 @@ def test_a_study_refuses_another_space(tmp_path):
     config.epochs = 3
     with pytest.raises(sweep_lib.ConfigError, match=r"another recipe \(epochs differ\)"):
         sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
+
+
+def test_a_sweep_on_a_small_dataset_sizes_its_validation_split(small_data, tmp_path, capsys):
+    """Case 2 of issue 43: 2,000 training images. A split that does not fit is one line before
+    the study exists; the automatic one is a tenth of the images, said; the trial completes."""
+    with pytest.raises(SystemExit) as exit:
+        sweep_small(small_data, tmp_path / "w", "--trials", "1", "--data-val-split", "2000")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err == "error: --data-val-split: 2000 leaves none of the 2000 training images\n"  # fmt: skip
+    assert not (tmp_path / "w").exists()
+    out = sweep_small(small_data, tmp_path / "w", "--trials", "1")
+    printed = capsys.readouterr().out
+    assert "--data-val-split 200: a sweep chooses on validation images held out of the 2,000 training images" in printed  # fmt: skip
+    assert [r["state"] for r in out["trials"]] == ["complete"]
+    assert json.loads((tmp_path / "w/trial_0/config.json").read_text())["data"]["val_split"] == 200  # fmt: skip
