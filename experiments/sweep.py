@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 
 import experiments
-from mnist_jax import flags, loop, startup
+from mnist_jax import flags, loop, recipe, startup
 from mnist_jax import sweep as sweep_lib
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
                 raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")  # fmt: skip
         if args.batch_trials < 0:
             raise ConfigError(f"--batch-trials: must be 0 (auto) or positive, got {args.batch_trials}")  # fmt: skip
+        recipe.check_workdir(workdir, writes=("",), uses=())  # a file there: one line
         note = sweep_lib.check_config(config)
         specs = args.space or list(getattr(module, "get_sweep", lambda: [])())
         if not specs:
@@ -101,7 +102,10 @@ def main(argv=None) -> dict:
         startup.start(config)
         batch = batch_size(args.batch_trials, space, config)
         created = not workdir.exists()
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way there, a directory we cannot write in
+            raise ConfigError(f"--workdir {workdir}: cannot create ({e.strerror})") from None
         try:
             study = sweep_lib.open_study(args.storage, args.study or args.stage, workdir, args.heartbeat,
                                          args.sampler, args.pruner, space, config)  # fmt: skip

@@ -22,6 +22,7 @@ others (the program keeps its shape), its later epochs are written to its files 
 import dataclasses
 import json
 import math
+import random
 import re
 import signal
 import statistics
@@ -33,6 +34,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -154,36 +157,75 @@ def _recipe(config) -> dict:
     return {p: json.loads(json.dumps(leaves[p])) for p in keep}
 
 
+def shown(url: str, text: str | None = None) -> str:
+    """The storage URL as messages print it, its password as *** (user:***@host); or `text`,
+    a message that may hold the URL or its password, so masked."""
+    masked, password = url, None
+    if not url.startswith("journal:"):
+        try:
+            password = sqlalchemy.engine.make_url(url).password
+            if password is not None:
+                masked = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy reads (it fails to open later): mask by hand
+            masked = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+    if text is None:
+        return masked
+    text = text.replace(url, masked)
+    return text.replace(str(password), "***") if password else text
+
+
+def _racing(error: BaseException) -> bool:
+    """Whether `error` is another process creating the same new storage at the same moment:
+    SQLite's UNIQUE alembic_version, PostgreSQL's pg_type_typname_nsp_index, a table made
+    between the check and the CREATE. (Not "database is locked": SQLite has waited 60 s.)"""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.IntegrityError):
+            return True
+        if isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.ProgrammingError):
+            return "already exists" in str(error)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        if not path.parent.is_dir():
+            raise OSError(f"no directory {path.parent}")
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        store = optuna.storages.JournalStorage(backend)
+    else:
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                           heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                           heartbeat_stale_trial_callback=retry)  # fmt: skip
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
+                "random": optuna.samplers.RandomSampler}  # fmt: skip
+    pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
+    return optuna.create_study(storage=store, study_name=name, direction="maximize",
+                               sampler=samplers[sampler](), pruner=pruners[pruner](),
+                               load_if_exists=True)  # fmt: skip
+
+
 def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
-               pruner: str, space: dict, config) -> optuna.Study:  # fmt: skip
+               pruner: str, space: dict, config, tries: int = 5) -> optuna.Study:  # fmt: skip
     """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
     journal:PATH). A study made with another space or another fixed recipe is refused."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     url = storage or f"sqlite:///{workdir / 'study.db'}"
-    try:
-        if url.startswith("journal:"):
-            path = Path(url.removeprefix("journal:"))
-            if not path.parent.is_dir():
-                raise OSError(f"no directory {path.parent}")
-            backend = optuna.storages.journal.JournalFileBackend(str(path))
-            store = optuna.storages.JournalStorage(backend)
-        else:
-            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
-                                               heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                               heartbeat_stale_trial_callback=retry)  # fmt: skip
-        samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
-                    "random": optuna.samplers.RandomSampler}  # fmt: skip
-        pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
-        study = optuna.create_study(storage=store, study_name=name, direction="maximize",
-                                    sampler=samplers[sampler](), pruner=pruners[pruner](),
-                                    load_if_exists=True)  # fmt: skip
-    except ConfigError:
-        raise
-    except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"--storage {url}: cannot open ({reason})") from None
+    for attempt in range(tries):
+        try:
+            study = _create(url, name, heartbeat, sampler, pruner)
+            break
+        except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
+            if attempt + 1 < tries and _racing(e):
+                time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+                continue
+            reason = shown(url, (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+            raise ConfigError(f"--storage {shown(url)}: cannot open ({reason})") from None
     given = {"space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
              "recipe": _recipe(config)}  # fmt: skip
     known = {k: study.user_attrs[k] for k in given if k in study.user_attrs}
@@ -193,7 +235,7 @@ def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: 
     for key in known:
         if known[key] != given[key]:
             diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))  # fmt: skip
-            raise ConfigError(f"--study {name} in {url} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
+            raise ConfigError(f"--study {name} in {shown(url)} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
     return study
 
 

@@ -4,12 +4,14 @@ study, and bad input. A dense stage on tiny budgets."""
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from experiments import dense_relu
@@ -205,6 +207,10 @@ def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_pat
         (["--data-val-split", "60000"], "--data-val-split: 60000 leaves none of the 60000"),
         (["--batch-size", "70000"], "--batch-size: 70000 is larger than the 55000 training"),
         (["--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (
+            ["--storage", "postgresql://sweeper:secret@/db?host=/nonexistent"],
+            "--storage postgresql://sweeper:***@/db",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(mnist_dir, tmp_path, capsys, flags, message):  # fmt: skip
@@ -218,6 +224,26 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(mnist_dir, tmp_path, c
     assert exit.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert err.count("PATH=loguniform") <= 1 and "secret" not in captured.out + err
     assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").touch()
+    for workdir, message in [("file", "is a file, not a directory"), ("file/w", "cannot create (Not a directory)")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit:
+            sweep_cmd.main(["dense_relu", "--workdir", str(tmp_path / workdir)])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err == f"error: --workdir {tmp_path / workdir}: {message}\n"  # fmt: skip
+
+
+def test_a_storage_url_is_shown_without_its_password():
+    shown = sweep_lib.shown
+    assert shown("postgresql://sweep:s3cret@db-host/sweeps") == "postgresql://sweep:***@db-host/sweeps"  # fmt: skip
+    assert shown("mysql+pymysql://u:p%40ss@h:3306/d") == "mysql+pymysql://u:***@h:3306/d"
+    assert shown("nonsense://u:pw@h/d?x=[") in ("nonsense://u:***@h/d?x=[", "nonsense://u:***@h/d?x=%5B")  # fmt: skip
+    assert shown("sqlite:///runs/s/study.db") == "sqlite:///runs/s/study.db"
+    assert shown("journal:/shared/study.log") == "journal:/shared/study.log"
+    text = 'password authentication failed for "s3cret" at postgresql://sweep:s3cret@db-host/sweeps'
+    assert "s3cret" not in shown("postgresql://sweep:s3cret@db-host/sweeps", text)
 
 
 def test_a_study_refuses_another_space(tmp_path):
@@ -245,3 +271,80 @@ def test_a_sweep_on_a_small_dataset_sizes_its_validation_split(small_data, tmp_p
     assert "--data-val-split 200: a sweep chooses on validation images held out of the 2,000 training images" in printed  # fmt: skip
     assert [r["state"] for r in out["trials"]] == ["complete"]
     assert json.loads((tmp_path / "w/trial_0/config.json").read_text())["data"]["val_split"] == 200  # fmt: skip
+
+
+def _race(error):
+    """What two processes creating one new store at once see (sqlalchemy's, with its cause)."""
+    return sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, error)
+
+
+def test_opening_a_new_store_retries_a_creation_race(tmp_path, monkeypatch):
+    """Case 4 of issue 43 in one process: the first creations fail as the race does (SQLite's
+    alembic_version, PostgreSQL's pg_type, a table made meanwhile, wrapped by Optuna): retried;
+    a store that cannot open is not."""
+    config = startup.resolve(dense_relu.get_config())
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
+    create, calls = sweep_lib._create, []
+    errors = [
+        _race(sqlite3.IntegrityError("UNIQUE constraint failed: alembic_version.version_num")),
+        _race(
+            Exception('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
+        ),  # fmt: skip
+        optuna.exceptions.StorageInternalError("An exception is raised during the commit."),
+    ]
+    errors[2].__cause__ = sqlalchemy.exc.OperationalError("CREATE TABLE trials", {}, Exception("table trials already exists"))  # fmt: skip
+
+    def racing(*args):
+        calls.append(args)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return create(*args)
+
+    monkeypatch.setattr(sweep_lib, "_create", racing)
+    study = sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
+    assert len(calls) == 4 and study.user_attrs["space"]
+    calls.clear(), errors.clear()
+    with pytest.raises(sweep_lib.ConfigError, match="cannot open"):
+        sweep_lib.open_study("sqlite:////nonexistent/dir/study.db", "s", tmp_path, 30, "tpe", "median", space, config)  # fmt: skip
+    assert len(calls) == 1
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from experiments import dense_relu
+from mnist_jax import sweep
+root, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+config = dense_relu.get_config()
+space, failed = sweep.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config), False
+for r in range(rounds):  # the three start each round together: each waits for the others' mark
+    (root / f"w{r}").mkdir(exist_ok=True)
+    (root / f"ready_{r}_{me}").touch()
+    deadline = time.time() + 60  # a peer gone: no spinning on
+    while len(list(root.glob(f"ready_{r}_*"))) < 3 and time.time() < deadline:
+        time.sleep(0.001)
+    try:  # a failure said, and the next rounds still run: the others wait for this one
+        sweep.open_study("", "s", root / f"w{r}", 30, "tpe", "median", space, config)
+    except sweep.ConfigError as e:
+        print(f"round {r}: {e}")
+        failed = True
+sys.exit(int(failed))
+"""
+
+
+@pytest.mark.after_suite  # three processes at once: run by .ci/run after the suite
+def test_three_processes_creating_one_new_sqlite_study_all_open_it(tmp_path):
+    """Case 4 of issue 43: three processes open one new SQLite file at the same moment, 4
+    times; before the retry, 2 of 3 starts in a round often failed (UNIQUE constraint failed:
+    alembic_version.version_num, or a table that already exists)."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), str(i), "4"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    for r in range(4):
+        study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / f'w{r}/study.db'}")  # fmt: skip
+        assert {"space", "recipe"} <= set(study.user_attrs)  # recorded once, by one of them
