@@ -5,8 +5,9 @@
 
 The stage's own flags fix every trial's config (--epochs 2, --data-val-split 5000, ...). Each
 trial is a run in WORKDIR/trial_<n>/ (default WORKDIR: runs/sweep_<stage>); the table is
-printed and written to WORKDIR/sweep.json, the plots to WORKDIR/plots/. Running the same
-command again continues the study.
+printed and written to WORKDIR/sweep.json, the plots to WORKDIR/plots/. Another study in the
+same WORKDIR (--study NAME) has all three in WORKDIR/NAME/. Running the same command again
+continues the study.
 """
 
 import argparse
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
                         "(lr, weight decay, label smoothing); 0: 4 on GPU/TPU, 1 on the CPU")  # fmt: skip
     p.add_argument("--storage", default="",
                    help="where the study lives: '' (WORKDIR/study.db), an RDB URL, or journal:PATH")  # fmt: skip
-    p.add_argument("--study", default="", help="the study's name (default: the stage's)")
+    p.add_argument("--study", default="", help="the study's name (default: the stage's); another one keeps its trials, table and plots in WORKDIR/NAME/")  # fmt: skip
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                    help="how Optuna picks the next trial's values: tpe (learns from the trials so far) or random (default %(default)s)")  # fmt: skip
     p.add_argument("--pruner", choices=("median", "none"), default="median",
@@ -115,15 +116,17 @@ def main(argv=None) -> dict:
             raise
         if note:  # said once the study opened: a refusal is its one line
             say(note)
-        say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time; {args.storage or workdir / 'study.db'}")  # fmt: skip
+        home = sweep_lib.home(study, workdir)
+        recipe.check_workdir(home, writes=("",), uses=())
+        say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time, in {home}; {sweep_lib.shown(args.storage) if args.storage else workdir / 'study.db'}")  # fmt: skip
         try:
-            sweep_lib.optimize(study, space, config, workdir, args.trials, args.trial_seeds, batch,
+            sweep_lib.optimize(study, space, config, home, args.trials, args.trial_seeds, batch,
                                args.heartbeat, say=say)  # fmt: skip
         except loop.Interrupted as e:
             flags.fail(f"{str(e).split(';')[0]}; the study keeps its trials and the interrupted ones are queued again: run the same command to continue", e.exit_code)  # fmt: skip
         except KeyboardInterrupt:  # between two trials, or a second Ctrl-C
             flags.fail("interrupted; the study keeps its trials: run the same command to continue", 130)  # fmt: skip
-        return sweep_lib.summarize(study, space, workdir, plots, say)
+        return sweep_lib.summarize(study, space, home, plots, say)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 A sweep is an Optuna study (TPE by default) in a store several processes can share: SQLite in
 the work directory by default, any RDB URL (PostgreSQL, MySQL) for many machines, or a journal
 file. Each trial is an ordinary run in WORKDIR/trial_<n>/ (WORKDIR/trial_<n>/seed_<s>/ with
-several seeds a trial), restorable with evaluate and predict. Its score is the median over its
-seeds of the final validation accuracy; each epoch's median goes to Optuna (the `Report` hook),
-whose pruner may stop the trial there. The test accuracy is recorded beside, never told.
+several seeds a trial), restorable with evaluate and predict; another study in the same WORKDIR
+(--study NAME) keeps its trials, table and plots in WORKDIR/NAME/ (`home`): two never collide.
+Its score is the median over its seeds of the final validation accuracy; each epoch's median
+goes to Optuna (the `Report` hook), whose pruner may stop the trial there. The test accuracy is
+recorded beside, never told.
 
 A trial left RUNNING may be alive in another process. As Optuna does it: every process records
 a heartbeat for its running trials; a trial whose heartbeat is older than the grace period is
@@ -189,6 +191,18 @@ def _racing(error: BaseException) -> bool:
     return False
 
 
+_OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default study's, in WORKDIR
+
+
+def check_name(name: str) -> None:
+    """A study's name becomes WORKDIR/NAME/: one path component, and none the default study
+    writes in WORKDIR."""
+    if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:  # fmt: skip
+        raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")  # fmt: skip
+    if _OWN.fullmatch(name):
+        raise ConfigError(f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name")  # fmt: skip
+
+
 def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     if url.startswith("journal:"):
@@ -213,7 +227,10 @@ def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> o
 def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
                pruner: str, space: dict, config, tries: int = 5) -> optuna.Study:  # fmt: skip
     """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
-    journal:PATH). A study made with another space or another fixed recipe is refused."""
+    journal:PATH). A study made with another space or another fixed recipe is refused; a new
+    one records its space, recipe and `home` (so give only checked ones). Creating a new store
+    races with the other processes starting on it: retried `tries` times, a random moment apart."""
+    check_name(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or f"sqlite:///{workdir / 'study.db'}"
     for attempt in range(tries):
@@ -230,13 +247,21 @@ def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: 
              "recipe": _recipe(config)}  # fmt: skip
     known = {k: study.user_attrs[k] for k in given if k in study.user_attrs}
     if not known:
-        for k, v in given.items():
+        # The stage's own study keeps WORKDIR/trial_<n>/ unless another study's trials are there.
+        top = name == config.name and not any(workdir.glob("trial_*"))
+        for k, v in {**given, "home": "" if top else name}.items():
             study.set_user_attr(k, v)
     for key in known:
         if known[key] != given[key]:
             diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))  # fmt: skip
             raise ConfigError(f"--study {name} in {shown(url)} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
     return study
+
+
+def home(study: optuna.Study, workdir: Path) -> Path:
+    """Where the study's trials, table and plots live: WORKDIR for the stage's own study (and
+    for a study made before studies had homes), else WORKDIR/NAME."""
+    return workdir / study.user_attrs.get("home", "")
 
 
 class Report(Hook):
@@ -319,14 +344,17 @@ def suggest(trial: optuna.Trial, name: str, dist):
 
 
 def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
+    """The next trial, in WORKDIR/trial_<n>/; a retry in its first trial's directory, as that
+    trial recorded it (wherever its study's home was then)."""
     trial = study.ask()
     params = {name: suggest(trial, name, dist) for name, dist in space.items()}
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
         _frozen(study, trial.number)
     )
-    home = workdir / f"trial_{trial.number if retried is None else retried}"
-    trial.set_user_attr("workdir", str(home))
-    return Entry(trial, trial_config(config, params), home)
+    recorded = _frozen(study, retried).user_attrs.get("workdir") if retried is not None else None
+    where = Path(recorded) if recorded else workdir / f"trial_{trial.number if retried is None else retried}"  # fmt: skip
+    trial.set_user_attr("workdir", str(where))
+    return Entry(trial, trial_config(config, params), where)
 
 
 def requeue(study: optuna.Study, entries: list) -> None:
@@ -564,7 +592,7 @@ def importances(study) -> dict:
 
 def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) -> dict:
     """Print the table and the best trial (chosen on validation; its test accuracy beside),
-    write WORKDIR/sweep.json and, with plots, WORKDIR/plots/ (process 0)."""
+    write sweep.json and, with plots, plots/ in `workdir`, the study's home (process 0)."""
     rows = table(study)
     complete = [r for r in rows if r["state"] == "complete"]
     best = max(complete, key=lambda r: r["val_accuracy"]) if complete else None

@@ -207,6 +207,9 @@ def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_pat
         (["--data-val-split", "60000"], "--data-val-split: 60000 leaves none of the 60000"),
         (["--batch-size", "70000"], "--batch-size: 70000 is larger than the 55000 training"),
         (["--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (["--study", "a/b"], "--study 'a/b': must be a name for a directory"),
+        (["--study", ".."], "--study '..': must be a name for a directory"),
+        (["--study", "trial_3"], "--study trial_3: WORKDIR/trial_3 is the default study's"),
         (
             ["--storage", "postgresql://sweeper:secret@/db?host=/nonexistent"],
             "--storage postgresql://sweeper:***@/db",
@@ -256,6 +259,51 @@ def test_a_study_refuses_another_space(tmp_path):
     config.epochs = 3
     with pytest.raises(sweep_lib.ConfigError, match=r"another recipe \(epochs differ\)"):
         sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
+
+
+def test_two_studies_in_one_directory_keep_their_own_trials_table_and_plots(small_data, tmp_path, capsys):  # fmt: skip
+    """Case 1 of issue 43: the stage's study keeps WORKDIR/trial_<n>/ and WORKDIR/sweep.json;
+    another space is refused with "use another --study", and that study, in the same
+    directory, has its trials, table and plots in WORKDIR/NAME/: both complete, neither's files
+    overwritten."""
+    work = tmp_path / "w"
+    first = sweep_small(small_data, work, "--trials", "1", "--space", "opt.lr=loguniform(1e-3,1e-1)")  # fmt: skip
+    with pytest.raises(SystemExit) as exit:
+        sweep_small(small_data, work, "--space", "opt.lr=loguniform(1e-4,1e-2)")
+    assert exit.value.code == 2 and "use another --study or --workdir" in capsys.readouterr().err
+    other = sweep_small(small_data, work, "--trials", "1", "--space", "opt.lr=loguniform(1e-4,1e-2)",
+                        "--study", "low", "--plots", "true")  # fmt: skip
+    assert [r["workdir"] for r in first["trials"]] == [str(work / "trial_0")]
+    assert [r["workdir"] for r in other["trials"]] == [str(work / "low/trial_0")]
+    assert [r["state"] for r in first["trials"] + other["trials"]] == ["complete"] * 2
+    assert json.loads((work / "sweep.json").read_text())["trials"] == first["trials"]
+    assert json.loads((work / "low/sweep.json").read_text())["trials"] == other["trials"]
+    assert (work / "low/plots/history.png").exists() and not (work / "plots").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["low", "study.db", "sweep.json", "trial_0"]
+
+
+def test_a_retry_resumes_where_its_trial_was_recorded_and_an_old_study_stays_in_workdir(tmp_path):  # fmt: skip
+    """A study made before studies had homes keeps WORKDIR/trial_<n>/, whatever its name, so an
+    old sweep resumes; a retry trains in the directory its failed trial recorded."""
+    config = startup.resolve(dense_relu.get_config())
+    config.name = "dense_relu"
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    old = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    old.set_user_attr("space", {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()})  # fmt: skip
+    old.set_user_attr("recipe", sweep_lib._recipe(config))  # as open_study recorded them then
+    study = sweep_lib.open_study("", "old", tmp_path, 30, "tpe", "median", space, config)
+    assert sweep_lib.home(study, tmp_path) == tmp_path
+    new = sweep_lib.open_study("", "new", tmp_path, 30, "tpe", "median", space, config)
+    home = sweep_lib.home(new, tmp_path)
+    assert home == tmp_path / "new"
+    entry = sweep_lib.ask(new, space, config, home)
+    assert entry.workdir == home / "trial_0"
+    entry.trial.set_user_attr("workdir", str(tmp_path / "elsewhere"))  # where it trained then
+    sweep_lib.requeue(new, [entry])
+    retry = sweep_lib.ask(new, space, config, home)
+    assert retry.trial.number == 1 and retry.workdir == tmp_path / "elsewhere"
+    assert retry.trial.params == entry.trial.params
 
 
 def test_a_sweep_on_a_small_dataset_sizes_its_validation_split(small_data, tmp_path, capsys):
