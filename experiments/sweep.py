@@ -34,6 +34,10 @@ failed and run again from its checkpoint (Optuna's journal storage has no heartb
 killed trial stays RUNNING). --trials counts the study's trials over all processes. The stage's
 flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000
 (default: a tenth of the training images, at most 5,000).
+
+Exit status: 0 when the study has its trials; 2 for a bad flag, space, storage or data (before
+the study records anything); 5 when every trial failed (each one's error in sweep.json); 128 +
+the signal when interrupted (run the same command to continue).
 """
 
 
@@ -126,7 +130,13 @@ def main(argv=None) -> dict:
             flags.fail(f"{str(e).split(';')[0]}; the study keeps its trials and the interrupted ones are queued again: run the same command to continue", e.exit_code)  # fmt: skip
         except KeyboardInterrupt:  # between two trials, or a second Ctrl-C
             flags.fail("interrupted; the study keeps its trials: run the same command to continue", 130)  # fmt: skip
-        return sweep_lib.summarize(study, space, home, plots, say)
+        out = sweep_lib.summarize(study, space, home, plots, say)
+    states = [r["state"] for r in out["trials"]]
+    if "failed" in states and set(states) <= {"failed", "re-queued"}:
+        first = next(r for r in out["trials"] if r["state"] == "failed")
+        reason = (first["error"] or "").splitlines()[0] if first["error"] else "no error recorded"
+        flags.fail(f"every trial failed ({states.count('failed')}; trial {first['trial']}: {reason}); the table is in {home / 'sweep.json'}", flags.EXIT_TRIALS_FAILED)  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Sweeps (experiments/sweep.py, mnist_jax/sweep.py): a study's table and plots, a batched trial
 bitwise its run alone, pruning alone and in a batch, two processes and a killed one sharing a
-study, and bad input. A dense stage on tiny budgets."""
+study, two studies in one directory, a small dataset, a study whose every trial failed, the
+creation race, and bad input. A dense stage on tiny budgets."""
 
 import json
 import signal
@@ -16,7 +17,7 @@ from optuna.trial import TrialState
 
 from experiments import dense_relu
 from experiments import sweep as sweep_cmd
-from mnist_jax import loop, startup
+from mnist_jax import flags, loop, startup
 from mnist_jax import sweep as sweep_lib
 from tests.conftest import ROOT, assert_runs_alike, assert_same_or_close
 from tests.test_hostile import tiny_data
@@ -319,6 +320,19 @@ def test_a_sweep_on_a_small_dataset_sizes_its_validation_split(small_data, tmp_p
     assert "--data-val-split 200: a sweep chooses on validation images held out of the 2,000 training images" in printed  # fmt: skip
     assert [r["state"] for r in out["trials"]] == ["complete"]
     assert json.loads((tmp_path / "w/trial_0/config.json").read_text())["data"]["val_split"] == 200  # fmt: skip
+
+
+def test_a_sweep_whose_every_trial_failed_exits_5(small_data, tmp_path, capsys):
+    """Cases 1 and 2 of issue 43 ended in exit 0 with every trial failed. Here every trial
+    diverges: the table is written and the command ends in one line, exit 5
+    (flags.EXIT_TRIALS_FAILED)."""
+    with pytest.raises(SystemExit) as exit:
+        sweep_small(small_data, tmp_path / "w", "--trials", "2", "--space", "opt.lr=loguniform(1e30,1e35)")  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit.value.code == flags.EXIT_TRIALS_FAILED == 5 and err.count("\n") == 1, err
+    assert err.startswith("error: every trial failed (2; trial 0: training loss became nan")
+    table = json.loads((tmp_path / "w/sweep.json").read_text())["trials"]
+    assert [r["state"] for r in table] == ["failed", "failed"]
 
 
 def _race(error):
