@@ -5,8 +5,9 @@
 
 The stage's own flags fix every trial's config (--epochs 2, --data-val-split 5000, ...). Each
 trial is a run in WORKDIR/trial_<n>/ (default WORKDIR: runs/sweep_<stage>); the table is
-printed and written to WORKDIR/sweep.json, the plots to WORKDIR/plots/. Running the same
-command again continues the study.
+printed and written to WORKDIR/sweep.json, the plots to WORKDIR/plots/. Another study in the
+same WORKDIR (--study NAME) has all three in WORKDIR/NAME/. Running the same command again
+continues the study.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 import jax
 
 import experiments
-from mnist_jax import flags, loop, startup
+from mnist_jax import flags, loop, recipe, startup
 from mnist_jax import sweep as sweep_lib
 from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
@@ -31,7 +32,12 @@ file on a shared filesystem (--storage journal:/shared/study.log). Each process 
 heartbeat for its trials in an RDB store: a trial without one for 2 x --heartbeat seconds is
 failed and run again from its checkpoint (Optuna's journal storage has no heartbeats: there, a
 killed trial stays RUNNING). --trials counts the study's trials over all processes. The stage's
-flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000.
+flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000
+(default: a tenth of the training images, at most 5,000).
+
+Exit status: 0 when the study has its trials; 2 for a bad flag, space, storage or data (before
+the study records anything); 5 when every trial failed (each one's error in sweep.json); 128 +
+the signal when interrupted (run the same command to continue).
 """
 
 
@@ -54,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
                         "(lr, weight decay, label smoothing); 0: 4 on GPU/TPU, 1 on the CPU")  # fmt: skip
     p.add_argument("--storage", default="",
                    help="where the study lives: '' (WORKDIR/study.db), an RDB URL, or journal:PATH")  # fmt: skip
-    p.add_argument("--study", default="", help="the study's name (default: the stage's)")
+    p.add_argument("--study", default="", help="the study's name (default: the stage's); another one keeps its trials, table and plots in WORKDIR/NAME/")  # fmt: skip
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                    help="how Optuna picks the next trial's values: tpe (learns from the trials so far) or random (default %(default)s)")  # fmt: skip
     p.add_argument("--pruner", choices=("median", "none"), default="median",
@@ -92,6 +98,7 @@ def main(argv=None) -> dict:
                 raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")  # fmt: skip
         if args.batch_trials < 0:
             raise ConfigError(f"--batch-trials: must be 0 (auto) or positive, got {args.batch_trials}")  # fmt: skip
+        recipe.check_workdir(workdir, writes=("",), uses=())  # a file there: one line
         note = sweep_lib.check_config(config)
         specs = args.space or list(getattr(module, "get_sweep", lambda: [])())
         if not specs:
@@ -99,10 +106,11 @@ def main(argv=None) -> dict:
         space = sweep_lib.parse_space(specs, config)
         startup.start(config)
         batch = batch_size(args.batch_trials, space, config)
-        if note:
-            say(note)
         created = not workdir.exists()
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way there, a directory we cannot write in
+            raise ConfigError(f"--workdir {workdir}: cannot create ({e.strerror})") from None
         try:
             study = sweep_lib.open_study(args.storage, args.study or args.stage, workdir, args.heartbeat,
                                          args.sampler, args.pruner, space, config)  # fmt: skip
@@ -110,15 +118,25 @@ def main(argv=None) -> dict:
             if created and not any(workdir.iterdir()):
                 shutil.rmtree(workdir)  # a bad storage writes nothing
             raise
-        say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time; {args.storage or workdir / 'study.db'}")  # fmt: skip
+        if note:  # said once the study opened: a refusal is its one line
+            say(note)
+        home = sweep_lib.home(study, workdir)
+        recipe.check_workdir(home, writes=("",), uses=())
+        say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time, in {home}; {sweep_lib.shown(args.storage) if args.storage else workdir / 'study.db'}")  # fmt: skip
         try:
-            sweep_lib.optimize(study, space, config, workdir, args.trials, args.trial_seeds, batch,
+            sweep_lib.optimize(study, space, config, home, args.trials, args.trial_seeds, batch,
                                args.heartbeat, say=say)  # fmt: skip
         except loop.Interrupted as e:
             flags.fail(f"{str(e).split(';')[0]}; the study keeps its trials and the interrupted ones are queued again: run the same command to continue", e.exit_code)  # fmt: skip
         except KeyboardInterrupt:  # between two trials, or a second Ctrl-C
             flags.fail("interrupted; the study keeps its trials: run the same command to continue", 130)  # fmt: skip
-        return sweep_lib.summarize(study, space, workdir, plots, say)
+        out = sweep_lib.summarize(study, space, home, plots, say)
+    states = [r["state"] for r in out["trials"]]
+    if "failed" in states and set(states) <= {"failed", "re-queued"}:
+        first = next(r for r in out["trials"] if r["state"] == "failed")
+        reason = (first["error"] or "").splitlines()[0] if first["error"] else "no error recorded"
+        flags.fail(f"every trial failed ({states.count('failed')}; trial {first['trial']}: {reason}); the table is in {home / 'sweep.json'}", flags.EXIT_TRIALS_FAILED)  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from mnist_jax.config import flag_name
 EXIT_USAGE = 2  # bad flags, data or work directory
 EXIT_DIVERGED = 3  # the loss became NaN or infinite
 EXIT_LOST = 4  # several processes: another one is gone (cli.lost)
+EXIT_TRIALS_FAILED = 5  # a sweep: every trial failed (experiments.sweep)
 
 # Flags several commands take, spelt, typed and described once; `add` declares them.
 COMMON = {

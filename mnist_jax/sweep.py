@@ -3,9 +3,11 @@
 A sweep is an Optuna study (TPE by default) in a store several processes can share: SQLite in
 the work directory by default, any RDB URL (PostgreSQL, MySQL) for many machines, or a journal
 file. Each trial is an ordinary run in WORKDIR/trial_<n>/ (WORKDIR/trial_<n>/seed_<s>/ with
-several seeds a trial), restorable with evaluate and predict. Its score is the median over its
-seeds of the final validation accuracy; each epoch's median goes to Optuna (the `Report` hook),
-whose pruner may stop the trial there. The test accuracy is recorded beside, never told.
+several seeds a trial), restorable with evaluate and predict; another study in the same WORKDIR
+(--study NAME) keeps its trials, table and plots in WORKDIR/NAME/ (`home`): two never collide.
+Its score is the median over its seeds of the final validation accuracy; each epoch's median
+goes to Optuna (the `Report` hook), whose pruner may stop the trial there. The test accuracy is
+recorded beside, never told.
 
 A trial left RUNNING may be alive in another process. As Optuna does it: every process records
 a heartbeat for its running trials; a trial whose heartbeat is older than the grace period is
@@ -21,6 +23,8 @@ others (the program keeps its shape), its later epochs are written to its files 
 
 import dataclasses
 import json
+import math
+import random
 import re
 import signal
 import statistics
@@ -32,10 +36,12 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_jax import flags, loop, models, parallel, recipe, seeds, startup
+from mnist_jax import data, flags, loop, models, parallel, recipe, seeds, startup
 from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
 from mnist_jax.hooks import Hook
 from mnist_jax.members import MEMBER_FIELDS
@@ -94,6 +100,8 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                 dist = CategoricalDistribution([cast(v) for v in values])
             elif kind in ("uniform", "loguniform", "int", "logint"):
                 nums = [_number(v) for v in values]
+                if not all(math.isfinite(n) for n in nums):  # inf, nan, 1e400
+                    raise bad(f"the bounds must be finite numbers, got ({args})")
                 if len(nums) != (3 if kind == "int" and len(nums) == 3 else 2):
                     raise bad(f"{kind} takes (LOW,HIGH){'[,STEP]' if kind == 'int' else ''}, got ({args})")  # fmt: skip
                 if nums[0] > nums[1]:
@@ -111,11 +119,15 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                     dist = FloatDistribution(float(nums[0]), float(nums[1]), log=kind == "loguniform")  # fmt: skip
             else:
                 raise bad(f"unknown distribution {kind!r}; {SYNTAX}")
+        except ConfigError:  # a ValueError too: said already, not to be wrapped again
+            raise
         except (ValueError, TypeError) as e:
             raise bad(f"cannot read ({e}); {SYNTAX}") from None
         name = path + (f"[{index}]" if index is not None else "")
         ends = dist.choices if kind == "choice" else (dist.low, dist.high)
         for end in ends:  # a value no run can train with: say so now, not in a trial
+            if type(end) is int and not -(2**63) <= end < 2**63:  # JAX's seeds, XLA's shapes
+                raise bad(f"{end} does not fit in 64 bits")
             c = ml_collections.ConfigDict(config.to_dict())
             _put(c, name, end)
             try:
@@ -129,8 +141,8 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
 
 def batchable(space: dict) -> bool:
     """Whether the space changes only numbers that are data (trials can share a program)."""
-    data = [f for f in MEMBER_FIELDS if f != "seed"]
-    return all(name in data for name in space)
+    numbers = [f for f in MEMBER_FIELDS if f != "seed"]
+    return all(name in numbers for name in space)
 
 
 def trial_config(config, params: dict) -> ml_collections.ConfigDict:
@@ -147,47 +159,109 @@ def _recipe(config) -> dict:
     return {p: json.loads(json.dumps(leaves[p])) for p in keep}
 
 
-def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
-               pruner: str, space: dict, config) -> optuna.Study:  # fmt: skip
-    """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
-    journal:PATH). A study made with another space or another fixed recipe is refused."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def shown(url: str, text: str | None = None) -> str:
+    """The storage URL as messages print it, its password as *** (user:***@host); or `text`,
+    a message that may hold the URL or its password, so masked."""
+    masked, password = url, None
+    if not url.startswith("journal:"):
+        try:
+            password = sqlalchemy.engine.make_url(url).password
+            if password is not None:
+                masked = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy reads (it fails to open later): mask by hand
+            masked = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+    if text is None:
+        return masked
+    text = text.replace(url, masked)
+    return text.replace(str(password), "***") if password else text
+
+
+def _racing(error: BaseException) -> bool:
+    """Whether `error` is another process creating the same new storage at the same moment:
+    SQLite's UNIQUE alembic_version, PostgreSQL's pg_type_typname_nsp_index, a table made
+    between the check and the CREATE. (Not "database is locked": SQLite has waited 60 s.)"""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.IntegrityError):
+            return True
+        if isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.ProgrammingError):
+            return "already exists" in str(error)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default study's, in WORKDIR
+
+
+def check_name(name: str) -> None:
+    """A study's name becomes WORKDIR/NAME/: one path component, and none the default study
+    writes in WORKDIR."""
+    if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:  # fmt: skip
+        raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")  # fmt: skip
+    if _OWN.fullmatch(name):
+        raise ConfigError(f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name")  # fmt: skip
+
+
+def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        if not path.parent.is_dir():
+            raise OSError(f"no directory {path.parent}")
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        store = optuna.storages.JournalStorage(backend)
+    else:
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                           heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                           heartbeat_stale_trial_callback=retry)  # fmt: skip
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
+                "random": optuna.samplers.RandomSampler}  # fmt: skip
+    pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
+    return optuna.create_study(storage=store, study_name=name, direction="maximize",
+                               sampler=samplers[sampler](), pruner=pruners[pruner](),
+                               load_if_exists=True)  # fmt: skip
+
+
+def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
+               pruner: str, space: dict, config, tries: int = 5) -> optuna.Study:  # fmt: skip
+    """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
+    journal:PATH). A study made with another space or another fixed recipe is refused; a new
+    one records its space, recipe and `home` (so give only checked ones). Creating a new store
+    races with the other processes starting on it: retried `tries` times, a random moment apart."""
+    check_name(name)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or f"sqlite:///{workdir / 'study.db'}"
-    try:
-        if url.startswith("journal:"):
-            path = Path(url.removeprefix("journal:"))
-            if not path.parent.is_dir():
-                raise OSError(f"no directory {path.parent}")
-            backend = optuna.storages.journal.JournalFileBackend(str(path))
-            store = optuna.storages.JournalStorage(backend)
-        else:
-            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
-                                               heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                               heartbeat_stale_trial_callback=retry)  # fmt: skip
-        samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
-                    "random": optuna.samplers.RandomSampler}  # fmt: skip
-        pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
-        study = optuna.create_study(storage=store, study_name=name, direction="maximize",
-                                    sampler=samplers[sampler](), pruner=pruners[pruner](),
-                                    load_if_exists=True)  # fmt: skip
-    except ConfigError:
-        raise
-    except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"--storage {url}: cannot open ({reason})") from None
+    for attempt in range(tries):
+        try:
+            study = _create(url, name, heartbeat, sampler, pruner)
+            break
+        except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
+            if attempt + 1 < tries and _racing(e):
+                time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+                continue
+            reason = shown(url, (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+            raise ConfigError(f"--storage {shown(url)}: cannot open ({reason})") from None
     given = {"space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
              "recipe": _recipe(config)}  # fmt: skip
     known = {k: study.user_attrs[k] for k in given if k in study.user_attrs}
     if not known:
-        for k, v in given.items():
+        # The stage's own study keeps WORKDIR/trial_<n>/ unless another study's trials are there.
+        top = name == config.name and not any(workdir.glob("trial_*"))
+        for k, v in {**given, "home": "" if top else name}.items():
             study.set_user_attr(k, v)
     for key in known:
         if known[key] != given[key]:
             diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))  # fmt: skip
-            raise ConfigError(f"--study {name} in {url} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
+            raise ConfigError(f"--study {name} in {shown(url)} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
     return study
+
+
+def home(study: optuna.Study, workdir: Path) -> Path:
+    """Where the study's trials, table and plots live: WORKDIR for the stage's own study (and
+    for a study made before studies had homes), else WORKDIR/NAME."""
+    return workdir / study.user_attrs.get("home", "")
 
 
 class Report(Hook):
@@ -287,14 +361,17 @@ def suggest(trial: optuna.Trial, name: str, dist):
 
 
 def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
+    """The next trial, in WORKDIR/trial_<n>/; a retry in its first trial's directory, as that
+    trial recorded it (wherever its study's home was then)."""
     trial = study.ask()
     params = {name: suggest(trial, name, dist) for name, dist in space.items()}
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
         _frozen(study, trial.number)
     )
-    home = workdir / f"trial_{trial.number if retried is None else retried}"
-    trial.set_user_attr("workdir", str(home))
-    return Entry(trial, trial_config(config, params), home)
+    recorded = _frozen(study, retried).user_attrs.get("workdir") if retried is not None else None
+    where = Path(recorded) if recorded else workdir / f"trial_{trial.number if retried is None else retried}"  # fmt: skip
+    trial.set_user_attr("workdir", str(where))
+    return Entry(trial, trial_config(config, params), where)
 
 
 def requeue(study: optuna.Study, entries: list) -> None:
@@ -553,7 +630,7 @@ def importances(study) -> dict:
 
 def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) -> dict:
     """Print the table and the best trial (chosen on validation; its test accuracy beside),
-    write WORKDIR/sweep.json and, with plots, WORKDIR/plots/ (process 0)."""
+    write sweep.json and, with plots, plots/ in `workdir`, the study's home (process 0)."""
     rows = table(study)
     complete = [r for r in rows if r["state"] == "complete"]
     best = max(complete, key=lambda r: r["val_accuracy"]) if complete else None
@@ -577,11 +654,17 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
 
 
 def check_config(config) -> str | None:
-    """The fixed config a sweep needs: a validation split (set to 5,000 when absent: returned as
-    the line to say), one seed per run (trials have their own seeds)."""
+    """Check the fixed config a sweep needs, before a study records it: one seed per run (trials
+    have their own seeds), data that load and a validation split they can hold; a split set when
+    absent (a tenth of the training images, at most 5,000), returned as the line to say."""
     if config.seeds != 1:
         raise ConfigError("--seeds: a sweep's trials take --trial-seeds")
+    validate(config)
+    ds = data.from_config(config.data)
+    note = None
     if config.data.val_split == 0:
-        config.data.val_split = 5000
-        return "--data-val-split 5000: a sweep chooses on validation images held out of the training set (set it to change)"  # fmt: skip
-    return None
+        n = len(ds.train_labels)
+        config.data.val_split = max(1, min(5000, n // 10))
+        note = f"--data-val-split {config.data.val_split}: a sweep chooses on validation images held out of the {n:,} training images (a tenth of them, at most 5,000; set it to change)"  # fmt: skip
+    loop.split_data(ds, config)  # the split and the batch fit the data, or one line now
+    return note
