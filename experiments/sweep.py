@@ -27,11 +27,11 @@ from mnist_jax.data import DataError
 EPILOG = """\
 Many processes, one study: run this command, with the same --storage and --study, in every
 process, on one machine or many. SQLite (the default, WORKDIR/study.db) is for one machine; on
-many, an RDB URL every machine reaches (--storage postgresql://user:pass@host/db), or a journal
-file on a shared filesystem (--storage journal:/shared/study.log). Each process records a
-heartbeat for its trials in an RDB store: a trial without one for 2 x --heartbeat seconds is
-failed and run again from its checkpoint (Optuna's journal storage has no heartbeats: there, a
-killed trial stays RUNNING). --trials counts the study's trials over all processes. The stage's
+many, an RDB URL every machine reaches (--storage postgresql://user:pass@host/db), a study
+server in front of it for many workers (python -m experiments.study_server; --storage
+grpc://HOST:PORT), or a journal file on a shared filesystem (--storage journal:/shared/study.log).
+Each process records a heartbeat for its trials: a trial without one for 2 x --heartbeat seconds
+is failed and run again from its checkpoint. --trials counts the study's trials over all processes. The stage's
 flags (python -m experiments.STAGE --help) fix every trial: --epochs 2 --data-val-split 5000
 (default: a tenth of the training images, at most 5,000).
 
@@ -42,7 +42,7 @@ the signal when interrupted (run the same command to continue).
 
 
 def stages() -> list[str]:
-    skip = {"sweep", "seeds", "report", "rows", "benchmark", "speedrun", "references", "xla_cpu", "timing"}
+    skip = {"sweep", "seeds", "report", "rows", "benchmark", "speedrun", "references", "xla_cpu", "timing", "study_server"}
     names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
     return sorted(n for n in names if n not in skip and not n.startswith("autograd"))
 
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                    help="trials trained together, vmapped, when the space changes only numbers that are data "
                         "(lr, weight decay, label smoothing); 0: 4 on GPU/TPU, 1 on the CPU")  # fmt: skip
     p.add_argument("--storage", default="",
-                   help="where the study lives: '' (WORKDIR/study.db), an RDB URL, or journal:PATH")  # fmt: skip
+                   help="where the study lives: '' (WORKDIR/study.db), an RDB URL, grpc://HOST:PORT or journal:PATH")  # fmt: skip
     p.add_argument("--study", default="", help="the study's name (default: the stage's); another one keeps its trials, table and plots in WORKDIR/NAME/")  # fmt: skip
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                    help="how Optuna picks the next trial's values: tpe (learns from the trials so far) or random (default %(default)s)")  # fmt: skip

@@ -1,7 +1,8 @@
 """Hyperparameter sweeps on Optuna: a study whose trials are ordinary runs, chosen on validation.
 
 A sweep is an Optuna study (TPE by default) in a store several processes can share: SQLite in
-the work directory by default, any RDB URL (PostgreSQL, MySQL) for many machines, or a journal
+the work directory by default, any RDB URL (PostgreSQL, MySQL) for many machines, the gRPC
+storage proxy in front of one for many workers (experiments/study_server.py), or a journal
 file. Each trial is an ordinary run in WORKDIR/trial_<n>/ (WORKDIR/trial_<n>/seed_<s>/ with
 several seeds a trial), restorable with evaluate and predict; another study in the same WORKDIR
 (--study NAME) keeps its trials, table and plots in WORKDIR/NAME/ (`home`): two never collide.
@@ -30,6 +31,7 @@ import signal
 import statistics
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -203,19 +205,41 @@ def check_name(name: str) -> None:
         raise ConfigError(f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name")  # fmt: skip
 
 
+def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
+    """An RDB store (SQLite waits up to 60 s for a lock another process holds); with Optuna's
+    heartbeats every `heartbeat` seconds, a stale trial queued again."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    beats = {}
+    if heartbeat:
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+        beats = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)  # fmt: skip
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
+
+
+def grpc(url: str) -> optuna.storages.GrpcStorageProxy:
+    """A client of experiments.study_server at grpc://HOST:PORT, once it answers (10 s)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname or not parts.port:
+        raise ValueError("give grpc://HOST:PORT")
+    store = optuna.storages.GrpcStorageProxy(host=parts.hostname, port=parts.port)
+    try:
+        store.wait_server_ready(timeout=10)
+    except Exception:
+        raise OSError(f"no study server answers at {parts.hostname}:{parts.port} (python -m experiments.study_server)") from None  # fmt: skip
+    return store
+
+
 def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         if not path.parent.is_dir():
             raise OSError(f"no directory {path.parent}")
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         store = optuna.storages.JournalStorage(backend)
+    elif url.startswith("grpc://"):  # its trials beat through a BEAT attribute (fail_stale)
+        store = grpc(url)
     else:
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        store = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
-                                           heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                           heartbeat_stale_trial_callback=retry)  # fmt: skip
+        store = rdb(url, heartbeat)
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
                 "random": optuna.samplers.RandomSampler}  # fmt: skip
     pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
@@ -227,7 +251,7 @@ def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> o
 def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
                pruner: str, space: dict, config, tries: int = 5) -> optuna.Study:  # fmt: skip
     """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
-    journal:PATH). A study made with another space or another fixed recipe is refused; a new
+    grpc://HOST:PORT; journal:PATH). A study made with another space or another fixed recipe is refused; a new
     one records its space, recipe and `home` (so give only checked ones). Creating a new store
     races with the other processes starting on it: retried `tries` times, a random moment apart."""
     check_name(name)

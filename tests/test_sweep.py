@@ -136,45 +136,6 @@ def test_a_killed_sweep_continues_and_two_processes_share_its_study(mnist_dir, t
     assert len(dirs) == 1 + len(done)
 
 
-@pytest.mark.after_suite  # processes paused: run by .ci/run after the suite
-def test_a_paused_workers_trial_never_trains_in_two_processes(mnist_dir, tmp_path):
-    """Worker A is paused past the grace period; B fails its trial as stale and is given the
-    retry, whose directory A still holds: B goes on with another trial. A, continued, stops its
-    run after the epoch it was in, and B resumes it there: every epoch trained once, in one
-    process at a time, nothing half-written."""
-    command = lambda out: sweep_process(tmp_path, mnist_dir, out, ["--trials", "2"])  # noqa: E731
-    a = command(tmp_path / "a.log")
-    log = tmp_path / "s/trial_0/metrics.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text()) and time.time() < deadline:  # epoch 1 done
-        time.sleep(0.01)
-    time.sleep(0.3)  # into epoch 2
-    a.send_signal(signal.SIGSTOP)
-    try:
-        # Past the grace period (2 x --heartbeat 1) before B starts: B, started warm in under
-        # 2 s, would otherwise find trial 0 alive and start a fresh trial 1 instead.
-        time.sleep(2.5)
-        b = command(tmp_path / "b.log")
-        deadline = time.time() + 120
-        while "is held by" not in (tmp_path / "b.log").read_text() and time.time() < deadline:
-            time.sleep(0.05)
-    finally:
-        a.send_signal(signal.SIGCONT)
-    assert [a.wait(timeout=300), b.wait(timeout=300)] == [0, 0]
-    a_log, b_log = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
-    assert f"trial 1: {tmp_path / 's/trial_0'} is held by process {a.pid}" in b_log, b_log
-    assert "trial 0: failed as stale by another process" in a_log, a_log
-    assert "trial 1: " in b_log and "(resumed)" in b_log and "trial 1: complete" in b_log, b_log
-    epochs = [r["epoch"] for r in rows(log)]
-    assert epochs == [1, 2, 3, 4], epochs  # each epoch once, A's first ones resumed by B
-    steps = [r["step"] for r in rows(tmp_path / "s/trial_0/train_steps.jsonl")]
-    assert steps == sorted(set(steps)), steps
-    assert not list((tmp_path / "s").glob("**/*.orbax-checkpoint-tmp*"))
-    study = optuna.load_study(study_name="dense_relu", storage=f"sqlite:///{tmp_path / 's/study.db'}")  # fmt: skip
-    states = [t.state for t in study.trials]
-    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], states
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -29,8 +29,8 @@ RECIPE = ["--epochs", str(EPOCHS), "--data-train-limit", "10000", "--data-val-sp
 TRIAL_LINE = re.compile(r"^trial (\d+): .* in (\S+)( \(resumed\))?$", re.M)
 
 
-def worker(url, workdir, mnist_dir, log):
-    command = [sys.executable, "-m", "experiments.sweep", "dense_relu", "--trials", str(TRIALS),
+def worker(url, workdir, mnist_dir, log, trials=TRIALS):
+    command = [sys.executable, "-m", "experiments.sweep", "dense_relu", "--trials", str(trials),
                "--storage", url, "--workdir", str(workdir), "--data-dir", str(mnist_dir), *RECIPE]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line in its log as it is said
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
