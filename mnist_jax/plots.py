@@ -13,7 +13,7 @@ plots can be redrawn for a finished or interrupted run. Writes WORKDIR/plots/:
                      misrecognised first, marked the same way; in colour for colour images
                      (test_images.png for data that are not digits)
   confusion.png      the confusion matrix on the test set
-A sweep's plots (draw_sweep) come from its table: history.png, importance.png, params.png.
+A sweep's plots (draw_sweep) are Optuna's own: history.png, importance.png, params.png.
 """
 
 import json
@@ -229,47 +229,33 @@ def confusion(matrix: np.ndarray, title: str, out: Path, names=()) -> None:
     plt.close(fig)
 
 
-def draw_sweep(rows: list[dict], importances: dict, log: dict, out: Path) -> list[Path]:
-    """A sweep's figures from its table (sweep.table): the validation accuracy of each trial
-    and the best so far (history.png), the parameters' importances (importance.png, when Optuna
-    could compute them), validation accuracy against each parameter (params.png; log: which
-    parameters are on a log scale). Pruned trials in grey, at their last report."""
+def draw_sweep(study, out: Path) -> list[Path]:
+    """A sweep's figures, Optuna's own (optuna.visualization.matplotlib): each trial's validation
+    accuracy and the best so far (history.png), the parameters' importances (importance.png, from
+    two complete trials), validation accuracy against each parameter (params.png)."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as figures
+
     out.mkdir(parents=True, exist_ok=True)
-    scored = [r for r in rows if r["state"] in ("complete", "pruned") and r["val_accuracy"] is not None]  # fmt: skip
-    colour = lambda r: GREEN if r["state"] == "complete" else "#999999"  # noqa: E731
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter([r["trial"] for r in scored], [r["val_accuracy"] for r in scored], c=[colour(r) for r in scored])  # fmt: skip
-    done = [r for r in scored if r["state"] == "complete"]
-    if done:
-        best = np.maximum.accumulate([r["val_accuracy"] for r in done])
-        ax.step([r["trial"] for r in done], best, where="post", color=RED, label="best so far")
-        ax.legend()
-    ax.set(xlabel="trial", ylabel="validation accuracy", title="Optimization history (grey: pruned)")  # fmt: skip
-    paths = [out / "history.png"]
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    if importances:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * len(importances)))
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance (Optuna, PED-ANOVA)", title="Parameter importance")
-        paths.append(out / "importance.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    names = sorted(log)
-    if names and scored:
-        fig, axes = plt.subplots(1, len(names), figsize=(3.5 * len(names), 3.5), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            pts = [r for r in scored if name in r["params"]]
-            ax.scatter([r["params"][name] for r in pts], [r["val_accuracy"] for r in pts], c=[colour(r) for r in pts])  # fmt: skip
-            ax.set(xlabel=name, xscale="log" if log[name] else "linear")
-        axes[0][0].set_ylabel("validation accuracy")
-        paths.append(out / "params.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    draw = {"history": lambda: figures.plot_optimization_history(study, target_name="validation accuracy"),
+            "importance": lambda: figures.plot_param_importances(study),
+            "params": lambda: figures.plot_slice(study, target_name="validation accuracy")}  # fmt: skip
+    paths = []
+    # Optuna sets its style for the whole process (plt.style.use): kept to these figures.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib's, at one trial's equal limits
+        for name, figure in draw.items():
+            if not complete or (name == "importance" and complete < 2):
+                continue
+            axes = figure()
+            fig = np.ravel(axes)[0].figure
+            paths.append(out / f"{name}.png")
+            fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+            plt.close(fig)
     return paths
 
 

@@ -671,8 +671,7 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
     if plots and rows:
         from mnist_jax import plots as plots_lib  # matplotlib only when drawing
 
-        kinds = {k: bool(getattr(v, "log", False)) for k, v in space.items()}
-        plots_lib.draw_sweep(rows, out["importances"], kinds, workdir / "plots")
+        plots_lib.draw_sweep(study, workdir / "plots")
         say(f"Plots in {workdir / 'plots'}")
     return out
 
