@@ -43,7 +43,7 @@ import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_jax import data, flags, loop, models, parallel, recipe, seeds, startup
+from mnist_jax import checkpoint, data, flags, loop, models, parallel, recipe, seeds, startup
 from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
 from mnist_jax.hooks import Hook
 from mnist_jax.members import MEMBER_FIELDS
@@ -415,7 +415,7 @@ def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: di
     """Train the entries' runs: vmapped as one group of members (trial x seed), or each trial
     alone (its seeds vmapped where that pays, startup.resolve, else in turn); fills results.
     Returns a signal heard too late to stop a run (the sweep stops after telling them)."""
-    dirs = lambda e: [e.workdir] if trial_seeds == 1 else [e.workdir / f"seed_{e.config.seed + s}" for s in range(trial_seeds)]  # noqa: E731  # fmt: skip
+    dirs = lambda e: [e.workdir] if trial_seeds == 1 else [checkpoint.seed_dir(e.workdir, e.config.seed + s) for s in range(trial_seeds)]  # noqa: E731  # fmt: skip
     base = entries[0].config
     seeded = lambda e, s: ml_collections.ConfigDict({**e.config.to_dict(), "seed": e.config.seed + s, "seeds": 1})  # noqa: E731  # fmt: skip
     if len(entries) == 1 and not vmap:
