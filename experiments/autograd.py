@@ -15,9 +15,7 @@ from mnist_jax import flags
 
 
 def main(argv=None):
-    parser = flags.Parser(
-        prog="python -m experiments.autograd", description=__doc__.splitlines()[0]
-    )
+    parser = flags.Parser(prog="python -m experiments.autograd", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--section",
         type=int,

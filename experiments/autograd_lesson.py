@@ -174,10 +174,7 @@ def hand_vs_grad() -> Section:
         "Backpropagation by hand vs jax.grad",
         [
             "784 -> dense 64 sigmoid -> dense 10 -> softmax cross-entropy, batch 32",
-            *(
-                f"d loss/d {n}: max |hand - jax.grad| = {diffs[n]:.1e} (largest entry {scale[n]:.1e})"
-                for n in params
-            ),
+            *(f"d loss/d {n}: max |hand - jax.grad| = {diffs[n]:.1e} (largest entry {scale[n]:.1e})" for n in params),
             "why: jax.grad applies the same chain rule, primitive by primitive, in reverse order",
         ],
         {"by_hand": by_hand, "jax_grad": auto, "max_diff": diffs},
@@ -353,9 +350,7 @@ def one_step_by_hand() -> Section:
     tx = optax.sgd(0.01)
     updates, _ = tx.update(grads, tx.init(params))
     new = optax.apply_updates(params, updates)
-    error = (
-        x @ params["kernel"] + params["bias"] - y
-    )  # by hand: dL/dw = 2/N x^T e, dL/db = 2/N sum e
+    error = x @ params["kernel"] + params["bias"] - y  # by hand: dL/dw = 2/N x^T e, dL/db = 2/N sum e
     by_hand = {"kernel": 2 / 2 * x.T @ error, "bias": 2 / 2 * error.sum(0)}
     return Section(
         "One step by hand: nn.Linear(2, 1), MSE, SGD(0.01)",

@@ -48,13 +48,9 @@ def parse_args(argv=None):
     p = flags.Parser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
     flags.add(p, "data_dir")
     p.add_argument("--batch-sizes", default="64,1024", help="comma-separated (default 64,1024)")
-    p.add_argument(
-        "--frameworks", default=",".join(FRAMEWORKS), help="subset of " + ",".join(FRAMEWORKS)
-    )
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="subset of " + ",".join(FRAMEWORKS))
     p.add_argument("--windows", type=int, default=5, help="timed windows per run (default 5)")
-    p.add_argument(
-        "--window-images", type=int, default=6400, help="images per window (default 6400)"
-    )
+    p.add_argument("--window-images", type=int, default=6400, help="images per window (default 6400)")
     flags.add(p, json="runs/benchmark.json")
     p.add_argument("--time-to-accuracy", metavar="STAGE", help="instead: time STAGE to --target")
     p.add_argument("--target", type=float, default=0.99, help="validation accuracy (default 0.99)")
@@ -120,9 +116,7 @@ def run_worker(args, name: str, batch: int, seeds: int = 1) -> dict | str:
 
 def speed(args) -> dict:
     results, skipped = [], []
-    print(
-        f"{'framework':<11}{'batch':>6}{'compile s':>11}{'img/s':>9}{'s/epoch':>9}{'peak MiB':>10}  version"
-    )
+    print(f"{'framework':<11}{'batch':>6}{'compile s':>11}{'img/s':>9}{'s/epoch':>9}{'peak MiB':>10}  version")
     for batch in args.batch_sizes:
         runs = [(name, 1) for name in args.frameworks]
         if args.seeds > 1 and "mnist_jax" in args.frameworks:

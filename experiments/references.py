@@ -112,9 +112,7 @@ def keras_dead_units(model, images, batch_size: int = 1000) -> dict[str, tuple[i
         np.asarray(data.normalize(images)), batch_size=batch_size, verbose=0
     )
     acts = acts if isinstance(acts, list) else [acts]
-    return diagnostics.dead_counts(
-        {f"hidden_{i}": diagnostics.fired(a) for i, a in enumerate(acts)}
-    )
+    return diagnostics.dead_counts({f"hidden_{i}": diagnostics.fired(a) for i, a in enumerate(acts)})
 
 
 def keras_train(config, data_dir=None) -> dict:

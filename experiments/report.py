@@ -64,8 +64,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         best = f"{r['best']:.2%} ({r['best_epoch']})" if r["best"] is not None else "no validation split"  # fmt: skip
         lines.append(
-            f"| `{r['stage']}` | {r['params']:,} | {r['epochs']} | {r['final']:.2%} "
-            f"| {best} | {r['seconds']:.0f} s |"
+            f"| `{r['stage']}` | {r['params']:,} | {r['epochs']} | {r['final']:.2%} | {best} | {r['seconds']:.0f} s |"
         )
     return "\n".join(lines) + "\n"
 
@@ -80,9 +79,7 @@ def figure(results: list[dict], out: Path) -> None:
     names = [r["stage"] for r in results]
     x = range(len(results))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
-    ax1.bar(
-        [i - 0.2 for i in x], [100 * (1 - r["final"]) for r in results], 0.4, label="final epoch"
-    )
+    ax1.bar([i - 0.2 for i in x], [100 * (1 - r["final"]) for r in results], 0.4, label="final epoch")
     best = [100 * (1 - (r["best"] if r["best"] is not None else r["final"])) for r in results]
     ax1.bar([i + 0.2 for i in x], best, 0.4, label="best validation epoch (else final)")
     for i, r in enumerate(results):

@@ -42,7 +42,18 @@ the signal when interrupted (run the same command to continue).
 
 
 def stages() -> list[str]:
-    skip = {"sweep", "seeds", "report", "rows", "benchmark", "speedrun", "references", "xla_cpu", "timing", "study_server"}
+    skip = {
+        "sweep",
+        "seeds",
+        "report",
+        "rows",
+        "benchmark",
+        "speedrun",
+        "references",
+        "xla_cpu",
+        "timing",
+        "study_server",
+    }
     names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
     return sorted(n for n in names if n not in skip and not n.startswith("autograd"))
 

@@ -112,9 +112,7 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
     if data_dir:
         config.data.dir = str(data_dir)
     with tempfile.TemporaryDirectory(prefix="mnist_jax_time_") as workdir:
-        (r,) = seeds.train(
-            config, workdir, save=False, target=target if stop else None, dead_units=True
-        )["runs"]
+        (r,) = seeds.train(config, workdir, save=False, target=target if stop else None, dead_units=True)["runs"]
     elapsed = 0.0
     for h in r["history"]:
         elapsed += h["seconds"]

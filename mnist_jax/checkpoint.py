@@ -71,7 +71,7 @@ def screen(workdir: Path) -> list[tuple[int, str]]:
     bad = []
     for step in steps(workdir):
         step_dir = workdir / "checkpoints" / str(step)
-        for name, path in (("metadata", "_CHECKPOINT_METADATA"), ("metrics item", "metrics/metrics")):  # fmt: skip
+        for name, path in (("metadata", "_CHECKPOINT_METADATA"), ("metrics item", "metrics/metrics")):
             try:
                 if (step_dir / path).exists():
                     json.loads((step_dir / path).read_text())
@@ -166,9 +166,7 @@ def reader(workdir: str | Path) -> ocp.CheckpointManager:
     try:
         options = ocp.CheckpointManagerOptions(
             read_only=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}
-            ),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
         )
         return ocp.CheckpointManager(directory, options=options)
     finally:
@@ -189,7 +187,7 @@ def model_item(state) -> dict:
 def items(state, layout: int | None = None) -> dict:
     """What a checkpoint of `layout` (default: the one save writes) holds of a TrainState."""
     if (layout or LAYOUT) >= 3:
-        names = [f.name for f in dataclasses.fields(state) if f.name not in ("apply_fn", "tx", *model_item(state))]  # fmt: skip
+        names = [f.name for f in dataclasses.fields(state) if f.name not in ("apply_fn", "tx", *model_item(state))]
     else:
         names = ["opt_state", "step"]
     return {"model": model_item(state), "train": {name: getattr(state, name) for name in names}}
@@ -225,9 +223,7 @@ def recorded_config(workdir: Path) -> tuple[int, dict] | None:
     """(step, recipe) from the newest checkpoint that carries one (layout 2 on), else None."""
     for step in steps(workdir):
         try:
-            item = json.loads(
-                (workdir / "checkpoints" / str(step) / "run" / "metadata").read_text()
-            )
+            item = json.loads((workdir / "checkpoints" / str(step) / "run" / "metadata").read_text())
             return step, item["config"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # layout 1, or a damaged item: the one before may still say
@@ -272,7 +268,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     except ValueError as e:
         raise ConfigError(f"{path}: not a readable config ({e})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: not a run's config (a JSON {type(tree).__name__}, not an object)")  # fmt: skip
+        raise ConfigError(f"{path}: not a run's config (a JSON {type(tree).__name__}, not an object)")
     return ml_collections.ConfigDict(tree)
 
 
@@ -286,9 +282,7 @@ def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict,
     if step is None:
         step = max(found)
     elif step not in found:
-        raise FileNotFoundError(
-            f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(found)})"
-        )
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(found)})")
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), target)
     step_dir = workdir / "checkpoints" / str(step)
@@ -313,9 +307,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
     try:
         model = models.build(**config.model, num_classes=num_classes)
     except ConfigError as e:
-        raise ConfigError(
-            f"{workdir / 'config.json'}: this code cannot build its model ({e})"
-        ) from None
+        raise ConfigError(f"{workdir / 'config.json'}: this code cannot build its model ({e})") from None
     x = jax.numpy.zeros((1, *image_shape))
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}

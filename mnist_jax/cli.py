@@ -21,8 +21,14 @@ from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
 
-def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None, *, hooks: tuple = (),
-        step_fn=None, eval_metrics: dict | None = None) -> None:  # fmt: skip
+def run(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    argv=None,
+    *,
+    hooks: tuple = (),
+    step_fn=None,
+    eval_metrics: dict | None = None,
+) -> None:
     """Entry point of a stage module: parse flags, train and evaluate, draw the plots. A stage
     passes its own parts as loop.train takes them: hooks (after the built-in ones and the
     plots), step_fn (its own step), eval_metrics ({name: fn(logits, labels)})."""
@@ -42,8 +48,9 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None, *, hooks
                 recipe.check_workdir(w, restart=config.restart)
             # The curves as it trains, the rest at each run's end, on process 0.
             plots = [hooks_lib.LiveCurves(), hooks_lib.Plots()] if config.plots else []
-            seeds.train(config, workdir, hooks=(*plots, *hooks), step_fn=step_fn,
-                        eval_metrics=eval_metrics)  # --seeds 1: loop.train(config, [workdir])  # fmt: skip
+            seeds.train(
+                config, workdir, hooks=(*plots, *hooks), step_fn=step_fn, eval_metrics=eval_metrics
+            )  # --seeds 1: loop.train(config, [workdir])
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:
@@ -58,7 +65,11 @@ def run(get_config: Callable[[], ml_collections.ConfigDict], argv=None, *, hooks
         where = flags.disk_full(e)
         if where is None:
             raise
-        kept = [f"step {checkpoint.steps(w)[0]} in {w / 'checkpoints'}" for w in seeds.workdirs(config, workdir) if checkpoint.steps(w)]  # fmt: skip
+        kept = [
+            f"step {checkpoint.steps(w)[0]} in {w / 'checkpoints'}"
+            for w in seeds.workdirs(config, workdir)
+            if checkpoint.steps(w)
+        ]
         kept = f"the last checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint yet"
         flags.fail(
             f"{where or workdir}: no space left on device; {kept}: free some space and run the "

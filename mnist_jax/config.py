@@ -170,7 +170,7 @@ HELP = {
     "distributed.heartbeat_timeout": "seconds: a process silent this long counts as lost, and the others stop (exit 4)",
     "distributed.shutdown_timeout": "seconds a finished process waits for the others at the end",
     "distributed.init_timeout": "seconds to wait for every process to join at the start",
-}  # fmt: skip
+}
 
 
 # models.py's names and activations, registered there: it sits above this module.
@@ -200,9 +200,7 @@ def base() -> ml_collections.ConfigDict:
     config.workdir = ""  # "" -> runs/<name>
     config.seed = 0
     config.seeds = 1  # train seeds seed..seed+seeds-1, each in WORKDIR/seed_<s>/ (loop.py)
-    config.seed_mode = (
-        "auto"  # vmap: in one vmapped program; turn: one after another; auto: per backend
-    )
+    config.seed_mode = "auto"  # vmap: in one vmapped program; turn: one after another; auto: per backend
     config.epochs = 10
     config.batch_size = 128
     config.data = ml_collections.ConfigDict(
@@ -301,9 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.seed_mode in SEED_MODES, "seed_mode", f"must be one of {', '.join(SEED_MODES)}")
     check(config.steps_per_call >= 0, "steps_per_call", "must be 0 (per backend) or positive")
     check(config.log_every >= 1, "log_every", "must be at least 1")
-    check(
-        config.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive"
-    )
+    check(config.checkpoint_every >= 0, "checkpoint_every", "must be 0 (epoch ends only) or positive")
     check(config.batch_size >= 1, "batch_size", "must be at least 1")
     for key in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
         check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
@@ -319,16 +315,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.val_split >= 0, "data.val_split", "must be 0 (none) or positive")
     check(config.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
     check(config.opt.lr > 0, "opt.lr", "must be positive")
-    check(
-        config.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}"
-    )
+    check(config.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}")
     check(0 < config.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
     check(0 <= config.opt.warmup < 1, "opt.warmup", "must be a fraction of the run, in [0, 1)")
     check(0 <= config.opt.momentum < 1, "opt.momentum", "must be in [0, 1)")
-    check(config.opt.momentum > 0 or not config.opt.nesterov, "opt.nesterov", "needs --opt-momentum")  # fmt: skip
-    check(config.opt.name == "sgd" or not (config.opt.momentum or config.opt.nesterov), "opt.momentum", "is sgd's; the adams have their own")  # fmt: skip
+    check(config.opt.momentum > 0 or not config.opt.nesterov, "opt.nesterov", "needs --opt-momentum")
+    check(
+        config.opt.name == "sgd" or not (config.opt.momentum or config.opt.nesterov),
+        "opt.momentum",
+        "is sgd's; the adams have their own",
+    )
     check(config.opt.weight_decay >= 0, "opt.weight_decay", "must be 0 or positive")
-    check(config.opt.name == "adamw" or not config.opt.weight_decay, "opt.weight_decay", "decays weights with --opt-name adamw only")  # fmt: skip
+    check(
+        config.opt.name == "adamw" or not config.opt.weight_decay,
+        "opt.weight_decay",
+        "decays weights with --opt-name adamw only",
+    )
     check(config.opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
     check(config.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}")
     check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IDX_UBYTE = 0x08  # the one IDX type code read: unsigned bytes
-IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}  # fmt: skip
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -35,7 +35,7 @@ DIGITS_TFDS = ("mnist", "emnist/digits", "emnist/mnist")  # classes 0-9 written 
 # given up on: without a network, TFDS itself retries for minutes before failing.
 PROBE_SECONDS = 3.0
 TFDS_GCS = "https://storage.googleapis.com/tfds-data"  # TFDS's copies (gs://tfds-data)
-NO_NETWORK = "without internet, pass --data-dir DIR (or set MNIST_DATA_DIR), and no --data-tfds, to a directory with the four IDX files"  # fmt: skip
+NO_NETWORK = "without internet, pass --data-dir DIR (or set MNIST_DATA_DIR), and no --data-tfds, to a directory with the four IDX files"
 
 
 class DataError(Exception):
@@ -80,11 +80,11 @@ def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] or raw[1]:
-        raise DataError(f"{path}: not an IDX file (bad magic number {int.from_bytes(raw[:4], 'big')})")  # fmt: skip
+        raise DataError(f"{path}: not an IDX file (bad magic number {int.from_bytes(raw[:4], 'big')})")
     code, ndim = raw[2], raw[3]
     if code != IDX_UBYTE:
         what = IDX_TYPES.get(code, "unknown")
-        raise DataError(f"{path}: IDX type code 0x{code:02X} ({what}) is not handled; only 0x08, unsigned bytes")  # fmt: skip
+        raise DataError(f"{path}: IDX type code 0x{code:02X} ({what}) is not handled; only 0x08, unsigned bytes")
     if ndim not in dims:
         raise DataError(f"{path}: {ndim} dimensions, expected {' or '.join(map(str, dims))}")
     header = 4 * (1 + ndim)
@@ -94,7 +94,7 @@ def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
     expected = header + math.prod(shape)  # Python ints: np.prod wraps at 2**63
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "too long"
-        raise DataError(f"{path}: {what}: {len(raw)} bytes, header says {shape[0]} items ({expected} bytes)")  # fmt: skip
+        raise DataError(f"{path}: {what}: {len(raw)} bytes, header says {shape[0]} items ({expected} bytes)")
     array = np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
     return array[..., None] if ndim == 3 else array  # images: a channel axis
 
@@ -112,28 +112,32 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         where = paths[f"{split}_labels"]
         if len(images) != len(labels):
-            raise DataError(f"{where}: {len(labels)} labels but {paths[f'{split}_images'].name} has {len(images)} images")  # fmt: skip
+            raise DataError(
+                f"{where}: {len(labels)} labels but {paths[f'{split}_images'].name} has {len(images)} images"
+            )
         if len(labels) == 0:
             raise DataError(f"{where}: holds no examples")
     train, test = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if 0 in train:  # a model would have no pixels to look at
-        raise DataError(f"{paths['train_images']}: images are {'x'.join(map(str, train))}: no pixels")  # fmt: skip
+        raise DataError(f"{paths['train_images']}: images are {'x'.join(map(str, train))}: no pixels")
     if train != test:
         shape = lambda s: "x".join(map(str, s))  # noqa: E731
-        raise DataError(f"{paths['test_images']}: images are {shape(test)}, the training images {shape(train)}")  # fmt: skip
+        raise DataError(f"{paths['test_images']}: images are {shape(test)}, the training images {shape(train)}")
     found = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
     num_classes = num_classes or found
     for split in ("train", "test"):
         labels = arrays[f"{split}_labels"]
         if labels.max() >= num_classes:
             bad = int(np.argmax(labels >= num_classes))
-            raise DataError(f"{paths[f'{split}_labels']}: label {labels[bad]} at index {bad} is not in 0..{num_classes - 1} (--data-num-classes {num_classes})")  # fmt: skip
+            raise DataError(
+                f"{paths[f'{split}_labels']}: label {labels[bad]} at index {bad} is not in 0..{num_classes - 1} (--data-num-classes {num_classes})"
+            )
     unseen = np.setdiff1d(arrays["test_labels"], arrays["train_labels"])
     if len(unseen):  # the model has outputs for them, but nothing ever trains them
         shown = ", ".join(map(str, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
-        print(f"warning: {paths['test_labels']}: test labels {shown} are in no training image", file=sys.stderr)  # fmt: skip
+        print(f"warning: {paths['test_labels']}: test labels {shown} are in no training image", file=sys.stderr)
     labels = {k: v.astype(np.int32) for k, v in arrays.items() if k.endswith("labels")}
-    return Dataset(**{**arrays, **labels}, num_classes=num_classes, names=tuple(names), source=source)  # fmt: skip
+    return Dataset(**{**arrays, **labels}, num_classes=num_classes, names=tuple(names), source=source)
 
 
 # The last IDX dataset read, by its files' (path, size, mtime): a process that trains several
@@ -149,7 +153,7 @@ def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
         what = "is not a directory" if data_dir.exists() else "directory not found"
         raise DataError(f"{data_dir}: {what}")
     paths = {key: _find(data_dir, name) for key, name in FILES.items()}
-    stamp = (num_classes, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths.values()))  # fmt: skip
+    stamp = (num_classes, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths.values()))
     if stamp not in _last:
         dims = {k: (1,) if k.endswith("labels") else (3, 4) for k in paths}
         arrays = {k: read_idx(p, dims[k]) for k, p in paths.items()}
@@ -208,8 +212,7 @@ def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
 
     def split(s, download):
         # Iterate in batches: batch_size=-1 needs a known cardinality, which mock data lacks.
-        ds, info = tfds.load(name, split=s, as_supervised=True, batch_size=10_000, with_info=True,
-                             download=download)  # fmt: skip
+        ds, info = tfds.load(name, split=s, as_supervised=True, batch_size=10_000, with_info=True, download=download)
         parts = list(tfds.as_numpy(ds))
         images = np.concatenate([p[0] for p in parts]).astype(np.uint8)
         images = images[..., None] if images.ndim == 3 else images
@@ -234,7 +237,7 @@ def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
         raise
     except Exception as e:  # download, preparation or import failures all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); {NO_NETWORK}") from None  # fmt: skip
+        raise DataError(f"TFDS could not load {name!r} ({type(e).__name__}: {reason}); {NO_NETWORK}") from None
     finally:
         absl.setLevel(level)
     arrays = dict(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
@@ -242,7 +245,7 @@ def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
     return _checked(arrays, paths, num_classes or len(names), f"tfds {name}", names)
 
 
-def load(data_dir: str | os.PathLike | None = None, tfds: str = "", num_classes: int = 0) -> Dataset:  # fmt: skip
+def load(data_dir: str | os.PathLike | None = None, tfds: str = "", num_classes: int = 0) -> Dataset:
     """A TFDS dataset by name when `tfds` is given; else IDX files from `data_dir`, else from
     $MNIST_DATA_DIR; else TFDS's MNIST."""
     data_dir = None if tfds else data_dir or os.environ.get("MNIST_DATA_DIR")

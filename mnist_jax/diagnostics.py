@@ -34,15 +34,10 @@ def dead_what(activation: str = "relu") -> str:
     return f"{activation} units saturated at 0 (exactly 0 on every test image)"
 
 
-def collapse_warning(
-    epoch: int, label: int, accuracy: float, dead: dict, activation: str = "relu"
-) -> str:
+def collapse_warning(epoch: int, label: int, accuracy: float, dead: dict, activation: str = "relu") -> str:
     # Seen in the conv stages: Adam's first steps at lr 0.01 move every weight by about 0.01 at
     # once and kill ReLUs wholesale; in about 1 seed in 8 a whole layer dies. None recovered.
-    head = (
-        f"warning: epoch {epoch}: the model predicts class {label} for every test image "
-        f"(test_acc {accuracy:.2%})"
-    )
+    head = f"warning: epoch {epoch}: the model predicts class {label} for every test image (test_acc {accuracy:.2%})"
     if not dead:  # no hidden layer (linear): no units to count
         return f"{head}: try another --seed or a smaller --opt-lr"
     return (

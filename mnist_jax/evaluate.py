@@ -40,16 +40,20 @@ def test_data(restored: checkpoint.Restored, data_dir: str | None = None):
     where = f"--data-dir {data_dir}" if data_dir else f"the run's data ({ds.source})"
     if found != tuple(shape):
         show = lambda s: "x".join(map(str, s))  # noqa: E731
-        raise data.DataError(f"{where}: images are {show(found)}, the run was trained on {show(shape)}: the shapes differ")  # fmt: skip
+        raise data.DataError(
+            f"{where}: images are {show(found)}, the run was trained on {show(shape)}: the shapes differ"
+        )
     if ds.num_classes > num_classes:
-        raise data.DataError(f"{where}: {ds.num_classes} classes, the run was trained on {num_classes}")  # fmt: skip
+        raise data.DataError(f"{where}: {ds.num_classes} classes, the run was trained on {num_classes}")
     recorded = config.get("dataset") or {}
     ours = data.identity(ds) if recorded.get("sha256") else recorded
     if ours.get("sha256") != recorded.get("sha256"):  # the same shape, other images or labels
-        what = f"{ds.source}, sha256 {ours['sha256'][:12]}; the run trained on {recorded.get('source')}, sha256 {recorded['sha256'][:12]}"  # fmt: skip
+        what = f"{ds.source}, sha256 {ours['sha256'][:12]}; the run trained on {recorded.get('source')}, sha256 {recorded['sha256'][:12]}"
         if not data_dir:
-            raise data.DataError(f"{where}: not the data the run trained on ({what}); point MNIST_DATA_DIR at those, or pass --data-dir DIR to evaluate it on these")  # fmt: skip
-        print(f"note: --data-dir {data_dir}: not the data the run trained on ({what})", file=sys.stderr)  # fmt: skip
+            raise data.DataError(
+                f"{where}: not the data the run trained on ({what}); point MNIST_DATA_DIR at those, or pass --data-dir DIR to evaluate it on these"
+            )
+        print(f"note: --data-dir {data_dir}: not the data the run trained on ({what})", file=sys.stderr)
     limit = config.data.test_limit or None
     return ds.test_images[:limit], ds.test_labels[:limit]
 

@@ -27,9 +27,7 @@ EXIT_TRIALS_FAILED = 5  # a sweep: every trial failed (experiments.sweep)
 
 # Flags several commands take, spelt, typed and described once; `add` declares them.
 COMMON = {
-    "workdir": dict(
-        required=True, type=os.path.expanduser, help="work directory of a training run"
-    ),
+    "workdir": dict(required=True, type=os.path.expanduser, help="work directory of a training run"),
     "data_dir": dict(
         default=None,
         help="the IDX directory (the four MNIST files, raw or .gz); default: the run's, else "
@@ -38,14 +36,10 @@ COMMON = {
     "step": dict(type=int, default=None, help="checkpoint step (default: latest)"),
     "seeds": dict(type=int, default=5, help="how many seeds to train (default %(default)s)"),
     "epochs": dict(type=int, default=None, help="epochs each run trains (default: the stage's)"),
-    "train_limit": dict(
-        type=int, default=0, help="train on the first N training images only (0: all)"
-    ),
+    "train_limit": dict(type=int, default=0, help="train on the first N training images only (0: all)"),
     "json": dict(default="", help="where to write the results (default %(default)s)"),
     "restart": dict(action="store_true", help="discard the runs already in the work directory"),
-    "val_split": dict(
-        type=int, default=0, help="hold out N training images to choose on (0: none)"
-    ),
+    "val_split": dict(type=int, default=0, help="hold out N training images to choose on (0: none)"),
 }
 
 

@@ -160,9 +160,7 @@ class MetricsFiles(Hook):
 
     @_named("{where} (its metrics files)")
     def on_train_start(self, run):
-        self.writers = [
-            metrics.Writer(w) if run.primary else metrics.NullWriter() for w in run.members.workdirs
-        ]
+        self.writers = [metrics.Writer(w) if run.primary else metrics.NullWriter() for w in run.members.workdirs]
         for writer, row in zip(self.writers, run.rows):  # rows after the checkpoint: again
             writer.truncate(row, run.step)
 
@@ -174,8 +172,12 @@ class MetricsFiles(Hook):
             start = (end - 1) // every * every
             for i, writer in enumerate(self.writers):
                 row = {"step": run.step - done + end}
-                row.update({k: float(v[i, end - 1] if k in metrics.LAST else v[i, start:end].mean())
-                            for k, v in run.partial.items()})  # fmt: skip
+                row.update(
+                    {
+                        k: float(v[i, end - 1] if k in metrics.LAST else v[i, start:end].mean())
+                        for k, v in run.partial.items()
+                    }
+                )
                 writer.step(row)
 
     @_named("{where} (its metrics files)")
@@ -199,12 +201,18 @@ class ProgressBar(Hook):
 
         b, spe, steps = run.config.batch_size, run.steps_per_epoch, len(new["loss"][0])
         if self.bar is None:
-            self.bar = tqdm(total=spe * b, initial=(run.done - steps) * b, unit="img",
-                            unit_scale=True, desc=f"epoch {(run.step - 1) // spe + 1}/{run.config.epochs}",
-                            leave=False, disable=None if run.primary else True)  # fmt: skip
+            self.bar = tqdm(
+                total=spe * b,
+                initial=(run.done - steps) * b,
+                unit="img",
+                unit_scale=True,
+                desc=f"epoch {(run.step - 1) // spe + 1}/{run.config.epochs}",
+                leave=False,
+                disable=None if run.primary else True,
+            )
         self.bar.update(steps * b)
         shown = dict(loss=("loss", ".4f"), accuracy=("acc", ".2%"), learning_rate=("lr", ".3g"))
-        figures = {name: format(run.partial[k][:, -1].mean(), f) for k, (name, f) in shown.items() if k in run.partial}  # fmt: skip
+        figures = {name: format(run.partial[k][:, -1].mean(), f) for k, (name, f) in shown.items() if k in run.partial}
         self.bar.set_postfix(figures, refresh=False)
 
     def on_epoch_end(self, run, rows, evaluation):
@@ -232,9 +240,13 @@ class Printer(Hook):
             print(line)
         spe = run.steps_per_epoch
         if run.step >= run.config.epochs * spe:
-            print(f"{run.members.where}: trained to epoch {run.config.epochs} already (step {run.step}); nothing left to train")  # fmt: skip
+            print(
+                f"{run.members.where}: trained to epoch {run.config.epochs} already (step {run.step}); nothing left to train"
+            )
         elif run.step:
-            print(f"Resumed {run.members.where} at step {run.step} (epoch {run.step // spe + 1}, step {run.step % spe} of it)")  # fmt: skip
+            print(
+                f"Resumed {run.members.where} at step {run.step} (epoch {run.step // spe + 1}, step {run.step % spe} of it)"
+            )
 
     def on_epoch_end(self, run, rows, evaluation):
         if run.primary:
@@ -251,7 +263,9 @@ class Printer(Hook):
 
     def on_train_end(self, run):
         if run.primary and run.error is None:
-            print(f"Done in {time.perf_counter() - self.start:.1f}s (compiling {run.members.compile_s:.1f}s); {run.members.where_all}")  # fmt: skip
+            print(
+                f"Done in {time.perf_counter() - self.start:.1f}s (compiling {run.members.compile_s:.1f}s); {run.members.where_all}"
+            )
 
 
 class CollapseWarning(Hook):
@@ -270,7 +284,7 @@ class CollapseWarning(Hook):
             dead = diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()})
             if run.primary:
                 act = run.config.model.get("activation", "relu")  # conv nets: relu
-                warning = diagnostics.collapse_warning(row["epoch"], label, row["test_accuracy"], dead, act)  # fmt: skip
+                warning = diagnostics.collapse_warning(row["epoch"], label, row["test_accuracy"], dead, act)
                 print(run.members.label(i) + warning, file=sys.stderr)
 
 
@@ -327,7 +341,7 @@ class LiveCurves(Hook):
 
     def _draw(self, run, force: bool = False) -> None:
         now = time.perf_counter()
-        if not run.primary or not (force or self.budget is None or (now - self.last) * self.budget >= self.cost):  # fmt: skip
+        if not run.primary or not (force or self.budget is None or (now - self.last) * self.budget >= self.cost):
             return
         from mnist_jax import plots
 
@@ -356,7 +370,7 @@ class StopAt(Hook):
 
     def on_train_start(self, run):
         if "val" not in run.arrays:
-            raise ConfigError("a stop at a target accuracy chooses on a validation split: set --data-val-split N")  # fmt: skip
+            raise ConfigError("a stop at a target accuracy chooses on a validation split: set --data-val-split N")
 
     def on_epoch_end(self, run, rows, evaluation):
         run.finished = bool(np.all(evaluation["val"]["accuracy"] >= self.target))

@@ -90,7 +90,7 @@ def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
     seed's), so every seed and every resume holds out the same ones; "val" is absent without."""
     n_val, n_train = config.data.val_split, len(ds.train_labels)
     if n_val >= n_train:
-        raise ConfigError(f"--data-val-split: {n_val} leaves none of the {n_train} training images")  # fmt: skip
+        raise ConfigError(f"--data-val-split: {n_val} leaves none of the {n_train} training images")
     held = np.zeros(n_train, bool)
     held[np.random.default_rng(0).permutation(n_train)[:n_val]] = True
     train_n, test_n = config.data.train_limit or None, config.data.test_limit or None
@@ -100,12 +100,20 @@ def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
         "test": (ds.test_images[:test_n], ds.test_labels[:test_n]),
     }
     if config.batch_size > len(arrays["train"][1]):
-        raise ConfigError(f"--batch-size: {config.batch_size} is larger than the {len(arrays['train'][1])} training images")  # fmt: skip
+        raise ConfigError(
+            f"--batch-size: {config.batch_size} is larger than the {len(arrays['train'][1])} training images"
+        )
     return arrays if n_val else {k: v for k, v in arrays.items() if k != "val"}
 
 
-def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
-          members_given: list | None = None, labels: list | None = None) -> Run:  # fmt: skip
+def setup(
+    given: ml_collections.ConfigDict,
+    config,
+    workdirs: list,
+    vmap: bool,
+    members_given: list | None = None,
+    labels: list | None = None,
+) -> Run:
     """Check the config and each work directory (a run of another recipe is refused before
     anything is written: recipe.py), load the data, build the members' initial states.
     members_given: each member's config as given (see train)."""
@@ -113,14 +121,19 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
     models.build(**config.model)  # a model field or value the model cannot take: one line
     mesh = parallel.make_mesh(config.devices)
     members_given = members_given or member_configs(given, None, len(workdirs))
-    members = Members(config, workdirs, mesh, vmap, member_configs(config, members_given, 0), labels)  # fmt: skip
+    members = Members(config, workdirs, mesh, vmap, member_configs(config, members_given, 0), labels)
     ds = data.from_config(config.data)
     arrays = split_data(ds, config)
     spe = len(arrays["train"][1]) // config.batch_size
-    runtime = dict(devices=mesh.size, processes=jax.process_count(),
-                   platform=mesh.devices.flat[0].platform, jax=jax.__version__,
-                   steps_per_call=config.steps_per_call, conv_grad=config.conv_grad,
-                   seed_mode=members.mode)  # fmt: skip
+    runtime = dict(
+        devices=mesh.size,
+        processes=jax.process_count(),
+        platform=mesh.devices.flat[0].platform,
+        jax=jax.__version__,
+        steps_per_call=config.steps_per_call,
+        conv_grad=config.conv_grad,
+        seed_mode=members.mode,
+    )
     dataset = config.dataset = data.identity(ds, config.data.digits)  # resumes on the same
     for c in members.configs:  # each member's state is built for these data
         c.dataset = dataset
@@ -130,8 +143,8 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
         c.seeds, c.dataset = 1, dataset
         recorded.append(c)
     plans = [recipe.check(w, c, runtime) for w, c in zip(members.workdirs, recorded)]
-    states = [train_lib.create_train_state(c, r, spe) for c, r in zip(members.configs, members.init_rngs)]  # fmt: skip
-    plans = [recipe.find_checkpoint(w, p, c, s, spe) for w, p, c, s in zip(members.workdirs, plans, recorded, states)]  # fmt: skip
+    states = [train_lib.create_train_state(c, r, spe) for c, r in zip(members.configs, members.init_rngs)]
+    plans = [recipe.find_checkpoint(w, p, c, s, spe) for w, p, c, s in zip(members.workdirs, plans, recorded, states)]
     parallel.sync("work directories checked")  # every process has read them before any change
     if config.init_from and any(plan.step is None for plan in plans):
         for i, seed in enumerate(members.seeds):  # a member that resumes replaces this state
@@ -142,11 +155,18 @@ def setup(given: ml_collections.ConfigDict, config, workdirs: list, vmap: bool,
     if parallel.is_primary():
         for workdir in members.workdirs:
             flags.write_atomic(workdir / "summary.txt", summary + "\n")
-    return Run(config=config, members=members, steps_per_epoch=spe,
-               arrays=parallel.put_replicated(arrays, mesh), state=members.put(states),
-               mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],
-               primary=parallel.is_primary(), summary=summary, rows=[None] * len(workdirs),
-               recorded=[json.loads(c.to_json()) for c in recorded])  # fmt: skip
+    return Run(
+        config=config,
+        members=members,
+        steps_per_epoch=spe,
+        arrays=parallel.put_replicated(arrays, mesh),
+        state=members.put(states),
+        mngrs=[checkpoint.manager(w, keep_period=spe) for w in members.workdirs],
+        primary=parallel.is_primary(),
+        summary=summary,
+        rows=[None] * len(workdirs),
+        recorded=[json.loads(c.to_json()) for c in recorded],
+    )
 
 
 # The model tables printed by the command in progress (`one_summary`): a command that trains
@@ -176,7 +196,7 @@ def resume(run: Run) -> None:
     """
     members = run.members
     states = [members.take(run.state, i) for i in range(len(run.mngrs))]
-    found = [recipe.restore_latest(m, s, w) for m, s, w in zip(run.mngrs, states, members.workdirs)]  # fmt: skip
+    found = [recipe.restore_latest(m, s, w) for m, s, w in zip(run.mngrs, states, members.workdirs)]
     steps = [int(f[0].step) if f else 0 for f in found]
     step = min(steps)
     for i, mngr in enumerate(run.mngrs):
@@ -188,7 +208,7 @@ def resume(run: Run) -> None:
         run.state = members.put([f[0] for f in found])
         run.rows = [metrics.upgrade(f[1]["last_epoch"]) for f in found]
         partials = [f[1]["partial"] or {} for f in found]
-        run.partial = {k: np.stack([np.asarray(p[k], np.float32) for p in partials]) for k in partials[0]}  # fmt: skip
+        run.partial = {k: np.stack([np.asarray(p[k], np.float32) for p in partials]) for k in partials[0]}
 
 
 def call_end(config, k: int, done: int, step: int, steps_per_epoch: int) -> int:
@@ -219,7 +239,7 @@ def fetch(run: Run, chunk: list, epoch: int) -> dict:
             + "; try a smaller --opt-lr, or --debug-nans to find the operation",
             member=int(i),
         )
-    run.partial = {k: np.concatenate([run.partial[k], v], 1) if run.partial else v for k, v in new.items()}  # fmt: skip
+    run.partial = {k: np.concatenate([run.partial[k], v], 1) if run.partial else v for k, v in new.items()}
     return new
 
 
@@ -234,9 +254,11 @@ def train_epoch(run: Run, epoch: int, hook_list: list) -> None:
         while True:  # calls until host work is due: a log row, a checkpoint, the end, a signal
             end = call_end(config, k, done, epoch * spe + done, spe)
             try:
-                run.state, m = run.members.train(run.state, x, y, order, done, end - done, config, run.step_fn)  # fmt: skip
+                run.state, m = run.members.train(run.state, x, y, order, done, end - done, config, run.step_fn)
             except FloatingPointError as e:  # raised under --debug-nans
-                raise Diverged(f"{e} at epoch {epoch + 1}, steps {epoch * spe + done + 1}-{epoch * spe + end}; last good checkpoint: step {run.mngrs[0].latest_step()}") from None  # fmt: skip
+                raise Diverged(
+                    f"{e} at epoch {epoch + 1}, steps {epoch * spe + done + 1}-{epoch * spe + end}; last good checkpoint: step {run.mngrs[0].latest_step()}"
+                ) from None
             chunk.append(m)
             due = config.checkpoint_every and (epoch * spe + end) % config.checkpoint_every == 0
             logged = end // config.log_every > done // config.log_every
@@ -258,12 +280,16 @@ def end_epoch(run: Run, epoch: int, seconds: float, hook_list: list) -> None:
     rows = []
     for i in range(len(run.rows)):
         row = {"epoch": epoch + 1, "step": run.step}
-        row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in metrics.LAST})  # fmt: skip
+        row.update({f"train_{k}": float(v[i].mean()) for k, v in run.partial.items() if k not in metrics.LAST})
         row.update({k: float(v[i, -1]) for k, v in run.partial.items() if k in metrics.LAST})
         for split, ev in evaluation.items():
             for name, _ in run.eval_metrics:  # an array: name_0, name_1, ...
                 value = np.ravel(ev[name][i])
-                keys = [f"{split}_{name}"] if np.ndim(ev[name][i]) == 0 else [f"{split}_{name}_{j}" for j in range(len(value))]  # fmt: skip
+                keys = (
+                    [f"{split}_{name}"]
+                    if np.ndim(ev[name][i]) == 0
+                    else [f"{split}_{name}_{j}" for j in range(len(value))]
+                )
                 row.update({key: float(v) for key, v in zip(keys, value)})
         rows.append({**row, "seconds": seconds})
     run.partial, run.rows, run.evaluation = {}, rows, evaluation
@@ -281,9 +307,18 @@ def _locked(workdirs: list):
             recipe.unlock(Path(workdir))
 
 
-def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False, *,
-          hooks: tuple = (), save: bool = True, step_fn=None, eval_metrics: dict | None = None,
-          members: list | None = None, labels: list | None = None) -> Run:  # fmt: skip
+def train(
+    config: ml_collections.ConfigDict,
+    workdirs: list,
+    vmap: bool = False,
+    *,
+    hooks: tuple = (),
+    save: bool = True,
+    step_fn=None,
+    eval_metrics: dict | None = None,
+    members: list | None = None,
+    labels: list | None = None,
+) -> Run:
     """Train members config.seed, config.seed + 1, ... (one per work directory; several only
     vmapped) for config.epochs epochs, evaluating on the test set after each; resume if possible.
 
@@ -321,7 +356,10 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
                     end_epoch(run, epoch, seconds, hook_list)
                 if run.stop is not None:
                     name, where = signal.Signals(run.stop).name, run.members.where
-                    raise Interrupted(run.stop, f"interrupted ({name}) at step {run.step}; checkpoint saved in {run.members.saved_in}. Resume by running the same command again with --workdir {where}")  # fmt: skip
+                    raise Interrupted(
+                        run.stop,
+                        f"interrupted ({name}) at step {run.step}; checkpoint saved in {run.members.saved_in}. Resume by running the same command again with --workdir {where}",
+                    )
                 if run.finished:
                     break
             if run.evaluation is None:  # nothing left to train: the run had finished
@@ -335,8 +373,6 @@ def train(config: ml_collections.ConfigDict, workdirs: list, vmap: bool = False,
     return run
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path
-) -> train_lib.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> train_lib.TrainState:
     """Train one seed, config.seed, in `workdir` (see train): its final TrainState."""
     return train(config, [workdir]).state

@@ -29,11 +29,13 @@ def member_configs(config, given: list | None, n: int) -> list:
     """Each member's config: `config` with the MEMBER_FIELDS of its `given` config (default:
     seeds config.seed, config.seed + 1, ...). ConfigError if they differ in anything else."""
     given = given or [_with(config, {"seed": config.seed + i}) for i in range(n)]
-    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}  # noqa: E731  # fmt: skip
+    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}  # noqa: E731
     for g in given:
         if program(g) != program(given[0]):
             diff = sorted(k for k in program(g) if program(g)[k] != program(given[0]).get(k))
-            raise ConfigError(f"members trained together differ only in {', '.join(MEMBER_FIELDS)}; these differ in {', '.join(diff)}")  # fmt: skip
+            raise ConfigError(
+                f"members trained together differ only in {', '.join(MEMBER_FIELDS)}; these differ in {', '.join(diff)}"
+            )
     return [_with(config, {p: v for p, v in flags.leaves(g) if p in MEMBER_FIELDS}) for g in given]
 
 
@@ -47,15 +49,18 @@ def _with(config, values: dict):
 class Members:
     """A group's members (see the module's doc); vmap: in one program."""
 
-    def __init__(self, config, workdirs: list, mesh, vmap: bool, configs: list | None = None,
-                 labels: list | None = None):  # fmt: skip
+    def __init__(
+        self, config, workdirs: list, mesh, vmap: bool, configs: list | None = None, labels: list | None = None
+    ):
         """configs: each member's (member_configs; default seeds config.seed, + 1, ...);
         labels: what a line about a member calls it (default "seed <s>")."""
         assert vmap or len(workdirs) == 1, "runs that do not train vmapped train one at a time"
         n = len(workdirs)
         self.configs = configs or member_configs(config, None, n)
         if vmap and n % mesh.size:
-            raise ConfigError(f"--seeds: {n} seeds do not spread over {mesh.size} devices; use a multiple of {mesh.size}, or --devices 1")  # fmt: skip
+            raise ConfigError(
+                f"--seeds: {n} seeds do not spread over {mesh.size} devices; use a multiple of {mesh.size}, or --devices 1"
+            )
         if vmap and jax.process_count() > 1:
             raise ConfigError("--seed-mode vmap: one process only; use --seed-mode turn")
         if not vmap:
@@ -121,7 +126,7 @@ class Members:
     def order(self, epoch: int, n: int, batch: int):
         """The epoch's batch indices on the device, each member's from its seed: [members, S, B]
         stacked, or one member's [S, B]."""
-        return self.put([np.asarray(data.epoch_batches(r, epoch, n, batch)) for r in self.data_rngs])  # fmt: skip
+        return self.put([np.asarray(data.epoch_batches(r, epoch, n, batch)) for r in self.data_rngs])
 
     # What a person reads: one member is the run; several are seeds and their spread.
     def label(self, i: int) -> str:
@@ -155,10 +160,16 @@ class Members:
         n, devices = len(self.seeds), self.mesh.size
         if self.vmap:
             per = f", {n // devices} per device on {devices} devices" if devices > 1 else ""
-            which = f"{n} seeds ({self.seeds[0]}-{self.seeds[-1]})" if self.labels[0].startswith("seed ") else f"{n} members ({', '.join(self.labels)})"  # fmt: skip
+            which = (
+                f"{n} seeds ({self.seeds[0]}-{self.seeds[-1]})"
+                if self.labels[0].startswith("seed ")
+                else f"{n} members ({', '.join(self.labels)})"
+            )
             return [f"{which} in one vmapped program{per}"]
         if devices > 1:
-            return [f"Data-parallel over {devices} {self.mesh.devices.flat[0].platform} devices in "
-                    f"{jax.process_count()} process(es): {self.batch // devices} images per device "
-                    "per step"]  # fmt: skip
+            return [
+                f"Data-parallel over {devices} {self.mesh.devices.flat[0].platform} devices in "
+                f"{jax.process_count()} process(es): {self.batch // devices} images per device "
+                "per step"
+            ]
         return []

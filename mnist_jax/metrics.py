@@ -48,7 +48,7 @@ def read(path: str | Path) -> list[dict]:
         except ValueError:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            print(f"warning: {path}: its last line is incomplete (a write cut short); dropped", file=sys.stderr)  # fmt: skip
+            print(f"warning: {path}: its last line is incomplete (a write cut short); dropped", file=sys.stderr)
     return rows
 
 

@@ -67,8 +67,17 @@ def _conv_stride2_jvp(primals, tangents):
 conv_stride2.defjvp(_conv_stride2_jvp, symbolic_zeros=True)
 
 
-def conv_s2d_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                  dimension_numbers=None, feature_group_count=1, precision=None):  # fmt: skip
+def conv_s2d_grad(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
     """lax.conv_general_dilated for nn.Conv, with conv_stride2 where it applies: a model's
     choice (ConvNet.s2d_grad), which startup.resolve makes on the CPU."""
     plain = lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
@@ -83,8 +92,17 @@ def conv_s2d_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
         and all(n % 4 == 2 for n in rhs.shape[:2])  # SAME pads whole 2x2 blocks
     ):
         return conv_stride2(lhs, rhs)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision)  # fmt: skip
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+    )
 
 
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
@@ -99,13 +117,15 @@ def _no_pixels(x, before, what: str) -> None:
     in the next layer's initializer (a fan-in of 0)."""
     if 0 in x.shape[1:]:
         shape = lambda s: "x".join(map(str, s[1:3]))  # noqa: E731
-        raise ConfigError(f"{SHAPE_FLAGS}: {what} turns the {shape(before)} pixels into {shape(x.shape)}, leaving none; use SAME padding or smaller kernels, strides or pools")  # fmt: skip
+        raise ConfigError(
+            f"{SHAPE_FLAGS}: {what} turns the {shape(before)} pixels into {shape(x.shape)}, leaving none; use SAME padding or smaller kernels, strides or pools"
+        )
 
 
 def _flat(x):
     """[B, ...] -> [B, features]; ConfigError for images of no pixels (a 0-sized side)."""
     if 0 in x.shape[1:]:
-        raise ConfigError(f"the images are {'x'.join(map(str, x.shape[1:]))}: no pixels to classify")  # fmt: skip
+        raise ConfigError(f"the images are {'x'.join(map(str, x.shape[1:]))}: no pixels to classify")
     return x.reshape((x.shape[0], -1))
 
 
@@ -157,9 +177,7 @@ class ConvNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2)
     dense: int = 200
     batch_norm: bool = False
-    bn_momentum: float = (
-        0.99  # the running statistics' decay (Keras's default; the codelab swept it)
-    )
+    bn_momentum: float = 0.99  # the running statistics' decay (Keras's default; the codelab swept it)
     dropout: float = 0.0
     padding: str = "SAME"
     pool: Sequence[int] = ()  # () or one per layer
@@ -189,8 +207,8 @@ class ConvNet(nn.Module):
         for i, (c, k, s) in enumerate(layers):
             last = logits_conv and i == len(layers) - 1
             before = x.shape
-            x = conv(c, (k, k), strides=s, padding=self.padding, use_bias=last or not bn, dtype=self.dtype)(x)  # fmt: skip
-            _no_pixels(x, before, f"layer {i + 1}'s {k}x{k} convolution (stride {s}, {self.padding})")  # fmt: skip
+            x = conv(c, (k, k), strides=s, padding=self.padding, use_bias=last or not bn, dtype=self.dtype)(x)
+            _no_pixels(x, before, f"layer {i + 1}'s {k}x{k} convolution (stride {s}, {self.padding})")
             if not last:
                 x = nn.relu(norm()(x) if bn else x)
                 # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to
@@ -213,9 +231,7 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
-MODEL_CHOICES.update(
-    {"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)}
-)  # --help
+MODEL_CHOICES.update({"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)})  # --help
 # Set by the data (num_classes) and the backend (how it computes): build's keywords, not the
 # config's model fields.
 NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")
@@ -224,9 +240,7 @@ NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")
 def fields(name: str) -> dict:
     """A model's config fields and their defaults: {"features": (200, 60), ...}."""
     return {
-        f.name: f.default
-        for f in dataclasses.fields(MODELS[name])
-        if f.name not in ("parent", "name", *NOT_FIELDS)
+        f.name: f.default for f in dataclasses.fields(MODELS[name]) if f.name not in ("parent", "name", *NOT_FIELDS)
     }
 
 
@@ -241,11 +255,7 @@ def _check(name: str, kwargs: dict) -> None:
             f"--model-name {name}: the {name} model has no "
             + ", ".join(flag_name(f"model.{k}") for k in foreign)
             + " (set by the stage or a flag); "
-            + (
-                f"its fields are {', '.join(flag_name(f'model.{k}') for k in known)}"
-                if known
-                else "it has no fields"
-            )  # fmt: skip
+            + (f"its fields are {', '.join(flag_name(f'model.{k}') for k in known)}" if known else "it has no fields")
             + "; use a stage built on that model"
         )
     values = {**known, **kwargs}
@@ -262,7 +272,7 @@ def _check(name: str, kwargs: dict) -> None:
         "pool": (
             lambda v: len(v) == 0 or (len(v) == n and sizes(v)),
             f"must be empty or {n} sizes, one per layer (1: none)",
-        ),  # fmt: skip
+        ),
         "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
@@ -272,8 +282,7 @@ def _check(name: str, kwargs: dict) -> None:
             raise ConfigError(f"{flag_name('model.' + key)}: {what}, got {values[key]!r}")
 
 
-def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad: bool = False,
-          **fields) -> nn.Module:  # fmt: skip
+def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad: bool = False, **fields) -> nn.Module:
     """A model from its config section: `build(**config.model)`, with the data's number of
     classes and how it computes (NOT_FIELDS: the models that have those fields take them). A
     field the model does not have, or a value it cannot train with, is a ConfigError naming
@@ -284,9 +293,11 @@ def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad:
     if fields.get("gap") and not fields.get("dense", cls.dense):
         channels = fields.get("channels", cls.channels)
         if channels[-1] != num_classes:
-            raise ConfigError(f"--model-gap with --model-dense 0: the last convolution gives the logits, so its channels must be the {num_classes} classes, got --model-channels {','.join(map(str, channels))}")  # fmt: skip
+            raise ConfigError(
+                f"--model-gap with --model-dense 0: the last convolution gives the logits, so its channels must be the {num_classes} classes, got --model-channels {','.join(map(str, channels))}"
+            )
         if fields.get("dropout"):
-            raise ConfigError("--model-dropout: the gap head without a dense layer has no layer to drop into; use 0")  # fmt: skip
+            raise ConfigError("--model-dropout: the gap head without a dense layer has no layer to drop into; use 0")
     given = dict(num_classes=num_classes, dtype=dtype, s2d_grad=s2d_grad)
     return cls(**fields, **{k: v for k, v in given.items() if hasattr(cls, k)})
 

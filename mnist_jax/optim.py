@@ -19,9 +19,7 @@ import optax
 ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
 
 
-def scale_by_keras_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS
-) -> optax.GradientTransformation:
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS) -> optax.GradientTransformation:
     """Adam's update as Keras (and TensorFlow, which the codelab ran) computes it.
 
     update = m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps): eps is added to sqrt(v) before
@@ -50,9 +48,7 @@ def scale_by_keras_adam(
 
 def keras_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS):
     """keras.optimizers.Adam: scale_by_keras_adam, then the learning rate (a schedule allowed)."""
-    return optax.chain(
-        scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
-    )
+    return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
 
 
 def shape(schedule: str, decay: float, warmup: float, steps_per_epoch: int, epochs: int):
@@ -66,7 +62,7 @@ def shape(schedule: str, decay: float, warmup: float, steps_per_epoch: int, epoc
     """
     total = epochs * steps_per_epoch
     if schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(total, 1.0, pct_start=0.2, div_factor=25, final_div_factor=40)  # fmt: skip
+        return optax.cosine_onecycle_schedule(total, 1.0, pct_start=0.2, div_factor=25, final_div_factor=40)
     if schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, 1.0, round(warmup * total), total)
     if schedule == "constant":
@@ -93,9 +89,10 @@ def _chain(lr, weight_decay, *, name, momentum, nesterov, clip_norm, schedule):
 @functools.lru_cache(maxsize=None)
 def _transform(name, momentum, nesterov, clip_norm, schedule, decay, warmup, spe, epochs):
     curve = shape(schedule, decay, warmup, spe, epochs)
-    factory = functools.partial(_chain, name=name, momentum=momentum, nesterov=nesterov,
-                                clip_norm=clip_norm, schedule=curve)  # fmt: skip
-    static = ("name", "momentum", "nesterov", "clip_norm", "schedule")  # a callable would be a schedule  # fmt: skip
+    factory = functools.partial(
+        _chain, name=name, momentum=momentum, nesterov=nesterov, clip_norm=clip_norm, schedule=curve
+    )
+    static = ("name", "momentum", "nesterov", "clip_norm", "schedule")  # a callable would be a schedule
     return optax.inject_hyperparams(factory, static_args=static)(lr=0.0, weight_decay=0.0)
 
 
@@ -118,8 +115,17 @@ class Optimizer:
 def optimizer(opt, steps_per_epoch: int, epochs: int = 1) -> Optimizer:
     """The transformation of config `opt` (see the module's doc)."""
     get = opt.get  # .get: config.json of runs from before these fields
-    key = (opt.name, get("momentum", 0.0), get("nesterov", False), get("clip_norm", 0.0),
-           get("schedule", "exponential"), opt.decay, get("warmup", 0.0), steps_per_epoch, epochs)  # fmt: skip
+    key = (
+        opt.name,
+        get("momentum", 0.0),
+        get("nesterov", False),
+        get("clip_norm", 0.0),
+        get("schedule", "exponential"),
+        opt.decay,
+        get("warmup", 0.0),
+        steps_per_epoch,
+        epochs,
+    )
     return Optimizer(key, {"lr": opt.lr, "weight_decay": get("weight_decay", 0.0)})
 
 

@@ -28,9 +28,7 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
     """jax.distributed.initialize() when asked: by flags, or --distributed-auto (SLURM, MPI...)."""
     if not (dist.auto or dist.coordinator) or jax.distributed.is_initialized():
         return  # once a process: --seeds in turn trains several runs in it
-    if dist.coordinator and (
-        dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes
-    ):
+    if dist.coordinator and (dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes):
         raise ConfigError(
             "--distributed-coordinator needs --distributed-num-processes N and "
             f"--distributed-process-id in 0..N-1, got {dist.num_processes} and {dist.process_id}"
@@ -42,9 +40,7 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
         shutdown_timeout_seconds=dist.get("shutdown_timeout", 300),
     )
     if dist.coordinator:
-        jax.distributed.initialize(
-            dist.coordinator, dist.num_processes, dist.process_id, **timeouts
-        )
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id, **timeouts)
     else:  # the cluster (SLURM, Open MPI, Kubernetes) says who is who
         jax.distributed.initialize(**timeouts)
 
@@ -55,8 +51,7 @@ def make_mesh(devices: int = 0) -> Mesh:
     if devices:
         if jax.process_count() > 1 and devices != len(available):
             raise ConfigError(
-                f"--devices: with {jax.process_count()} processes, use all {len(available)} "
-                f"devices (0), got {devices}"
+                f"--devices: with {jax.process_count()} processes, use all {len(available)} devices (0), got {devices}"
             )
         if devices > len(available):
             raise ConfigError(
@@ -112,8 +107,7 @@ def to_host(tree):
 def check_batch(batch_size: int, mesh: Mesh) -> None:
     if batch_size % mesh.size:
         raise ConfigError(
-            f"--batch-size: {batch_size} does not split over {mesh.size} devices; "
-            f"use a multiple of {mesh.size}"
+            f"--batch-size: {batch_size} does not split over {mesh.size} devices; use a multiple of {mesh.size}"
         )
 
 

@@ -74,9 +74,7 @@ def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None
         (axes[1], "accuracy", "accuracy"),
         (axes[2], "accuracy", f"accuracy, zoomed to {low:.0%}-{min(1, best + 0.005):.1%}"),
     ):
-        ax.plot(
-            x_steps, [r[key] for r in steps], color="#1f77b4", alpha=0.6, label="train (sampled)"
-        )
+        ax.plot(x_steps, [r[key] for r in steps], color="#1f77b4", alpha=0.6, label="train (sampled)")
         for split, label, color in splits:
             ax.plot(x_epochs, [r[f"{split}_{key}"] for r in epochs], "o-", color=color, label=label)
         ax.set_title(title)
@@ -95,14 +93,16 @@ def schedule(config, steps_per_epoch: int, out: Path) -> None:
     the schedule itself, as the codelab's plot_learning_rate(lr_decay, EPOCHS) does."""
     total = config.epochs * steps_per_epoch
     opt = config.opt
-    shape = optim.shape(opt.schedule, opt.decay, opt.get("warmup", 0.0), steps_per_epoch, config.epochs)  # fmt: skip
+    shape = optim.shape(opt.schedule, opt.decay, opt.get("warmup", 0.0), steps_per_epoch, config.epochs)
     steps = np.arange(0, total, max(1, total // 2000))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(
-        steps / steps_per_epoch, opt.lr * np.asarray(jax.vmap(shape)(steps)), drawstyle="steps-post"
-    )
+    ax.plot(steps / steps_per_epoch, opt.lr * np.asarray(jax.vmap(shape)(steps)), drawstyle="steps-post")
     ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel="learning rate", title=f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})")  # fmt: skip
+    ax.set(
+        xlabel="epoch",
+        ylabel="learning rate",
+        title=f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})",
+    )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -147,9 +147,7 @@ def render_digit(digit: int, font: str) -> np.ndarray:
     """The digit drawn with one of matplotlib's fonts, made MNIST-like: uint8 [28, 28, 1]."""
     path = font_manager.findfont(font_manager.FontProperties(family=font), fallback_to_default=True)
     image = Image.new("L", (160, 160), 255)
-    ImageDraw.Draw(image).text(
-        (80, 80), str(digit), fill=0, anchor="mm", font=ImageFont.truetype(path, 110)
-    )
+    ImageDraw.Draw(image).text((80, 80), str(digit), fill=0, anchor="mm", font=ImageFont.truetype(path, 110))
     return predict.to_mnist(image)
 
 
@@ -176,7 +174,7 @@ def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> Non
     h, w, c = images.shape[1:]
     cell_w, cell_h = max(w + 6, 34), h + 14  # pixels of the mosaic per image, and its text
     colour = c == 3
-    mosaic = np.zeros((rows * cell_h, cols * cell_w, 3) if colour else (rows * cell_h, cols * cell_w), np.float32)  # fmt: skip
+    mosaic = np.zeros((rows * cell_h, cols * cell_w, 3) if colour else (rows * cell_h, cols * cell_w), np.float32)
     mosaic += 255.0 if colour else 0.0  # white paper: RGB as it is, gray under gray_r
     for i, image in enumerate(images):
         r, col = divmod(i, cols)
@@ -191,8 +189,15 @@ def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> Non
     ax.axis("off")
     for i, (text, color) in enumerate(digit_titles(labels, predicted, names)):
         r, col = divmod(i, cols)
-        ax.text(col * cell_w + cell_w / 2, r * cell_h + h + 3, text, color=color,
-                fontsize=12 if not names else 8, ha="center", va="top")  # fmt: skip
+        ax.text(
+            col * cell_w + cell_w / 2,
+            r * cell_h + h + 3,
+            text,
+            color=color,
+            fontsize=12 if not names else 8,
+            ha="center",
+            va="top",
+        )
     fig.suptitle(title)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -216,8 +221,15 @@ def confusion(matrix: np.ndarray, title: str, out: Path, names=()) -> None:
     fig, ax = plt.subplots(figsize=(max(6.5, 0.35 * n), max(6, 0.33 * n)))
     ax.imshow(np.log1p(matrix), cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
-        ax.text(p, t, str(count), ha="center", va="center", fontsize=8 if n <= 20 else 5,
-                color="white" if t == p else (RED if count else "#999999"))  # fmt: skip
+        ax.text(
+            p,
+            t,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=8 if n <= 20 else 5,
+            color="white" if t == p else (RED if count else "#999999"),
+        )
     labels = list(names) or [str(k) for k in range(n)]
     ax.set_xticks(range(n), labels, rotation=90 if names else 0)
     ax.set_yticks(range(n), labels)
@@ -240,9 +252,11 @@ def draw_sweep(study, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    draw = {"history": lambda: figures.plot_optimization_history(study, target_name="validation accuracy"),
-            "importance": lambda: figures.plot_param_importances(study),
-            "params": lambda: figures.plot_slice(study, target_name="validation accuracy")}  # fmt: skip
+    draw = {
+        "history": lambda: figures.plot_optimization_history(study, target_name="validation accuracy"),
+        "importance": lambda: figures.plot_param_importances(study),
+        "params": lambda: figures.plot_slice(study, target_name="validation accuracy"),
+    }
     paths = []
     # Optuna sets its style for the whole process (plt.style.use): kept to these figures.
     with warnings.catch_warnings(), matplotlib.rc_context():
@@ -269,7 +283,7 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
     images_name = "test_digits" if digits else "test_images"
-    names_drawn = ["curves", "learning_rate", *(["font_digits"] if digits else []), images_name, "confusion"]  # fmt: skip
+    names_drawn = ["curves", "learning_rate", *(["font_digits"] if digits else []), images_name, "confusion"]
     paths = {name: out / f"{name}.png" for name in names_drawn}
     curves(workdir, paths["curves"])
     learning_rate(workdir, paths["learning_rate"])
@@ -296,8 +310,7 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
         test_x[shown],
         test_y[shown],
         predictions[shown],
-        f"Test {what}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: "
-        "guess (truth)",
+        f"Test {what}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: guess (truth)",
         paths[images_name],
         names=names,
     )
@@ -315,7 +328,9 @@ def main(argv=None):
     flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
-        recipe.check_workdir(args.workdir, writes=("", "plots"), uses=("checkpoints", "plots", "metrics.jsonl", "train_steps.jsonl"))  # fmt: skip
+        recipe.check_workdir(
+            args.workdir, writes=("", "plots"), uses=("checkpoints", "plots", "metrics.jsonl", "train_steps.jsonl")
+        )
         paths = draw_all(args.workdir, args.data_dir)
     for path in paths:
         print(path)

@@ -52,7 +52,9 @@ def mode_for(image_shape) -> str:
     """The PIL mode of images shaped like the data; ValueError for other channel counts."""
     c = image_shape[-1]
     if c not in MODES:
-        raise ValueError(f"the run's images have {c} channels; only 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) can be made from an image file")  # fmt: skip
+        raise ValueError(
+            f"the run's images have {c} channels; only 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) can be made from an image file"
+        )
     return MODES[c]
 
 

@@ -101,7 +101,7 @@ def compare(old: dict, new: ml_collections.ConfigDict) -> tuple[list[str], dict]
         if path.startswith("dataset.") and was is None:
             kind = config_lib.NEITHER  # a run from before the data were recorded
         if kind == RECIPE or (kind == LENGTH and spans):
-            why = f" (--opt-schedule {now_flat['opt.schedule']} spans the whole run)" if kind == LENGTH else ""  # fmt: skip
+            why = f" (--opt-schedule {now_flat['opt.schedule']} spans the whole run)" if kind == LENGTH else ""
             refused.append(f"  {_label(path)}: {_show(was)} in that run, {_show(now)} here{why}")
         else:
             changed[path] = [was, now]
@@ -118,8 +118,7 @@ def move_aside(workdir: Path, step: int, reason: str) -> None:
     target.parent.mkdir(exist_ok=True)
     shutil.move(source, target)
     print(
-        f"warning: checkpoint {source} is damaged ({reason}); moved to {target}, "
-        "trying the previous one",
+        f"warning: checkpoint {source} is damaged ({reason}); moved to {target}, trying the previous one",
         file=sys.stderr,
     )
 
@@ -146,9 +145,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             step_dir = workdir / "checkpoints" / str(step)
-            diff = checkpoint.mismatch(
-                step_dir, checkpoint.items(state, checkpoint.layout(step_dir))
-            )
+            diff = checkpoint.mismatch(step_dir, checkpoint.items(state, checkpoint.layout(step_dir)))
             if diff is not None:
                 raise misfit(workdir, step, diff)
             restored, reason = checkpoint.restore_state(mngr, state, step), None
@@ -196,7 +193,9 @@ def check(workdir: Path, config, runtime: dict) -> Plan:
             )
         step, old = found
         if parallel.is_primary():
-            print(f"note: {workdir / 'config.json'} is missing; the recipe is read from checkpoint {step} and written back")  # fmt: skip
+            print(
+                f"note: {workdir / 'config.json'} is missing; the recipe is read from checkpoint {step} and written back"
+            )
     if old is not None:
         refused, changed = compare(old, config)
         if refused:
@@ -209,7 +208,7 @@ def check(workdir: Path, config, runtime: dict) -> Plan:
     history = metrics.read(workdir / HISTORY)
     if history:
         before = history[-1].get("runtime", {})
-        changed.update({f"runtime.{k}": [before.get(k), v] for k, v in runtime.items() if before.get(k) != v})  # fmt: skip
+        changed.update({f"runtime.{k}": [before.get(k), v] for k, v in runtime.items() if before.get(k) != v})
     return Plan(None, [], changed, runtime)
 
 
@@ -226,9 +225,7 @@ def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: i
             continue
         try:
             step_dir = workdir / "checkpoints" / str(s)
-            diff = checkpoint.mismatch(
-                step_dir, checkpoint.items(state, checkpoint.layout(step_dir))
-            )
+            diff = checkpoint.mismatch(step_dir, checkpoint.items(state, checkpoint.layout(step_dir)))
         except checkpoint.Damaged as e:
             damaged.append((s, str(e)))
             continue
@@ -276,14 +273,10 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
     arithmetic = {  # what ran, when both a flag and what it resolved to changed
         k: v
         for k, v in plan.changed.items()
-        if k.startswith("runtime.")
-        or FIELD_CLASSES.get(k) == ARITHMETIC
-        and f"runtime.{k}" not in plan.changed
+        if k.startswith("runtime.") or FIELD_CLASSES.get(k) == ARITHMETIC and f"runtime.{k}" not in plan.changed
     }
     if arithmetic and plan.step:
-        what = ", ".join(
-            f"{_label(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in arithmetic.items()
-        )
+        what = ", ".join(f"{_label(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in arithmetic.items())
         print(
             f"note: {what} since this run's last start: the same recipe computed in another "
             f"order, so from step {plan.step} it is no longer bit for bit the uninterrupted run "
@@ -303,7 +296,7 @@ def holder(workdir: Path) -> str:
         for line in Path("/proc/locks").read_text().splitlines():
             parts = line.split()
             if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(inode):
-                cmd = Path(f"/proc/{parts[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()  # fmt: skip
+                cmd = Path(f"/proc/{parts[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
                 return f"process {parts[4]}: {cmd[:200]}"
     except OSError:
         pass
@@ -334,7 +327,10 @@ def lock(workdir: Path) -> None:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks here
             if key not in _UNLOCKABLE:
                 _UNLOCKABLE.add(key)
-                print(f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time", file=sys.stderr)  # fmt: skip
+                print(
+                    f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time",
+                    file=sys.stderr,
+                )
             _LOCKS[key] = [os.open(workdir, os.O_RDONLY), 1]
             return
         raise Busy(
@@ -383,8 +379,7 @@ def prepare_all(workdirs: list[Path], configs: list, plans: list[Plan]) -> None:
 RUN_DIRS = ("checkpoints", "tensorboard", "plots", checkpoint.DAMAGED)  # the rest are files
 
 
-def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = False,
-                  uses: tuple | None = None) -> None:  # fmt: skip
+def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = False, uses: tuple | None = None) -> None:
     """ConfigError in one line for a work directory a command cannot use, before it reads or
     writes anything there: a file where a directory belongs or the other way round, a
     config.json that is no JSON object, or a directory of `writes` ("": WORKDIR itself) that
@@ -401,15 +396,15 @@ def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = Fals
         path, want_dir = workdir / name, name in RUN_DIRS
         if path.exists() and path.is_dir() != want_dir:
             what = "a directory where a file" if path.is_dir() else "a file where a directory"
-            raise ConfigError(f"{path}: is {what} belongs; move it away (or add --restart to a training command)")  # fmt: skip
+            raise ConfigError(f"{path}: is {what} belongs; move it away (or add --restart to a training command)")
     config = workdir / "config.json"
     if config.is_file() and not restart:
         try:
             tree = json.loads(config.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{config}: not a readable config ({getattr(e, 'strerror', None) or e})") from None  # fmt: skip
+            raise ConfigError(f"{config}: not a readable config ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{config}: not a run's config (a JSON {type(tree).__name__}, not an object)")  # fmt: skip
+            raise ConfigError(f"{config}: not a run's config (a JSON {type(tree).__name__}, not an object)")
     for name in writes:
         directory = workdir / name
         reason = directory.is_dir() and flags.cannot_write(directory)

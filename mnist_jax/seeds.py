@@ -52,9 +52,7 @@ def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
         "compile_s": round(run.members.compile_s, 2),
         "collapsed_to": diagnostics.collapsed_to(test["predictions"][i]),
-        "dead_units": diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()})
-        if dead_units
-        else None,  # fmt: skip
+        "dead_units": diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()}) if dead_units else None,
         "history": history,
     }
 
@@ -81,14 +79,23 @@ def summarize(results: list[dict]) -> dict:
 def seed_line(r: dict) -> str:
     line = f"seed {r['seed']}: final test {r['test_accuracy']:.2%}"
     if r["best_epoch"] is not None:
-        line += f"; best validation epoch {r['best_epoch']}: val {r['best_val_accuracy']:.2%}, test {r['best_test_accuracy']:.2%}"  # fmt: skip
+        line += f"; best validation epoch {r['best_epoch']}: val {r['best_val_accuracy']:.2%}, test {r['best_test_accuracy']:.2%}"
     return line
 
 
 @loop.one_summary()  # the model's table once, not once a seed
-def train(config: ml_collections.ConfigDict, workdir, *, save: bool = True,
-          target: float | None = None, dead_units: bool = False, report: bool = True,
-          hooks: tuple = (), step_fn=None, eval_metrics: dict | None = None) -> dict:  # fmt: skip
+def train(
+    config: ml_collections.ConfigDict,
+    workdir,
+    *,
+    save: bool = True,
+    target: float | None = None,
+    dead_units: bool = False,
+    report: bool = True,
+    hooks: tuple = (),
+    step_fn=None,
+    eval_metrics: dict | None = None,
+) -> dict:
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
     the caller prints its own lines. vmap: the seeds are one group of members (members.Members);
@@ -143,9 +150,9 @@ def summary_line(summary: dict) -> str:
     f = summary["test_accuracy"]
     line = (
         f"{summary['stage']} over {len(summary['seeds'])} seeds ({summary['mode']}): final test "
-        f"{f['median']:.2%} median, {f['mean']:.2%} +- {f['std']:.2%}, {f['min']:.2%} to {f['max']:.2%}"  # fmt: skip
+        f"{f['median']:.2%} median, {f['mean']:.2%} +- {f['std']:.2%}, {f['min']:.2%} to {f['max']:.2%}"
     )
     if "best_test_accuracy" in summary:
         b = summary["best_test_accuracy"]
-        line += f"; test at the best validation epoch {b['median']:.2%} median, {b['mean']:.2%} +- {b['std']:.2%}"  # fmt: skip
+        line += f"; test at the best validation epoch {b['median']:.2%} median, {b['mean']:.2%} +- {b['std']:.2%}"
     return line

@@ -44,7 +44,7 @@ def _leftover(unraisable) -> bool:
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
         return True
-    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"  # fmt: skip
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
     return closed and unraisable.object is None
 
 
@@ -89,7 +89,7 @@ def start(config: ml_collections.ConfigDict) -> None:
         except OSError as e:
             reason = e.strerror or type(e).__name__
         if reason:
-            raise ConfigError(f"{flag_name('compile_cache')} {cache}: cannot write there ({reason})")  # fmt: skip
+            raise ConfigError(f"{flag_name('compile_cache')} {cache}: cannot write there ({reason})")
         jax.config.update("jax_compilation_cache_dir", str(cache))
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 

@@ -51,11 +51,13 @@ from mnist_jax.members import MEMBER_FIELDS
 # Heartbeats, their retry callback and fail_stale_trials are "experimental" in Optuna since 2.x,
 # and it warns that heartbeats are meant for optimize(), which runs one trial at a time.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")  # fmt: skip
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-SYNTAX = ("PATH=loguniform(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH[,STEP]), logint(LOW,HIGH) "
-          "or choice(A,B,...); PATH a config field (opt.lr) or an element of a tuple field "
-          "(model.channels[0])")  # fmt: skip
+SYNTAX = (
+    "PATH=loguniform(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH[,STEP]), logint(LOW,HIGH) "
+    "or choice(A,B,...); PATH a config field (opt.lr) or an element of a tuple field "
+    "(model.channels[0])"
+)
 _SPEC = re.compile(r"^\s*([a-z_.]+)(?:\[(\d+)\])?\s*=\s*([a-z]+)\((.*)\)\s*$")
 _FINAL = {TrialState.COMPLETE, TrialState.PRUNED}
 
@@ -87,7 +89,7 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
             raise bad(f"not {SYNTAX}")
         path, index, kind, args = match.groups()
         if path not in paths:
-            raise bad(f"{path} is not a field of this stage's config (its fields are its flags: --help)")  # fmt: skip
+            raise bad(f"{path} is not a field of this stage's config (its fields are its flags: --help)")
         current = paths[path]
         if index is not None:
             if not isinstance(current, (tuple, list)) or int(index) >= len(current):
@@ -105,7 +107,7 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                 if not all(math.isfinite(n) for n in nums):  # inf, nan, 1e400
                     raise bad(f"the bounds must be finite numbers, got ({args})")
                 if len(nums) != (3 if kind == "int" and len(nums) == 3 else 2):
-                    raise bad(f"{kind} takes (LOW,HIGH){'[,STEP]' if kind == 'int' else ''}, got ({args})")  # fmt: skip
+                    raise bad(f"{kind} takes (LOW,HIGH){'[,STEP]' if kind == 'int' else ''}, got ({args})")
                 if nums[0] > nums[1]:
                     raise bad(f"the range is empty: {nums[0]} > {nums[1]}")
                 if kind in ("loguniform", "logint") and nums[0] <= 0:
@@ -117,8 +119,10 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
                     dist = IntDistribution(nums[0], nums[1], log=kind == "logint", step=step)
                 else:
                     if not isinstance(current, float):
-                        raise bad(f"{kind} is for a float field; {path} is {type(current).__name__}: use int(...) or choice(...)")  # fmt: skip
-                    dist = FloatDistribution(float(nums[0]), float(nums[1]), log=kind == "loguniform")  # fmt: skip
+                        raise bad(
+                            f"{kind} is for a float field; {path} is {type(current).__name__}: use int(...) or choice(...)"
+                        )
+                    dist = FloatDistribution(float(nums[0]), float(nums[1]), log=kind == "loguniform")
             else:
                 raise bad(f"unknown distribution {kind!r}; {SYNTAX}")
         except ConfigError:  # a ValueError too: said already, not to be wrapped again
@@ -199,10 +203,12 @@ _OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default stu
 def check_name(name: str) -> None:
     """A study's name becomes WORKDIR/NAME/: one path component, and none the default study
     writes in WORKDIR."""
-    if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:  # fmt: skip
-        raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")  # fmt: skip
+    if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:
+        raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")
     if _OWN.fullmatch(name):
-        raise ConfigError(f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name")  # fmt: skip
+        raise ConfigError(
+            f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name"
+        )
 
 
 def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
@@ -212,7 +218,7 @@ def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
     beats = {}
     if heartbeat:
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-        beats = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)  # fmt: skip
+        beats = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
 
 
@@ -225,7 +231,9 @@ def grpc(url: str) -> optuna.storages.GrpcStorageProxy:
     try:
         store.wait_server_ready(timeout=10)
     except Exception:
-        raise OSError(f"no study server answers at {parts.hostname}:{parts.port} (python -m experiments.study_server)") from None  # fmt: skip
+        raise OSError(
+            f"no study server answers at {parts.hostname}:{parts.port} (python -m experiments.study_server)"
+        ) from None
     return store
 
 
@@ -240,16 +248,29 @@ def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> o
         store = grpc(url)
     else:
         store = rdb(url, heartbeat)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
-                "random": optuna.samplers.RandomSampler}  # fmt: skip
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True), "random": optuna.samplers.RandomSampler}
     pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
-    return optuna.create_study(storage=store, study_name=name, direction="maximize",
-                               sampler=samplers[sampler](), pruner=pruners[pruner](),
-                               load_if_exists=True)  # fmt: skip
+    return optuna.create_study(
+        storage=store,
+        study_name=name,
+        direction="maximize",
+        sampler=samplers[sampler](),
+        pruner=pruners[pruner](),
+        load_if_exists=True,
+    )
 
 
-def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: str,
-               pruner: str, space: dict, config, tries: int = 5) -> optuna.Study:  # fmt: skip
+def open_study(
+    storage: str,
+    name: str,
+    workdir: Path,
+    heartbeat: int,
+    sampler: str,
+    pruner: str,
+    space: dict,
+    config,
+    tries: int = 5,
+) -> optuna.Study:
     """Create or load the study `name` in `storage` ("": WORKDIR/study.db; an RDB URL;
     grpc://HOST:PORT; journal:PATH). A study made with another space or another fixed recipe is refused; a new
     one records its space, recipe and `home` (so give only checked ones). Creating a new store
@@ -267,8 +288,10 @@ def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: 
                 continue
             reason = shown(url, (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
             raise ConfigError(f"--storage {shown(url)}: cannot open ({reason})") from None
-    given = {"space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
-             "recipe": _recipe(config)}  # fmt: skip
+    given = {
+        "space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
+        "recipe": _recipe(config),
+    }
     known = {k: study.user_attrs[k] for k in given if k in study.user_attrs}
     if not known:
         # The stage's own study keeps WORKDIR/trial_<n>/ unless another study's trials are there.
@@ -277,8 +300,10 @@ def open_study(storage: str, name: str, workdir: Path, heartbeat: int, sampler: 
             study.set_user_attr(k, v)
     for key in known:
         if known[key] != given[key]:
-            diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))  # fmt: skip
-            raise ConfigError(f"--study {name} in {shown(url)} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir")  # fmt: skip
+            diff = sorted(k for k in {**known[key], **given[key]} if known[key].get(k) != given[key].get(k))
+            raise ConfigError(
+                f"--study {name} in {shown(url)} was made with another {key} ({', '.join(diff)} differ); use another --study or --workdir"
+            )
     return study
 
 
@@ -348,7 +373,7 @@ class Heartbeat:
             while True:
                 for i in ids:
                     try:
-                        storage.record_heartbeat(i) if native else storage.set_trial_system_attr(i, BEAT, time.time())  # fmt: skip
+                        storage.record_heartbeat(i) if native else storage.set_trial_system_attr(i, BEAT, time.time())
                     except optuna.exceptions.UpdateFinishedTrialError:
                         pass  # failed as stale elsewhere (this process was paused): Report stops it
                 if self.stop.wait(interval):
@@ -389,11 +414,9 @@ def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
     trial recorded it (wherever its study's home was then)."""
     trial = study.ask()
     params = {name: suggest(trial, name, dist) for name, dist in space.items()}
-    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
-        _frozen(study, trial.number)
-    )
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(study, trial.number))
     recorded = _frozen(study, retried).user_attrs.get("workdir") if retried is not None else None
-    where = Path(recorded) if recorded else workdir / f"trial_{trial.number if retried is None else retried}"  # fmt: skip
+    where = Path(recorded) if recorded else workdir / f"trial_{trial.number if retried is None else retried}"
     trial.set_user_attr("workdir", str(where))
     return Entry(trial, trial_config(config, params), where)
 
@@ -410,14 +433,19 @@ def _has_run(workdir: Path) -> bool:
     return any(workdir.glob("**/checkpoints/*"))
 
 
-def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: dict, lost: dict,
-                  hooks: tuple) -> int | None:  # fmt: skip
+def train_entries(
+    study, entries: list, trial_seeds: int, vmap: bool, pruned: dict, lost: dict, hooks: tuple
+) -> int | None:
     """Train the entries' runs: vmapped as one group of members (trial x seed), or each trial
     alone (its seeds vmapped where that pays, startup.resolve, else in turn); fills results.
     Returns a signal heard too late to stop a run (the sweep stops after telling them)."""
-    dirs = lambda e: [e.workdir] if trial_seeds == 1 else [checkpoint.seed_dir(e.workdir, e.config.seed + s) for s in range(trial_seeds)]  # noqa: E731  # fmt: skip
+    dirs = lambda e: (
+        [e.workdir]
+        if trial_seeds == 1
+        else [checkpoint.seed_dir(e.workdir, e.config.seed + s) for s in range(trial_seeds)]
+    )  # noqa: E731
     base = entries[0].config
-    seeded = lambda e, s: ml_collections.ConfigDict({**e.config.to_dict(), "seed": e.config.seed + s, "seeds": 1})  # noqa: E731  # fmt: skip
+    seeded = lambda e, s: ml_collections.ConfigDict({**e.config.to_dict(), "seed": e.config.seed + s, "seeds": 1})  # noqa: E731
     if len(entries) == 1 and not vmap:
         e = entries[0]
         c = ml_collections.ConfigDict({**e.config.to_dict(), "seeds": trial_seeds})
@@ -433,13 +461,15 @@ def train_entries(study, entries: list, trial_seeds: int, vmap: bool, pruned: di
             continue
         members = [seeded(entries[i], s) for i, s in group]
         workdirs = [dirs(entries[i])[s] for i, s in group]
-        labels = [f"trial {entries[i].trial.number}" + (f" seed {m.seed}" if trial_seeds > 1 else "") for (i, _), m in zip(group, members)]  # fmt: skip
+        labels = [
+            f"trial {entries[i].trial.number}" + (f" seed {m.seed}" if trial_seeds > 1 else "")
+            for (i, _), m in zip(group, members)
+        ]
         trials = [entries[i].trial for i in live]
         idx = [[j for j, (i2, _) in enumerate(group) if i2 == i] for i in live]
         report = Report(trials, idx, pruned, lost)
         c = ml_collections.ConfigDict({**base.to_dict(), "seed": members[0].seed, "seeds": 1})
-        run = loop.train(c, workdirs, vmap=len(group) > 1, hooks=(*hooks, report),
-                         members=members, labels=labels)  # fmt: skip
+        run = loop.train(c, workdirs, vmap=len(group) > 1, hooks=(*hooks, report), members=members, labels=labels)
         for j, (i, _) in enumerate(group):
             entries[i].results.append(seeds.result(run, j))
         if report.signal is not None:
@@ -469,7 +499,7 @@ def fail_stale(study, interval: int) -> None:
     if _native(study._storage):
         optuna.storages.fail_stale_trials(study)
         return
-    retry, now = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True), time.time()  # fmt: skip
+    retry, now = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True), time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = t.system_attrs.get(BEAT) or t.datetime_start.timestamp()
         if now - last <= 2 * interval:
@@ -486,7 +516,7 @@ def tally(study) -> tuple[int, list]:
     """Trials done (complete, pruned, or failed for their own reason, not re-queued) and the
     numbers of those running."""
     trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in _FINAL or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)  # fmt: skip
+    done = sum(t.state in _FINAL or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)
     return done, [t.number for t in trials if t.state == TrialState.RUNNING]
 
 
@@ -517,8 +547,18 @@ def _drop_gone(study, entries: list, say) -> list:
 
 
 @loop.one_summary()  # the model's table once, not once a trial
-def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds: int = 1,
-             batch: int = 1, heartbeat: int = 30, hooks: tuple = (), say=print) -> None:  # fmt: skip
+def optimize(
+    study,
+    space: dict,
+    config,
+    workdir: Path,
+    trials: int,
+    trial_seeds: int = 1,
+    batch: int = 1,
+    heartbeat: int = 30,
+    hooks: tuple = (),
+    say=print,
+) -> None:
     """Run trials until the study has `trials` done (every process sharing it counts): `batch`
     at a time, vmapped together when batch > 1 (fresh trials of a batchable space). A trial
     whose directory another process holds waits, beating, while this one goes on with others."""
@@ -537,14 +577,19 @@ def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds
             if not ready and free <= 0:  # the rest are running: here, or elsewhere
                 if waited != running:
                     busy = [n for n in running if n in held]
-                    say(f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)" if not busy else  # fmt: skip
-                        f"waiting for trial(s) {', '.join(map(str, busy))}: a process still holds its directory")  # fmt: skip
+                    say(
+                        f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)"
+                        if not busy
+                        else f"waiting for trial(s) {', '.join(map(str, busy))}: a process still holds its directory"
+                    )
                     waited = running
                 time.sleep(min(heartbeat, 5))
                 continue
             entries = ready or [ask(study, space, config, workdir) for _ in range(min(batch, free))]
             for e in [e for e in entries if e not in ready and not _claim(e)]:
-                say(f"trial {e.trial.number}: {e.workdir} is held by {recipe.holder(e.workdir)}; it runs here once that process leaves it")  # fmt: skip
+                say(
+                    f"trial {e.trial.number}: {e.workdir} is held by {recipe.holder(e.workdir)}; it runs here once that process leaves it"
+                )
                 held[e.trial.number] = (e, Heartbeat(study, [e.trial._trial_id], heartbeat))
                 entries.remove(e)
             entries = _drop_gone(study, entries, say)
@@ -556,8 +601,8 @@ def optimize(study, space: dict, config, workdir: Path, trials: int, trial_seeds
                 for k, group in enumerate(runs):
                     for e in group:
                         params = ", ".join(f"{n}={_show(v)}" for n, v in e.trial.params.items())
-                        say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))  # fmt: skip
-                    _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)  # fmt: skip
+                        say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))
+                    _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)
             finally:
                 beat.close()
                 for e in entries:
@@ -596,7 +641,11 @@ def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
     for entry in group:
         if _frozen(study, entry.trial.number).state != TrialState.RUNNING:
             epoch = lost.get(entry.trial.number)
-            say(f"trial {entry.trial.number}: failed as stale by another process (no heartbeat from this one within the grace period: was it paused?); its run stopped" + (f" after epoch {epoch}" if epoch else "") + " and the trial's retry resumes it")  # fmt: skip
+            say(
+                f"trial {entry.trial.number}: failed as stale by another process (no heartbeat from this one within the grace period: was it paused?); its run stopped"
+                + (f" after epoch {epoch}" if epoch else "")
+                + " and the trial's retry resumes it"
+            )
             continue
         if lost or (len(entry.results) < trial_seeds and entry.trial.number not in pruned):
             requeue(study, [entry])  # stopped short: by a late signal, or with a taken-over one
@@ -606,7 +655,7 @@ def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
         say(f"trial {entry.trial.number}: {state}, validation {value:.2%}")
     if heard is not None:
         requeue(study, [e for g in later for e in g])
-        raise loop.Interrupted(heard, f"interrupted ({signal.Signals(heard).name}) as a trial ended")  # fmt: skip
+        raise loop.Interrupted(heard, f"interrupted ({signal.Signals(heard).name}) as a trial ended")
 
 
 def _show(value) -> str:
@@ -621,14 +670,19 @@ def table(study) -> list[dict]:
         state = t.state.name.lower().replace("fail", "failed")
         if t.state == TrialState.FAIL and "error" not in t.user_attrs:
             state = "re-queued"  # its run goes on in a later trial
-        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None  # fmt: skip
-        rows.append({
-            "trial": t.number, "state": state, "params": t.params,
-            "val_accuracy": t.value if t.value is not None else last,
-            "test_accuracy": t.user_attrs.get("test_accuracy"),
-            "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=0)),
-            "workdir": t.user_attrs.get("workdir"), "error": t.user_attrs.get("error"),
-        })  # fmt: skip
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        rows.append(
+            {
+                "trial": t.number,
+                "state": state,
+                "params": t.params,
+                "val_accuracy": t.value if t.value is not None else last,
+                "test_accuracy": t.user_attrs.get("test_accuracy"),
+                "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=0)),
+                "workdir": t.user_attrs.get("workdir"),
+                "error": t.user_attrs.get("error"),
+            }
+        )
     return rows
 
 
@@ -636,8 +690,17 @@ def format_table(rows: list[dict]) -> str:
     names = sorted({n for r in rows for n in r["params"]})
     pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
     head = ["trial", "state", *names, "val", "test", "epochs"]
-    body = [[str(r["trial"]), r["state"], *(_show(r["params"].get(n, "")) for n in names),
-             pct(r["val_accuracy"]), pct(r["test_accuracy"]), str(r["epochs"])] for r in rows]  # fmt: skip
+    body = [
+        [
+            str(r["trial"]),
+            r["state"],
+            *(_show(r["params"].get(n, "")) for n in names),
+            pct(r["val_accuracy"]),
+            pct(r["test_accuracy"]),
+            str(r["epochs"]),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
@@ -658,15 +721,22 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
     rows = table(study)
     complete = [r for r in rows if r["state"] == "complete"]
     best = max(complete, key=lambda r: r["val_accuracy"]) if complete else None
-    out = {"study": study.study_name, "best": best, "importances": importances(study),
-           "space": {k: repr(v) for k, v in space.items()}, "trials": rows}  # fmt: skip
+    out = {
+        "study": study.study_name,
+        "best": best,
+        "importances": importances(study),
+        "space": {k: repr(v) for k, v in space.items()},
+        "trials": rows,
+    }
     if not parallel.is_primary():
         return out
     say(format_table(rows))
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "re-queued")}  # fmt: skip
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "re-queued")}
     say(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if best:
-        say(f"best trial {best['trial']} (chosen on validation {best['val_accuracy']:.2%}): test {best['test_accuracy']:.2%}, in {best['workdir']}")  # fmt: skip
+        say(
+            f"best trial {best['trial']} (chosen on validation {best['val_accuracy']:.2%}): test {best['test_accuracy']:.2%}, in {best['workdir']}"
+        )
     flags.write_json(str(workdir / "sweep.json"), out)
     if plots and rows:
         from mnist_jax import plots as plots_lib  # matplotlib only when drawing
@@ -688,6 +758,6 @@ def check_config(config) -> str | None:
     if config.data.val_split == 0:
         n = len(ds.train_labels)
         config.data.val_split = max(1, min(5000, n // 10))
-        note = f"--data-val-split {config.data.val_split}: a sweep chooses on validation images held out of the {n:,} training images (a tenth of them, at most 5,000; set it to change)"  # fmt: skip
+        note = f"--data-val-split {config.data.val_split}: a sweep chooses on validation images held out of the {n:,} training images (a tenth of them, at most 5,000; set it to change)"
     loop.split_data(ds, config)  # the split and the batch fit the data, or one line now
     return note

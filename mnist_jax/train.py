@@ -47,8 +47,11 @@ def model_of(config: ml_collections.ConfigDict):
     their `apply` is one function and a jitted step compiles once for runs that differ only in
     numbers (a bound method compares its object by identity)."""
     s2d = config.get("conv_grad") == "space_to_depth"
-    return _one(models.build(**config.model, num_classes=data.spec(config)[1],
-                             dtype=config.get("dtype", "float32"), s2d_grad=s2d))  # fmt: skip
+    return _one(
+        models.build(
+            **config.model, num_classes=data.spec(config)[1], dtype=config.get("dtype", "float32"), s2d_grad=s2d
+        )
+    )
 
 
 def create_train_state(
@@ -106,10 +109,8 @@ def train_step(
         loss, extra = out if isinstance(out, tuple) else (out, {})
         return loss, (logits, updates, extra)
 
-    (loss, (logits, updates, extra)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)  # fmt: skip
-    state = state.apply_gradients(
-        grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
-    )
+    (loss, (logits, updates, extra)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -218,8 +219,7 @@ def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift", "step"))
-def train_steps(state, images, labels, order, start, rng, steps: int, sharding=None, shift=0,
-                step=train_step):  # fmt: skip
+def train_steps(state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step):
     """`steps` training steps in one call: a lax.scan over the rows start..start+steps-1 of the
     device-resident batch indices `order` [S, B]; returns the state and each step's metrics.
     `step` is the step function (train_step, or a researcher's with the same signature).
@@ -233,8 +233,7 @@ def train_steps(state, images, labels, order, start, rng, steps: int, sharding=N
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift", "step"))
-def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0,
-                step=train_step):  # fmt: skip
+def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step):
     """train_steps for N seeds in one vmapped program: states stacked on a leading axis,
     orders [N, S, B], rngs [N] (each seed its own weights, batch order and dropout keys; the
     data are shared). Metrics come back [N, steps].
@@ -253,9 +252,8 @@ def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0
 # --debug-nans re-runs a step op by op on its inputs when it finds a NaN: nothing donated there.
 UNDONATED = {
     fn: jax.jit(fn.__wrapped__, static_argnames=names)
-    for fn, names in ((train_steps, ("steps", "sharding", "shift", "step")),
-                      (train_seeds, ("steps", "shift", "step")))
-}  # fmt: skip
+    for fn, names in ((train_steps, ("steps", "sharding", "shift", "step")), (train_seeds, ("steps", "shift", "step")))
+}
 
 
 def _forward(state, images, batch_size: int = 1000, sharding=None):
@@ -272,13 +270,12 @@ def _forward(state, images, batch_size: int = 1000, sharding=None):
     return logits.reshape(-1, logits.shape[-1])[:n], alive
 
 
-def _eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None,
-                  metrics=EVAL_METRICS) -> dict:  # fmt: skip
+def _eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None, metrics=EVAL_METRICS) -> dict:
     """`metrics` (EVAL_METRICS: loss, accuracy) over uint8 images [n, ...] and their labels, the
     predictions [n], and the hidden units alive, in one call."""
     logits, alive = _forward(state, images, batch_size, sharding)
     scores = {name: fn(logits, labels) for name, fn in metrics}
-    return {**scores, "predictions": jnp.argmax(logits, -1), "alive": alive}  # fmt: skip
+    return {**scores, "predictions": jnp.argmax(logits, -1), "alive": alive}
 
 
 eval_dataset = jax.jit(_eval_dataset, static_argnames=("batch_size", "sharding", "metrics"))
@@ -291,6 +288,4 @@ def eval_seeds(states, images, labels, batch_size: int = 1000, metrics=EVAL_METR
     differently (test losses 1e-7 apart), and XLA:CPU's vectorized division too (824 / 1000 gave
     0.82400006 for 0.824); a member's scores are those of its run alone, bitwise, since a sweep
     chooses on them. Evaluation is a small part of an epoch."""
-    return jax.lax.map(
-        lambda s: _eval_dataset(s, images, labels, batch_size, None, metrics), states
-    )
+    return jax.lax.map(lambda s: _eval_dataset(s, images, labels, batch_size, None, metrics), states)

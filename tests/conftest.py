@@ -66,10 +66,7 @@ def assert_runs_alike(a: Path, b: Path) -> None:
 
     va, vb = mnist_jax.restore(a).variables, mnist_jax.restore(b).variables
     for name in ("metrics.jsonl", "train_steps.jsonl"):
-        ra, rb = (
-            [{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / name)]
-            for d in (a, b)
-        )
+        ra, rb = ([{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / name)] for d in (a, b))
         if jax.default_backend() == "cpu":
             assert ra == rb, name
             continue

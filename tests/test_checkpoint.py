@@ -33,12 +33,8 @@ def test_restore_is_exact(two_epoch_run):
     restored = mnist_jax.restore(workdir)
     assert restored.step == int(state.step) == 20
     jax.tree.map(np.testing.assert_array_equal, restored.variables["params"], state.params)
-    jax.tree.map(
-        np.testing.assert_array_equal, restored.variables["batch_stats"], state.batch_stats
-    )
-    logits = restored.model.apply(
-        restored.variables, np.zeros((2, 28, 28, 1), np.float32), train=False
-    )
+    jax.tree.map(np.testing.assert_array_equal, restored.variables["batch_stats"], state.batch_stats)
+    logits = restored.model.apply(restored.variables, np.zeros((2, 28, 28, 1), np.float32), train=False)
     assert logits.shape == (2, 10)
 
 

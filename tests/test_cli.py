@@ -71,10 +71,7 @@ def test_workdir_that_is_a_file(mnist_dir, tmp_path, capsys):
 def test_evaluate_without_a_run(tmp_path, capsys):
     code, _, err = exits(capsys, evaluate.main, ["--workdir", str(tmp_path)])
     assert code == 2
-    assert (
-        err.strip()
-        == f"error: {tmp_path / 'config.json'}: not found; is {tmp_path} a training work directory?"
-    )
+    assert err.strip() == f"error: {tmp_path / 'config.json'}: not found; is {tmp_path} a training work directory?"
 
 
 def test_workdir_that_cannot_be_created(mnist_dir, tmp_path, capsys):
@@ -96,7 +93,5 @@ def test_xla_cpu_after_jax_started_is_one_line(mnist_dir, tmp_path, capsys, monk
     code, _, err = exits(capsys, stage(linear.get_config), argv)
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert (
-        len(lines) == 1 and "--xla-cpu ynn-no-conv: JAX's backend has already started" in lines[0]
-    )
+    assert len(lines) == 1 and "--xla-cpu ynn-no-conv: JAX's backend has already started" in lines[0]
     assert not (tmp_path / "w").exists()  # nothing trained

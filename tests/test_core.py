@@ -31,8 +31,7 @@ def rel_diff(a, b) -> float:
     """Largest difference over the leaves of a and b, relative to each leaf's largest value."""
     return max(
         (
-            float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
-            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+            float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
         ),  # fmt: skip
         default=0.0,
     )

@@ -156,9 +156,7 @@ def tiny_tfds():
     import numpy as np
 
     def splits():
-        draw = lambda seed: np.random.default_rng(seed).integers(
-            0, 256, (8, 28, 28, 1), dtype=np.uint8
-        )  # noqa: E731
+        draw = lambda seed: np.random.default_rng(seed).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)  # noqa: E731
         return {"train": (draw(0), np.arange(8)), "test": (draw(1), np.arange(8))}
 
     return tfds_digits.builder("TinyDigits", splits)

@@ -123,9 +123,7 @@ def test_writing_metrics_leaves_torch_unimported(tmp_path):
         "w.epoch({'epoch': 1, 'step': 1, 'test_accuracy': 0.5}); w.close(); "
         "print('torch' in sys.modules); import torch; print(torch.tensor([1]).item())"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "1"]
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1

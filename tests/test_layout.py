@@ -29,9 +29,7 @@ def layout(step_dir) -> int:
 @pytest.mark.parametrize("fixture, written", [(LAYOUT1, 1), (LAYOUT2, 2)])
 def test_an_older_layouts_run_is_read_resumed_and_goes_on_in_the_new_layout(mnist_dir, tmp_path, capsys, fixture, written):  # fmt: skip
     shutil.copytree(fixture, tmp_path, dirs_exist_ok=True)
-    assert [layout(tmp_path / "checkpoints" / str(s)) for s in checkpoint.steps(tmp_path)] == [
-        written
-    ]
+    assert [layout(tmp_path / "checkpoints" / str(s)) for s in checkpoint.steps(tmp_path)] == [written]
     assert checkpoint.layout(tmp_path / "checkpoints" / "2") == written
     assert mnist_jax.restore(tmp_path).step == 2
     capsys.readouterr()
@@ -81,9 +79,7 @@ def test_a_damaged_metrics_item_is_moved_aside_and_every_command_goes_on(mnist_d
     assert mnist_jax.restore(tmp_path).step == 6
 
 
-def test_a_field_added_to_the_state_is_saved_and_resumes_bit_exactly(
-    mnist_dir, tmp_path, monkeypatch
-):
+def test_a_field_added_to_the_state_is_saved_and_resumes_bit_exactly(mnist_dir, tmp_path, monkeypatch):
     """A researcher's field (here a count of the steps taken, kept by their own step) is data
     in the state: checkpointed and restored with no edit to the checkpoint code."""
     from typing import Any

@@ -98,9 +98,7 @@ def test_a_pooling_head_without_a_dense_layer_needs_a_channel_per_class():
 
 def test_conv_bn_has_no_biases_and_keeps_batch_statistics():
     state = train.create_train_state(stage_config("conv_bn"), jax.random.PRNGKey(0))
-    names = {
-        "/".join(str(k.key) for k in path) for path, _ in jax.tree.leaves_with_path(state.params)
-    }
+    names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree.leaves_with_path(state.params)}
     assert not any(n.startswith(("Conv", "Dense_0")) and n.endswith("bias") for n in names)
     assert not any(n.endswith("scale") for n in names)  # BatchNorm(center=True, scale=False)
     assert count(state.batch_stats) == 2 * (12 + 24 + 32 + 200)  # mean and var per channel
@@ -151,9 +149,7 @@ def test_conv_layers_take_the_stride2_path_when_asked(monkeypatch):
 
     calls = []
     original = models.conv_stride2
-    monkeypatch.setattr(
-        models, "conv_stride2", lambda x, k: calls.append(x.shape) or original(x, k)
-    )
+    monkeypatch.setattr(models, "conv_stride2", lambda x, k: calls.append(x.shape) or original(x, k))
     x0 = np.zeros((2, 28, 28, 1), np.float32)
     init = lambda model: jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))  # noqa: E731
     init(models.build(**stage_config("conv_bn").model))

@@ -90,7 +90,9 @@ def test_runs_that_differ_only_in_their_numbers_share_one_program(batches):
     """Learning rate, weight decay and label smoothing are data: the second run compiles
     nothing; another optimizer is another program."""
     x, y, order = batches
-    step = jax.jit(train.train_step)  # a program of its own, counted from zero
+    # A function of its own, so its cache counts from zero: jit caches by function, and other
+    # tests in this process may have jitted train.train_step itself.
+    step = jax.jit(lambda state, batch, rng: train.train_step(state, batch, rng))
     adamw = dict(name="adamw", weight_decay=1e-4, schedule="onecycle")  # at step 1: lr / 25
     configs = [small_config(lr=0.01, **adamw), small_config(lr=0.003, **adamw), small_config(lr=0.003, **{**adamw, "weight_decay": 1e-2})]  # fmt: skip
     configs[2].loss.label_smoothing = 0.1

@@ -109,9 +109,7 @@ def test_sampled_train_metrics_and_tensorboard(trained_conv_bn):
     import tensorflow as tf
 
     (event_file,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
-    tags = {
-        v.tag for e in tf.compat.v1.train.summary_iterator(str(event_file)) for v in e.summary.value
-    }
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(event_file)) for v in e.summary.value}
     assert {
         "train/loss",
         "train/learning_rate",

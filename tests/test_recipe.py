@@ -162,9 +162,7 @@ def test_a_changed_recipe_is_refused_and_nothing_is_written(linear_run, mnist_di
     assert snapshot(linear_run) == before  # every file, byte for byte
 
 
-def test_init_from_starts_a_new_recipe_from_the_old_weights(
-    linear_run, mnist_dir, tmp_path, capsys
-):
+def test_init_from_starts_a_new_recipe_from_the_old_weights(linear_run, mnist_dir, tmp_path, capsys):
     """The initial state, evaluated before the first step, is the source's last evaluation."""
     args = small(mnist_dir, tmp_path, "--epochs", "3", "--opt-name", "adam", "--init-from", str(linear_run))  # fmt: skip
     config = flags.parse_config(linear.get_config(), args)
@@ -215,9 +213,7 @@ def test_init_from_a_model_that_does_not_fit_is_one_line(linear_run, mnist_dir, 
     assert not (tmp_path / "w").exists()
 
 
-def test_allowed_changes_are_recorded_and_arithmetic_ones_said(
-    linear_run, mnist_dir, tmp_path, capsys
-):
+def test_allowed_changes_are_recorded_and_arithmetic_ones_said(linear_run, mnist_dir, tmp_path, capsys):
     import shutil
 
     shutil.copytree(linear_run, tmp_path, dirs_exist_ok=True)

@@ -197,9 +197,7 @@ def _damage(step_dir, how):
         for f in (p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     elif how == "a file deleted":
-        next(
-            p for p in (step_dir / "model").rglob("*") if p.is_file() and "manifest" in p.name
-        ).unlink()
+        next(p for p in (step_dir / "model").rglob("*") if p.is_file() and "manifest" in p.name).unlink()
     elif how == "metrics missing":
         (step_dir / "metrics" / "metrics").unlink()
 

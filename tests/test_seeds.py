@@ -97,10 +97,7 @@ def test_collapsed_runs_are_counted_apart(mnist_dir, tmp_path, capsys):
     assert r["median_accuracy"] == pytest.approx((ok["test_accuracy"] + 0.1135) / 2)
     captured = capsys.readouterr()
     printed = captured.out
-    assert (
-        "seed 21: final test 11.35%" in printed
-        and "predicts class 1 for every test image" in printed
-    )
+    assert "seed 21: final test 11.35%" in printed and "predicts class 1 for every test image" in printed
     assert "; 1 collapsed, the others" in printed
     # The loop warned of it, once, and said why: a hidden layer whose every unit is dead.
     warnings = [line for line in captured.err.splitlines() if "warning" in line]

@@ -310,9 +310,7 @@ def test_opening_a_new_store_retries_a_creation_race(tmp_path, monkeypatch):
     create, calls = sweep_lib._create, []
     errors = [
         _race(sqlite3.IntegrityError("UNIQUE constraint failed: alembic_version.version_num")),
-        _race(
-            Exception('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
-        ),  # fmt: skip
+        _race(Exception('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')),  # fmt: skip
         optuna.exceptions.StorageInternalError("An exception is raised during the commit."),
     ]
     errors[2].__cause__ = sqlalchemy.exc.OperationalError("CREATE TABLE trials", {}, Exception("table trials already exists"))  # fmt: skip

@@ -18,9 +18,7 @@ from tests.test_sweep_postgres import EPOCHS, TRIAL_LINE, epochs, stop_mid_trial
 
 def test_a_trial_without_a_beat_for_the_grace_period_is_failed_and_queued_again(tmp_path):
     backend = optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.log"))
-    study = optuna.create_study(
-        storage=optuna.storages.JournalStorage(backend), direction="maximize"
-    )
+    study = optuna.create_study(storage=optuna.storages.JournalStorage(backend), direction="maximize")
     dead, alive = study.ask(), study.ask()
     for trial in (dead, alive):
         trial.suggest_float("x", 0, 1)
@@ -80,7 +78,10 @@ def test_two_workers_through_the_grpc_proxy_and_a_killed_ones_trial_runs_again(p
         (["--storage", "nosuch://x"], "--storage nosuch://x: cannot open"),
         (["--storage", "postgresql://u:secret@/db?host=/nonexistent"], "--storage postgresql://u:***@/db"),
         (["--storage", "sqlite:///x.db", "--port", "0"], "--port: a port number, 1-65535, got 0"),
-        (["--storage", "sqlite:///x.db", "--host", "203.0.113.9"], "--host 203.0.113.9 --port 13000: cannot listen there"),  # fmt: skip
+        (
+            ["--storage", "sqlite:///x.db", "--host", "203.0.113.9"],
+            "--host 203.0.113.9 --port 13000: cannot listen there",
+        ),  # fmt: skip
     ],
 )
 def test_the_study_servers_bad_input_is_one_line(argv, message, tmp_path, capsys, monkeypatch):

@@ -23,9 +23,7 @@ def test_train_step_changes_params_and_keeps_loss_finite(mnist):
     for old, updated in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
         assert not np.allclose(old, updated)
     # batch norm statistics move too
-    assert not np.allclose(
-        state.batch_stats["BatchNorm_0"]["mean"], new.batch_stats["BatchNorm_0"]["mean"]
-    )
+    assert not np.allclose(state.batch_stats["BatchNorm_0"]["mean"], new.batch_stats["BatchNorm_0"]["mean"])
 
 
 def test_initial_variables_are_those_of_model_init():
@@ -86,9 +84,7 @@ def test_learning_rate_follows_the_codelab_schedule(mnist, stage, decay):
     batch = real_batch(mnist, 16)
     for s in range(4 * steps_per_epoch):
         state, metrics = step(state, batch, jax.random.PRNGKey(0))
-        assert float(metrics["learning_rate"]) == pytest.approx(
-            0.01 * decay ** (s // steps_per_epoch), rel=1e-6
-        )
+        assert float(metrics["learning_rate"]) == pytest.approx(0.01 * decay ** (s // steps_per_epoch), rel=1e-6)
 
 
 def test_dropout_keys_depend_on_step_not_on_calls(mnist):

@@ -143,9 +143,7 @@ def test_every_readme_command_runs_as_written(repo, quick_started):
     lines = []
     for line in bash_block("Commands") + bash_block("Your own data"):
         shrunk = as_test(line)
-        if shrunk is None or line.split()[2].startswith(
-            "mnist_jax."
-        ):  # the network; readers: above
+        if shrunk is None or line.split()[2].startswith("mnist_jax."):  # the network; readers: above
             continue
         lines += [shrunk, shrunk] if trains(line) else [shrunk]
     results = run_lines(repo, lines)
