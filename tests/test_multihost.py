@@ -207,5 +207,7 @@ def test_a_lost_process_then_sigterm_to_one_then_to_both_then_resume(reference, 
     # The same command again on both: the run ends as the uninterrupted one, to the bit.
     results = finish(launch(tmp_path, mnist_dir, "--plots", "false"))
     assert [r[0] for r in results] == [0, 0], results
-    assert "Resumed" in results[0][1]
+    # Resumed, or (on a loaded machine the second stop can land on the last step) found done.
+    said = "Resumed" if second < 2 * 1536 // 64 else "nothing left to train"
+    assert said in results[0][1], (second, results[0][1][-2000:])
     same_run(reference[0], tmp_path)
