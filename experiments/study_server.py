@@ -33,9 +33,8 @@ def main(argv=None) -> None:
             raise ConfigError(f"--port: a port number, 1-65535, got {args.port}")
         try:
             storage = sweep_lib.rdb(args.storage)
-        except Exception as e:  # sqlalchemy's: the reason's first line
-            reason = sweep_lib.shown(args.storage, (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]  # fmt: skip
-            raise ConfigError(f"--storage {sweep_lib.shown(args.storage)}: cannot open ({reason})") from None  # fmt: skip
+        except Exception as e:  # sqlalchemy's
+            raise sweep_lib.cannot_open(args.storage, e) from None
         server = serve(optuna.storages.get_storage(storage), args.host, args.port)  # get_storage: cached
         print(f"serving {sweep_lib.shown(args.storage)} on grpc://{args.host}:{args.port}; Ctrl-C stops", flush=True)  # fmt: skip
         try:

@@ -182,6 +182,12 @@ def shown(url: str, text: str | None = None) -> str:
     return text.replace(str(password), "***") if password else text
 
 
+def cannot_open(url: str, error: Exception) -> ConfigError:
+    """The one line for a store that would not open: its reason's first line, no password."""
+    reason = shown(url, (str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
+    return ConfigError(f"--storage {shown(url)}: cannot open ({reason})")
+
+
 def _racing(error: BaseException) -> bool:
     """Whether `error` is another process creating the same new storage at the same moment:
     SQLite's UNIQUE alembic_version, PostgreSQL's pg_type_typname_nsp_index, a table made
@@ -286,8 +292,7 @@ def open_study(
             if attempt + 1 < tries and _racing(e):
                 time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
                 continue
-            reason = shown(url, (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
-            raise ConfigError(f"--storage {shown(url)}: cannot open ({reason})") from None
+            raise cannot_open(url, e) from None
     given = {
         "space": {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()},
         "recipe": _recipe(config),
