@@ -110,12 +110,12 @@ def main(argv=None) -> dict:
         if args.batch_trials < 0:
             raise ConfigError(f"--batch-trials: must be 0 (auto) or positive, got {args.batch_trials}")  # fmt: skip
         recipe.check_workdir(workdir, writes=("",), uses=())  # a file there: one line
+        startup.start(config)  # validates the config: once, here
         note = sweep_lib.check_config(config)
         specs = args.space or list(getattr(module, "get_sweep", lambda: [])())
         if not specs:
             raise ConfigError(f"--space: the stage {args.stage} declares no sweep (get_sweep); give --space {sweep_lib.SYNTAX.split(',')[0]}")  # fmt: skip
         space = sweep_lib.parse_space(specs, config)
-        startup.start(config)
         batch = batch_size(args.batch_trials, space, config)
         created = not workdir.exists()
         try:
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         say(f"study {study.study_name}: {len(space)} parameters, {args.trials} trials, {batch} at a time, in {home}; {sweep_lib.shown(args.storage) if args.storage else workdir / 'study.db'}")  # fmt: skip
         try:
             sweep_lib.optimize(study, space, config, home, args.trials, args.trial_seeds, batch,
-                               args.heartbeat, say=say)  # fmt: skip
+                               args.heartbeat, say=say, runtime=startup.resolve(config, args.trial_seeds))  # fmt: skip
         except loop.Interrupted as e:
             flags.fail(f"{str(e).split(';')[0]}; the study keeps its trials and the interrupted ones are queued again: run the same command to continue", e.exit_code)  # fmt: skip
         except KeyboardInterrupt:  # between two trials, or a second Ctrl-C

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import checkpoint, data, members, parallel, seeds, startup, train
+from mnist_jax import data, loop, parallel, seeds, startup, train
 
 
 def _peak_rss_mib() -> float:
@@ -65,29 +65,32 @@ def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int 
     seeds > 1: that many seeds in one vmapped program (train.train_seeds); images/s then counts
     every model's images (models x images per second).
     """
-    config = startup.resolve(config)
+    runtime = startup.resolve(config, seeds)
     images, labels = _train_arrays(data_dir)
     b, n = config.batch_size, len(images)
-    k = min(config.steps_per_call or n // b, n // b)
+    k = min(runtime.steps_per_call or n // b, n // b)
     per_window = -(-window_steps_for(b, window_images) // k)  # calls per window
     calls = 3 + windows * per_window
-    x, y = jax.device_put((images, labels))
-    group = members.Members(config, [checkpoint.seed_dir("", i) for i in range(seeds)], parallel.make_mesh(1), seeds > 1)  # fmt: skip
-    state = group.put([train.create_train_state(config, r, n // b) for r in group.init_rngs])
+    configs = [loop.with_values(config, {"seed": config.seed + i}) for i in range(seeds)]
+    group = loop.Group(
+        configs,
+        [f"seed_{i}" for i in range(seeds)],
+        runtime,
+        parallel.make_mesh(1),
+        {"train": jax.device_put((images, labels))},
+    )
+    group.state = group.put([train.create_train_state(config, r, n // b, runtime.conv_grad) for r in group.init_rngs])
     orders = group.put([_indices(n, b, calls * k)] * seeds)
 
-    def call(state, i):
-        return group.train(state, x, y, orders, i * k, k, config, train.train_step)
-
     for i in range(3):  # compile, then warm-up: first calls allocate
-        state, m = call(state, i)
+        m = group.train(orders, i * k, k)
     jax.block_until_ready(m)
     seconds = []
     for w in range(windows):
         t = time.perf_counter()
         for i in range(3 + w * per_window, 3 + (w + 1) * per_window):
-            state, m = call(state, i)
-        jax.block_until_ready((state, m))
+            m = group.train(orders, i * k, k)
+        jax.block_until_ready((group.state, m))
         seconds.append(time.perf_counter() - t)
     name = "mnist_jax" if seeds == 1 else f"mnist_jax x{seeds}"
     summary = _summary(name, f"jax {jax.__version__}", b, group.compile_s, seconds, per_window * k * seeds)  # fmt: skip

@@ -48,9 +48,10 @@ def run(
                 recipe.check_workdir(w, restart=config.restart)
             # The curves as it trains, the rest at each run's end, on process 0.
             plots = [hooks_lib.LiveCurves(), hooks_lib.Plots()] if config.plots else []
+            runtime = startup.resolve(config)  # the backend's choices, once a command
             seeds.train(
-                config, workdir, hooks=(*plots, *hooks), step_fn=step_fn, eval_metrics=eval_metrics
-            )  # --seeds 1: loop.train(config, [workdir])
+                config, workdir, runtime=runtime, hooks=(*plots, *hooks), step_fn=step_fn, eval_metrics=eval_metrics
+            )
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:

@@ -15,6 +15,7 @@ final test accuracy; with --data-val-split, also of the test accuracy at each se
 validation epoch) is printed and written to WORKDIR/seeds.json.
 """
 
+import signal
 import statistics
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import jax
 import ml_collections
 
 from mnist_jax import checkpoint, diagnostics, flags, loop, metrics, recipe, startup
+from mnist_jax.config import validate
 from mnist_jax.hooks import StopAt
 
 
@@ -32,17 +34,17 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
     return [checkpoint.seed_dir(workdir, config.seed + i) for i in range(config.seeds)]
 
 
-def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:
-    """Member i of a trained run: its history (from metrics.jsonl) and final test accuracy; with
-    a validation split, also its best epoch, chosen on validation accuracy, and the test accuracy
+def result(run: loop.Run, dead_units: bool = False) -> dict:
+    """A trained run: its history (from metrics.jsonl) and final test accuracy; with a
+    validation split, also its best epoch, chosen on validation accuracy, and the test accuracy
     there. dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
-    workdir, test = run.members.workdirs[i], run.evaluation["test"]
-    history = metrics.read(workdir / metrics.EPOCHS_FILE)
+    test = run.evaluation["test"]
+    history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
     final = history[-1]
     best = max(history, key=lambda h: h["val_accuracy"]) if "val_accuracy" in final else None
     return {
-        "seed": run.members.seeds[i],
-        "workdir": str(workdir),
+        "seed": run.config.seed,
+        "workdir": str(run.workdir),
         "epochs": final["epoch"],
         "test_accuracy": final["test_accuracy"],
         "val_accuracy": final.get("val_accuracy"),
@@ -50,11 +52,17 @@ def result(run: loop.Run, i: int, dead_units: bool = False) -> dict:
         "best_val_accuracy": best and best["val_accuracy"],
         "best_test_accuracy": best and best["test_accuracy"],
         "seconds": round(sum(h["seconds"] for h in history), 2),  # training, compile apart
-        "compile_s": round(run.members.compile_s, 2),
-        "collapsed_to": diagnostics.collapsed_to(test["predictions"][i]),
-        "dead_units": diagnostics.dead_counts({k: v[i] for k, v in test["alive"].items()}) if dead_units else None,
+        "compile_s": round(run.group.compile_s, 2),
+        "collapsed_to": diagnostics.collapsed_to(test["predictions"]),
+        "dead_units": diagnostics.dead_counts(test["alive"]) if dead_units else None,
         "history": history,
     }
+
+
+def in_groups(members: list, together: bool) -> list[list]:
+    """How a command's runs train (seeds here, a sweep's trials and their seeds): together, in
+    one vmapped program (loop.Group), or each alone, one after another."""
+    return [members] if together else [[m] for m in members]
 
 
 def summarize(results: list[dict]) -> dict:
@@ -88,6 +96,7 @@ def train(
     config: ml_collections.ConfigDict,
     workdir,
     *,
+    runtime: startup.Runtime | None = None,
     save: bool = True,
     target: float | None = None,
     dead_units: bool = False,
@@ -98,41 +107,48 @@ def train(
 ) -> dict:
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
-    the caller prints its own lines. vmap: the seeds are one group of members (members.Members);
-    turn: a group each, one after another. hooks, step_fn and eval_metrics go to every
-    group's loop.train."""
-    dirs, how = workdirs(config, workdir), startup.resolve(config).seed_mode
+    the caller prints its own lines. runtime: the command's (default: resolved here). hooks,
+    step_fn and eval_metrics go to every group's loop.train."""
+    if runtime is None:
+        validate(config)
+        runtime = startup.resolve(config)
+    dirs = workdirs(config, workdir)
     if len(dirs) > 1:  # seeds.json's directory: one command at a time writes it
         recipe.lock_all([Path(workdir)])
-    try:
-        parts = dict(step_fn=step_fn, eval_metrics=eval_metrics)
-        return _train(config, workdir, dirs, how, save, target, dead_units, report, hooks, parts)
-    finally:
-        recipe.unlock(Path(workdir))
-
-
-def _train(config, workdir, dirs, how, save, target, dead_units, report, hooks, parts) -> dict:
-    size = len(dirs) if how == "vmap" else 1
     extra = (*hooks, *([StopAt(target)] if target is not None else []))
-    results = []
-    for start in range(0, len(dirs), size):
-        group, c = dirs[start : start + size], ml_collections.ConfigDict(config.to_dict())
-        c.seed = config.seed + start
-        if size < len(dirs) and jax.process_index() == 0:
-            print(f"seed {c.seed} ({start + 1} of {len(dirs)}), in {group[0]}", flush=True)
-        try:
-            run = loop.train(c, group, vmap=how == "vmap", hooks=extra, save=save, **parts)
-        except loop.Interrupted as e:
-            if size == len(dirs):
-                raise
-            where = str(e).split(";")[0]  # "interrupted (SIGTERM) at step N"
-            raise loop.Interrupted(
-                e.exit_code - 128,
-                f"{where} of seed {c.seed} ({start + 1} of {len(dirs)}); checkpoints saved in "
-                f"{workdir}/seed_*. Resume by running the same command again with "
-                f"--seeds {len(dirs)} --workdir {workdir}",
-            ) from None
-        results += [result(run, i, dead_units) for i in range(len(group))]
+    results, groups = [], in_groups(list(range(len(dirs))), runtime.seed_mode == "vmap")
+    try:
+        for k, group in enumerate(groups):
+            members = [loop.with_values(config, {"seed": config.seed + i}) for i in group]
+            where = f"seed {members[0].seed} ({group[0] + 1} of {len(dirs)})"
+            if len(groups) > 1 and jax.process_index() == 0:
+                print(f"{where}, in {dirs[group[0]]}", flush=True)
+            try:
+                trained = loop.train(
+                    config,
+                    [dirs[i] for i in group],
+                    runtime=runtime,
+                    hooks=extra,
+                    save=save,
+                    members=members,
+                    step_fn=step_fn,
+                    eval_metrics=eval_metrics,
+                )
+                if trained.signal is not None and k + 1 < len(groups):  # heard as it ended
+                    raise loop.Interrupted(trained.signal, f"interrupted ({signal.Signals(trained.signal).name})")
+            except loop.Interrupted as e:
+                if len(groups) == 1:
+                    raise
+                raise loop.Interrupted(
+                    e.exit_code - 128,
+                    f"{str(e).split(';')[0]} of {where}; checkpoints saved in {workdir}/seed_*. Resume by "
+                    f"running the same command again with --seeds {len(dirs)} --workdir {workdir}",
+                ) from None
+            results += [result(run, dead_units) for run in trained.runs]
+    finally:
+        if len(dirs) > 1:
+            recipe.unlock(Path(workdir))
+    how = runtime.seed_mode
     summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
     summary.update(summarize(results))
     summary["runs"] = results

@@ -2,11 +2,11 @@
 
 `start(config)` is what a command calls first: XLA's flags (read once, when JAX's backend
 starts), JAX's persistent compilation cache and `jax.distributed`; these are the process's, so
-the library's training function never sets them. `resolve` decides the settings whose best
-value depends on the backend, here and nowhere else; the training function calls it, and
-records what it chose beside the config (config_history.jsonl's runtime), not in it.
+the library's training function never sets them. `resolve` decides, once a command, the settings whose
+best value depends on the backend (a frozen `Runtime`), recorded beside the config, not in it.
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -94,9 +94,19 @@ def start(config: ml_collections.ConfigDict) -> None:
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with the settings left to the backend decided (idempotent; no side
-    effects, so the library's train function calls it too):
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """The choices a command makes once, at its start, for the backend it runs on; the config
+    stays as typed, and these are recorded beside it (config_history.jsonl's runtime)."""
+
+    steps_per_call: int  # 0: the whole epoch in one compiled call
+    seed_mode: str  # "vmap" or "turn"
+    conv_grad: str  # "space_to_depth" or "xla"
+
+
+def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runtime:
+    """The settings left to the backend, decided (seeds: the runs trained together, default
+    config.seeds):
 
     steps_per_call 0  1 on the CPU (XLA:CPU runs a convolution inside a loop body several times
                       slower, jax-ml/jax#12868), else 0: the whole epoch in one call;
@@ -106,14 +116,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     conv_grad auto    space_to_depth on the CPU (models.ConvNet: the stride-2 convolutions'
                       input gradient as a stride-1 convolution, 4x faster on XLA:CPU), else xla.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
     cpu = jax.default_backend() == "cpu"
-    if config.steps_per_call == 0 and cpu:
-        config.steps_per_call = 1
-    if config.seed_mode == "auto":
-        alone = config.seeds == 1 or jax.process_count() > 1
-        conv_on_cpu = cpu and config.model.name == "conv"
-        config.seed_mode = "turn" if alone or conv_on_cpu else "vmap"
-    if config.conv_grad == "auto":
-        config.conv_grad = "space_to_depth" if cpu else "xla"
-    return config
+    alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
+    auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"
+    return Runtime(
+        steps_per_call=1 if config.steps_per_call == 0 and cpu else config.steps_per_call,
+        seed_mode=auto_mode if config.seed_mode == "auto" else config.seed_mode,
+        conv_grad=("space_to_depth" if cpu else "xla") if config.conv_grad == "auto" else config.conv_grad,
+    )

@@ -18,7 +18,7 @@ signal is re-queued at once. A process holds its trial's directory until the tri
 (recipe.lock): a process paused past the grace period keeps it, so its retry waits, beating,
 while that process goes on with other trials; the paused one, continued, stops its run after
 the epoch it was in and leaves the directory to the retry. Trials that differ only in numbers that are data in the state
-(members.MEMBER_FIELDS) can train together vmapped (`batch`): a pruned member trains on with the
+(loop.MEMBER_FIELDS) can train together vmapped (`batch`): a pruned member trains on with the
 others (the program keeps its shape), its later epochs are written to its files but not told.
 """
 
@@ -45,8 +45,6 @@ from optuna.trial import TrialState
 
 from mnist_jax import checkpoint, data, flags, loop, models, parallel, recipe, seeds, startup
 from mnist_jax.config import FIELD_CLASSES, LENGTH, RECIPE, ConfigError, validate
-from mnist_jax.hooks import Hook
-from mnist_jax.members import MEMBER_FIELDS
 
 # Heartbeats, their retry callback and fail_stale_trials are "experimental" in Optuna since 2.x,
 # and it warns that heartbeats are meant for optimize(), which runs one trial at a time.
@@ -147,7 +145,7 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
 
 def batchable(space: dict) -> bool:
     """Whether the space changes only numbers that are data (trials can share a program)."""
-    numbers = [f for f in MEMBER_FIELDS if f != "seed"]
+    numbers = [f for f in loop.MEMBER_FIELDS if f != "seed"]
     return all(name in numbers for name in space)
 
 
@@ -318,17 +316,17 @@ def home(study: optuna.Study, workdir: Path) -> Path:
     return workdir / study.user_attrs.get("home", "")
 
 
-class Report(Hook):
-    """Each epoch's validation accuracy (the median over a trial's members in this run) to its
-    trial, once an epoch; a trial the pruner stops is marked pruned; when every trial in the run
-    is, the run stops after this epoch."""
+class Report:
+    """A group callback: each epoch's validation accuracy (the median over a trial's runs in the
+    group) to its trial, once an epoch; a trial the pruner stops is marked pruned; when every
+    trial in the group is, the group stops after this epoch."""
 
     def __init__(self, trials: list, groups: list, pruned: dict, lost: dict):
         self.trials, self.groups, self.pruned, self.lost = trials, groups, pruned, lost
-        self.signal = None  # a signal heard after the run's last host sync: it ended anyway
+        self.signal = None  # a signal heard after the group's last host sync: it ended anyway
 
-    def on_epoch_end(self, run, rows, evaluation):
-        accuracy, epoch = evaluation["val"]["accuracy"], rows[0]["epoch"]
+    def on_epoch_end(self, group):
+        accuracy, epoch = [r.evaluation["val"]["accuracy"] for r in group.runs], group.runs[0].row["epoch"]
         for trial, members in zip(self.trials, self.groups):
             if trial.number in self.pruned or trial.number in self.lost:
                 continue
@@ -339,20 +337,22 @@ class Report(Hook):
             reported = frozen.intermediate_values
             if epoch not in reported:  # a resumed retry has its first epochs already
                 try:
-                    trial.report(float(np.median(accuracy[members])), epoch)
+                    trial.report(float(np.median([accuracy[j] for j in members])), epoch)
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed since the read above
                     self.lost[trial.number] = epoch  # (paused between them: seen in a test)
                     continue
             if trial.should_prune():
                 self.pruned[trial.number] = epoch
-                if run.primary:
+                if group.primary:
                     print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
-        # The run stops after this epoch (its checkpoint saved) when every trial is pruned, or
-        # when one was taken over: its retry resumes this directory once this process leaves it.
-        run.finished = bool(self.lost) or all(t.number in self.pruned for t in self.trials)
+        # The group stops after this epoch (its checkpoints saved) when every trial is pruned,
+        # or when one was taken over: its retry resumes this directory once this process leaves.
+        if self.lost or all(t.number in self.pruned for t in self.trials):
+            for run in group.runs:
+                run.stop = run.stop or "epoch"
 
-    def on_train_end(self, run):
-        self.signal = run.interrupt
+    def on_train_end(self, group):
+        self.signal = group.signal
 
 
 # A trial's last sign of life (seconds since the epoch) where the storage keeps no heartbeats
@@ -439,44 +439,33 @@ def _has_run(workdir: Path) -> bool:
 
 
 def train_entries(
-    study, entries: list, trial_seeds: int, vmap: bool, pruned: dict, lost: dict, hooks: tuple
+    study, entries: list, trial_seeds: int, runtime, pruned: dict, lost: dict, hooks: tuple
 ) -> int | None:
-    """Train the entries' runs: vmapped as one group of members (trial x seed), or each trial
-    alone (its seeds vmapped where that pays, startup.resolve, else in turn); fills results.
-    Returns a signal heard too late to stop a run (the sweep stops after telling them)."""
-    dirs = lambda e: (
-        [e.workdir]
-        if trial_seeds == 1
-        else [checkpoint.seed_dir(e.workdir, e.config.seed + s) for s in range(trial_seeds)]
-    )  # noqa: E731
-    base = entries[0].config
-    seeded = lambda e, s: ml_collections.ConfigDict({**e.config.to_dict(), "seed": e.config.seed + s, "seeds": 1})  # noqa: E731
-    if len(entries) == 1 and not vmap:
-        e = entries[0]
-        c = ml_collections.ConfigDict({**e.config.to_dict(), "seeds": trial_seeds})
-        together = startup.resolve(c).seed_mode == "vmap"
-        groups = [list(range(trial_seeds))] if together else [[s] for s in range(trial_seeds)]
-    else:
-        groups = [[(i, s) for i in range(len(entries)) for s in range(trial_seeds)]]
-    for group in groups:
-        if not isinstance(group[0], tuple):
-            group = [(0, s) for s in group]
+    """Train the entries' runs (trial x seed): together in one vmapped group when there are
+    several trials, or a trial alone (its seeds together where the runtime vmaps seeds, else in
+    turn); fills results. Returns a signal heard too late to stop a run (the sweep stops after
+    telling them)."""
+    members = [(i, s) for i in range(len(entries)) for s in range(trial_seeds)]
+    for group in seeds.in_groups(members, len(entries) > 1 or runtime.seed_mode == "vmap"):
         live = [i for i in sorted({i for i, _ in group}) if entries[i].trial.number not in pruned]
         if not live or lost:  # pruned on an earlier seed, or taken over: the rest not trained
             continue
-        members = [seeded(entries[i], s) for i, s in group]
-        workdirs = [dirs(entries[i])[s] for i, s in group]
-        labels = [
-            f"trial {entries[i].trial.number}" + (f" seed {m.seed}" if trial_seeds > 1 else "")
-            for (i, _), m in zip(group, members)
+        configs = [loop.with_values(entries[i].config, {"seed": entries[i].config.seed + s}) for i, s in group]
+        workdirs = [
+            entries[i].workdir if trial_seeds == 1 else checkpoint.seed_dir(entries[i].workdir, c.seed)
+            for (i, _), c in zip(group, configs)
         ]
-        trials = [entries[i].trial for i in live]
-        idx = [[j for j, (i2, _) in enumerate(group) if i2 == i] for i in live]
-        report = Report(trials, idx, pruned, lost)
-        c = ml_collections.ConfigDict({**base.to_dict(), "seed": members[0].seed, "seeds": 1})
-        run = loop.train(c, workdirs, vmap=len(group) > 1, hooks=(*hooks, report), members=members, labels=labels)
-        for j, (i, _) in enumerate(group):
-            entries[i].results.append(seeds.result(run, j))
+        labels = [
+            f"trial {entries[i].trial.number}" + (f" seed {c.seed}" if trial_seeds > 1 else "")
+            for (i, _), c in zip(group, configs)
+        ]
+        runs = [[j for j, (i2, _) in enumerate(group) if i2 == i] for i in live]
+        report = Report([entries[i].trial for i in live], runs, pruned, lost)
+        trained = loop.train(
+            configs[0], workdirs, runtime=runtime, hooks=hooks, callbacks=(report,), members=configs, labels=labels
+        )
+        for (i, _), run in zip(group, trained.runs):
+            entries[i].results.append(seeds.result(run))
         if report.signal is not None:
             return report.signal
     return None
@@ -563,10 +552,12 @@ def optimize(
     heartbeat: int = 30,
     hooks: tuple = (),
     say=print,
+    runtime: startup.Runtime | None = None,
 ) -> None:
     """Run trials until the study has `trials` done (every process sharing it counts): `batch`
     at a time, vmapped together when batch > 1 (fresh trials of a batchable space). A trial
     whose directory another process holds waits, beating, while this one goes on with others."""
+    runtime = runtime or startup.resolve(config, trial_seeds)
     waited, held = None, {}  # held: trial number -> (entry, its heartbeat), directory busy
     try:
         while True:
@@ -607,7 +598,7 @@ def optimize(
                     for e in group:
                         params = ", ".join(f"{n}={_show(v)}" for n, v in e.trial.params.items())
                         say(f"trial {e.trial.number}: {params} in {e.workdir}" + (" (resumed)" if e in resumed else ""))
-                    _train_and_tell(study, group, trial_seeds, len(group) > 1, hooks, runs[k + 1 :], say)
+                    _train_and_tell(study, group, trial_seeds, runtime, hooks, runs[k + 1 :], say)
             finally:
                 beat.close()
                 for e in entries:
@@ -618,13 +609,13 @@ def optimize(
         requeue(study, [e for e, _ in held.values()])
 
 
-def _train_and_tell(study, group, trial_seeds, vmap, hooks, later, say) -> None:
+def _train_and_tell(study, group, trial_seeds, runtime, hooks, later, say) -> None:
     pruned: dict = {}
     lost: dict = {}  # trials failed as stale by another process while this one slept
     try:
-        heard = train_entries(study, group, trial_seeds, vmap, pruned, lost, hooks)
+        heard = train_entries(study, group, trial_seeds, runtime, pruned, lost, hooks)
     except loop.Diverged as e:
-        bad = group[e.member // trial_seeds] if e.member is not None and vmap else group[0]
+        bad = group[e.member // trial_seeds] if e.member is not None else group[0]
         bad.trial.set_user_attr("error", str(e))
         study.tell(bad.trial, state=TrialState.FAIL)
         say(f"trial {bad.trial.number}: failed: {e}")
@@ -752,12 +743,11 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
 
 
 def check_config(config) -> str | None:
-    """Check the fixed config a sweep needs, before a study records it: one seed per run (trials
+    """Check the fixed config a sweep needs (validated: startup.start), before a study records it: one seed per run (trials
     have their own seeds), data that load and a validation split they can hold; a split set when
     absent (a tenth of the training images, at most 5,000), returned as the line to say."""
     if config.seeds != 1:
         raise ConfigError("--seeds: a sweep's trials take --trial-seeds")
-    validate(config)
     ds = data.from_config(config.data)
     note = None
     if config.data.val_split == 0:

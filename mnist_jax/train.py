@@ -41,12 +41,12 @@ def _one(model):
     return model
 
 
-def model_of(config: ml_collections.ConfigDict):
-    """The config's model, built for its data and for how it computes (startup.resolve decides
-    conv_grad "auto"; unresolved, XLA's own gradient). Equal models are one object, so that
-    their `apply` is one function and a jitted step compiles once for runs that differ only in
-    numbers (a bound method compares its object by identity)."""
-    s2d = config.get("conv_grad") == "space_to_depth"
+def model_of(config: ml_collections.ConfigDict, conv_grad: str | None = None):
+    """The config's model, built for its data and for how it computes (conv_grad: the
+    runtime's choice, startup.Runtime; default config.conv_grad, "auto" being XLA's own). Equal
+    models are one object, so that their `apply` is one function and a jitted step compiles
+    once for runs that differ only in numbers (a bound method compares its object by identity)."""
+    s2d = (conv_grad or config.get("conv_grad")) == "space_to_depth"
     return _one(
         models.build(
             **config.model, num_classes=data.spec(config)[1], dtype=config.get("dtype", "float32"), s2d_grad=s2d
@@ -55,12 +55,12 @@ def model_of(config: ml_collections.ConfigDict):
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int | None = None
+    config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int | None = None, conv_grad: str | None = None
 ) -> TrainState:
     """Initialise the model and optimizer of `config`. steps_per_epoch sizes the lr schedule."""
     shape, _, num_train = data.spec(config)
     steps_per_epoch = steps_per_epoch or num_train // config.batch_size
-    model = model_of(config)
+    model = model_of(config, conv_grad)
     variables = _init(model, rng, jnp.zeros((1, *shape), jnp.float32))
     loss = config.get("loss") or {}
     return TrainState.create(

@@ -119,4 +119,4 @@ if SMALL:
 paths = plots.draw_all(WORKDIR)
 for name in ("test_digits", "confusion"):
     display(Image(filename=str(next(p for p in paths if p.stem == name))))
-print(f"final test accuracy {run.rows[0]['test_accuracy']:.2%}")
+print(f"final test accuracy {run.runs[0].row['test_accuracy']:.2%}")

@@ -33,12 +33,13 @@ def test_the_backends_choices(backend):
         assert resolved(stage, seeds=1).seed_mode == "turn"  # one seed: nothing to vmap
 
 
-def test_a_choice_made_is_kept_and_resolving_twice_changes_nothing(backend, monkeypatch):
+def test_a_choice_made_is_kept_and_the_config_stays_as_typed(backend, monkeypatch):
     config = resolved("conv", seeds=3, seed_mode="vmap", steps_per_call=7, conv_grad="xla")
     assert (config.seed_mode, config.steps_per_call, config.conv_grad) == ("vmap", 7, "xla")
     assert resolved("conv", seeds=3, seed_mode="turn").seed_mode == "turn"
-    once = resolved("dense_relu", seeds=3)
-    assert startup.resolve(once).to_dict() == once.to_dict()
+    config = importlib.import_module("experiments.dense_relu").get_config()
+    typed = config.to_dict()
+    assert startup.resolve(config, 3).seed_mode == "vmap" and config.to_dict() == typed
     # Several processes: each trains its share of the batch, the seeds one after another.
     monkeypatch.setattr(startup.jax, "process_count", lambda: 2)
     assert resolved("dense_relu", seeds=3).seed_mode == "turn"

@@ -9,7 +9,7 @@ import pytest
 
 import mnist_jax
 from experiments import benchmark, dense_relu, speedrun, timing
-from mnist_jax import cli, members, metrics
+from mnist_jax import cli, loop, metrics
 from tests.conftest import ROOT, assert_runs_alike
 
 # The other frameworks' rows, as their workers print them: batch 64, the figures of
@@ -71,15 +71,15 @@ def test_side_by_side_table_and_json(tmp_path, monkeypatch, capsys):
 def test_seeds_throughput_counts_every_model(mnist_dir, monkeypatch):
     """images/s and epoch_s against the work the timed calls really did: each compiled call is
     timed here too (to its end), and the images it trained counted from its own arguments."""
-    calls, real = [], members.Members.train
+    calls, real = [], loop.Group.train
 
-    def train(self, state, images, labels, order, start, steps, config, step_fn):
+    def train(self, order, start, steps):
         t = time.perf_counter()
-        out = jax.block_until_ready(real(self, state, images, labels, order, start, steps, config, step_fn))  # fmt: skip
-        calls.append((time.perf_counter() - t, steps * config.batch_size * len(self.seeds)))
+        out = jax.block_until_ready((real(self, order, start, steps), self.state))[0]
+        calls.append((time.perf_counter() - t, steps * self.runs[0].config.batch_size * len(self.runs)))
         return out
 
-    monkeypatch.setattr(members.Members, "train", train)
+    monkeypatch.setattr(loop.Group, "train", train)
     config = dense_relu.get_config()
     config.steps_per_call = 1  # a call a step, on any backend (the CPU's own choice)
     figures = {}

@@ -10,7 +10,7 @@ import pytest
 
 import mnist_jax
 from experiments import dense_dropout, dense_relu
-from mnist_jax import cli, evaluate, members, metrics, parallel, train
+from mnist_jax import cli, evaluate, loop, metrics, parallel, startup, train
 from tests.conftest import assert_runs_alike
 
 STAGES = ["linear", "dense_sigmoid", "dense_relu", "dense_lr_decay", "dense_dropout", "conv",
@@ -74,11 +74,11 @@ def vmapped_and_alone(config, arrays, n):
     states = [train.create_train_state(config, jax.random.PRNGKey(i), 16) for i in range(n)]
     orders = jnp.stack([order_for(b, 2, seed=i) for i in range(n)])
     rngs = jnp.stack([jax.random.PRNGKey(10 + i) for i in range(n)])
-    group = members.Members(config, [f"seed_{i}" for i in range(n)], parallel.make_mesh(1), True)
+    group = loop.Group([config] * n, [f"seed_{i}" for i in range(n)], startup.resolve(config, n), parallel.make_mesh(1), {})  # fmt: skip
     together, m = train.train_seeds(group.put(states), x, y, orders, np.int32(0), rngs, 1)
     for i in range(n):
         alone, mi = train.train_steps(states[i], x, y, orders[i], np.int32(0), rngs[i], 1)
-        yield group.take(together, i).params, alone.params, m["loss"][i], mi["loss"]
+        yield group.take(i, together).params, alone.params, m["loss"][i], mi["loss"]
 
 
 # One step from the same states, vmapped against each seed alone (measured, CPU): with 3 seeds

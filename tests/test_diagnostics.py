@@ -54,12 +54,9 @@ def test_dead_units_count_real_images_only(mnist):
 
 def _collapse_warning(get_config, alive, capsys) -> str:
     """What hooks.CollapseWarning prints for one member that predicts class 3 everywhere."""
-    members = SimpleNamespace(label=lambda i: "")
-    run = SimpleNamespace(config=get_config(), primary=True, members=members)
-    evaluation = {"test": {"predictions": np.full((1, 10), 3), "alive": alive}}
-    hook = hooks.CollapseWarning()
-    hook.on_train_start(run)
-    hook.on_epoch_end(run, [{"epoch": 1, "test_accuracy": 0.1}], evaluation)
+    run = SimpleNamespace(index=0, config=get_config(), primary=True, group=SimpleNamespace(label=lambda i: ""))
+    evaluation = {"test": {"predictions": np.full(10, 3), "alive": {k: v[0] for k, v in alive.items()}}}
+    hooks.CollapseWarning().on_epoch_end(run, {"epoch": 1, "test_accuracy": 0.1}, evaluation)
     return capsys.readouterr().err
 
 

@@ -34,11 +34,11 @@ class Calls(hooks.Hook):
     def after_steps(self, run, metrics):
         self.calls.append(("steps", run.step, metrics["loss"].shape))
 
-    def on_epoch_end(self, run, rows, evaluation):
-        self.calls.append(("epoch", rows[0]["epoch"], float(evaluation["test"]["accuracy"][0])))
+    def on_epoch_end(self, run, row, evaluation):
+        self.calls.append(("epoch", row["epoch"], float(evaluation["test"]["accuracy"])))
 
     def on_train_end(self, run):
-        self.calls.append(("end", run.step, run.error))
+        self.calls.append(("end", run.step, run.group.error))
 
 
 def test_a_hook_sees_every_sync_and_epoch_in_order(mnist_dir, tmp_path):
@@ -48,10 +48,10 @@ def test_a_hook_sees_every_sync_and_epoch_in_order(mnist_dir, tmp_path):
     # 10 steps an epoch, one a call, a host sync at each --log-every 5 steps.
     expected = [("start", 0)]
     for epoch, row in enumerate(rows, 1):
-        expected += [("steps", 10 * epoch - 5, (1, 5)), ("steps", 10 * epoch, (1, 5))]
+        expected += [("steps", 10 * epoch - 5, (5,)), ("steps", 10 * epoch, (5,))]
         expected += [("epoch", epoch, row["test_accuracy"])]
     assert calls.calls == expected + [("end", 20, None)]
-    assert run.rows == [rows[-1]]
+    assert [r.row for r in run.runs] == [rows[-1]]
 
 
 def test_a_step_metric_and_an_evaluation_metric_are_logged_by_name(mnist_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_a_step_metric_and_an_evaluation_metric_are_logged_by_name(mnist_dir, tm
     assert row["train_update_norm"] == np.mean([r["update_norm"] for r in steps])
     # per class: the hits over the class's test images, from the same predictions
     predictions, labels = (
-        run.evaluation["test"]["predictions"][0],
+        run.runs[0].evaluation["test"]["predictions"],
         np.asarray(run.arrays["test"][1]),
     )
     ratio = lambda hits, n: float(np.float32(hits) / np.float32(n))  # noqa: E731  (float32's)
@@ -140,8 +140,8 @@ def top2(logits, labels):  # the label among the two highest logits
 
 
 class Epochs(hooks.Hook):
-    def on_epoch_end(self, run, rows, evaluation):
-        print(f"my hook: epoch {rows[0]['epoch']}, top-2 {rows[0]['test_top2']:.4f}")
+    def on_epoch_end(self, run, row, evaluation):
+        print(f"my hook: epoch {row['epoch']}, top-2 {row['test_top2']:.4f}")
 
 
 if __name__ == "__main__":
@@ -166,3 +166,34 @@ def test_a_stage_file_adds_a_hook_and_an_evaluation_metric(mnist_dir, tmp_path, 
     for r in rows:  # top-2 holds at least the top-1 hits, and is a fraction of the 500 images
         assert r["test_accuracy"] <= r["test_top2"] <= 1 and round(r["test_top2"] * 500, 3) % 1 == 0
         assert f"my hook: epoch {r['epoch']}, top-2 {r['test_top2']:.4f}" in out
+
+
+def test_a_command_validates_and_resolves_its_config_once(mnist_dir, tmp_path, monkeypatch):
+    """Two seeds in turn (two groups, a loop.train each): the config is validated once and the
+    backend's choices made once, at the command's entry; the config itself stays as typed."""
+    import sys
+
+    from mnist_jax import cli, startup
+    from mnist_jax import config as config_lib
+
+    counts, real_validate, real_resolve = {"validate": 0, "resolve": 0}, config_lib.validate, startup.resolve
+
+    def validate(config):
+        counts["validate"] += 1
+        return real_validate(config)
+
+    def resolve(*args, **kwargs):
+        counts["resolve"] += 1
+        return real_resolve(*args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith(("mnist_jax", "experiments"))]:
+        if getattr(module, "validate", None) is real_validate:
+            monkeypatch.setattr(module, "validate", validate)
+    monkeypatch.setattr(startup, "resolve", resolve)
+    typed = []
+    monkeypatch.setattr(loop, "setup", lambda config, *a, real=loop.setup: (typed.append(config.to_dict()), real(config, *a))[1])  # noqa: E501
+    cli.run(linear.get_config, ["--seeds", "2", "--seed-mode", "turn", "--epochs", "1", "--data-dir", str(mnist_dir),
+            "--data-train-limit", "1280", "--data-test-limit", "500", "--plots", "false", "--workdir", str(tmp_path)])  # fmt: skip
+    assert counts == {"validate": 1, "resolve": 1}
+    assert len(typed) == 2 and typed[0]["seed_mode"] == "turn" and typed[0]["steps_per_call"] == 0 == typed[1]["steps_per_call"]  # noqa: E501
+    assert [r["epoch"] for r in metrics.read(tmp_path / "seed_1/metrics.jsonl")] == [1]

@@ -27,7 +27,6 @@ ORDER = [
     "checkpoint",
     "recipe",
     "train",
-    "members",
     "diagnostics",
     "evaluate",
     "predict",
@@ -41,7 +40,7 @@ ORDER = [
 ]
 TRAINING_PATH = [
     "config", "flags", "data", "models", "optim", "metrics", "parallel", "startup", "checkpoint", "recipe",
-    "train", "members", "diagnostics", "hooks", "loop", "seeds", "cli",
+    "train", "diagnostics", "hooks", "loop", "seeds", "cli",
 ]  # fmt: skip
 HEAVY = {"matplotlib", "tensorflow", "tensorflow_datasets", "keras", "torch", "tensorboardX"}
 NEVER = {"keras", "torch", "tensorflow", "experiments", "tests"}

@@ -109,7 +109,7 @@ def test_a_field_added_to_the_state_is_saved_and_resumes_bit_exactly(mnist_dir, 
     whole = loop.train(config(2), [tmp_path / "whole"], step_fn=step)
     loop.train(config(1), [tmp_path / "split"], step_fn=step)
     resumed = loop.train(config(2), [tmp_path / "split"], step_fn=step)
-    assert int(resumed.members.take(resumed.state, 0).count) == 2 * 512 // 128  # not 4 again
-    a, b = (r.members.take(r.state, 0) for r in (whole, resumed))
+    assert int(resumed.runs[0].state.count) == 2 * 512 // 128  # not 4 again
+    a, b = (r.runs[0].state for r in (whole, resumed))
     for x, y in zip(jax.tree.leaves(checkpoint.items(a)), jax.tree.leaves(checkpoint.items(b))):
         np.testing.assert_array_equal(x, y)

@@ -171,11 +171,8 @@ def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name):
     import jax.numpy as jnp
     import optax
 
-    from mnist_jax import startup
-
     config = stage_config(name)
     config.conv_grad = "space_to_depth"
-    config = startup.resolve(config)
     state = train.create_train_state(config, jax.random.PRNGKey(0), 10)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)

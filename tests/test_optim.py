@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import dense_relu
-from mnist_jax import cli, members, metrics, optim, parallel, train
+from mnist_jax import cli, loop, metrics, optim, parallel, startup, train
 from tests.conftest import assert_same_or_close
 
 RECIPES = {  # each optimizer once, each schedule once; clipping and label smoothing beside
@@ -117,7 +117,7 @@ def test_a_vmapped_learning_rate_trains_what_the_single_run_with_it_trains(batch
     x, y, order = batches
     configs = [small_config(lr=lr) for lr in (0.001, 0.003)]
     states = states_for(configs, x)
-    group = members.Members(configs[0], ["a", "b"], parallel.make_mesh(1), vmap=True)
+    group = loop.Group(configs, ["a", "b"], startup.resolve(configs[0], 2), parallel.make_mesh(1), {})
     rngs = jnp.stack([jax.random.PRNGKey(5)] * 2)
     orders = jnp.stack([order] * 2)
     together, m = train.train_seeds(group.put(states), x, y, orders, np.int32(0), rngs, 8)
@@ -127,7 +127,7 @@ def test_a_vmapped_learning_rate_trains_what_the_single_run_with_it_trains(batch
         # measured gap for 5 vmapped seeds (losses 7e-5 apart by step 7, test_core), and each
         # weight within one step of the larger rate (Adam's step is at most about lr).
         assert_same_or_close(m["loss"][i], mi["loss"], atol=1e-4)
-        assert_same_or_close(group.take(together, i).params, alone.params, atol=0.003)
+        assert_same_or_close(group.take(i, together).params, alone.params, atol=0.003)
         np.testing.assert_array_equal(m["learning_rate"][i], mi["learning_rate"])
         assert float(mi["learning_rate"][-1]) == pytest.approx(config.opt.lr)
     assert not np.array_equal(m["loss"][0], m["loss"][1])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.after_suite  # processes: run by .ci/run after the suit
 
 # The stage's command, with one hook added after the built-in ones: at step 7 (in the second
 # epoch, the first's checkpoint, step 5, saved) it says READY and waits for a first Ctrl-C to be heard
-# (run.interrupt, set by hooks.Preemption's handler), says FIRST, then waits on: only a second
+# (run.stop, set by hooks.Preemption's handler), says FIRST, then waits on: only a second
 # Ctrl-C ends the wait. A user's second Ctrl-C while the run works towards its stop.
 STALLED = """
 import sys, time
@@ -30,7 +30,7 @@ class Stall(hooks.Hook):
     def after_steps(self, run, metrics):
         if run.step == 7:
             print("READY", flush=True)
-            while run.interrupt is None:
+            while run.stop is None:
                 time.sleep(0.01)
             print("FIRST", flush=True)
             while True:

@@ -37,7 +37,7 @@ class SigtermAt(Hook):
         self.trial, self.step, self.sent = trial, step, False
 
     def after_steps(self, run, metrics):
-        if not self.sent and run.members.workdirs[0].name == self.trial and run.step == self.step:
+        if not self.sent and run.workdir.name == self.trial and run.step == self.step:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -55,9 +55,9 @@ def test_a_sigterm_saves_the_trial_and_requeues_it_and_the_same_command_goes_on(
         sweep(mnist_dir, work, "--trials", "2", "--pruner", "none", "--log-every", "1")
     err = capsys.readouterr().err
     assert kill.sent and e.value.code == 128 + signal.SIGTERM, err
-    assert err.count("\n") == 1 and err.startswith("error: interrupted (SIGTERM) at step 8;")
+    assert err.count("\n") == 1 and err.startswith("error: interrupted (SIGTERM) at step 7;")
     assert "the interrupted ones are queued again: run the same command to continue" in err
-    assert checkpoint.steps(work / "trial_1")[0] == 8  # saved at the stop, mid-epoch
+    assert checkpoint.steps(work / "trial_1")[0] == 7  # saved at the stop (after its hooks ran), mid-epoch
     storage = f"sqlite:///{work / 'study.db'}"
     study = optuna.load_study(study_name="linear", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]  # fmt: skip
@@ -67,7 +67,7 @@ def test_a_sigterm_saves_the_trial_and_requeues_it_and_the_same_command_goes_on(
     out = sweep(mnist_dir, work, "--trials", "2", "--pruner", "none", "--log-every", "1")
     printed = capsys.readouterr().out
     assert f"trial 2: opt.lr={sweep_lib._show(study.trials[1].params['opt.lr'])} in {work / 'trial_1'} (resumed)" in printed  # fmt: skip
-    assert "Resumed" in printed and "at step 8" in printed
+    assert "Resumed" in printed and "at step 7" in printed
     study = optuna.load_study(study_name="linear", storage=storage)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]

@@ -166,10 +166,10 @@ def test_init_from_starts_a_new_recipe_from_the_old_weights(linear_run, mnist_di
     """The initial state, evaluated before the first step, is the source's last evaluation."""
     args = small(mnist_dir, tmp_path, "--epochs", "3", "--opt-name", "adam", "--init-from", str(linear_run))  # fmt: skip
     config = flags.parse_config(linear.get_config(), args)
-    run = loop.setup(config, startup.resolve(config), [tmp_path], vmap=False)
+    run = loop.setup(config, [tmp_path], startup.resolve(config))
     source = metrics.read(linear_run / "metrics.jsonl")[-1]
-    ev = run.members.evaluate(run.state, *run.arrays["test"], train.EVAL_METRICS)
-    assert float(ev["accuracy"][0]) == source["test_accuracy"]
+    (ev,) = run.evaluate("test")
+    assert float(ev["accuracy"]) == source["test_accuracy"]
     adam = run.state.opt_state.inner_state[0]  # a new optimizer: Adam's first step is to come
     assert run.step == 0 and int(adam.count) == 0
     assert all(not np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))
@@ -192,10 +192,10 @@ def test_init_from_with_seeds_takes_each_seed_from_its_own(mnist_dir, tmp_path, 
     def starts(start, origins):
         new = tmp_path / f"from_{start.name}"
         config = flags.parse_config(linear.get_config(), small(mnist_dir, new, "--seeds", "2", "--init-from", str(start)))  # fmt: skip
-        run = loop.setup(config, startup.resolve(config), [new / "seed_0", new / "seed_1"], vmap=True)  # fmt: skip
+        run = loop.setup(config, [new / "seed_0", new / "seed_1"], startup.resolve(config))
         for i, origin in enumerate(origins):
             expected = mnist_jax.restore(origin).variables["params"]
-            jax.tree.map(np.testing.assert_array_equal, run.members.take(run.state, i).params, expected)  # fmt: skip
+            jax.tree.map(np.testing.assert_array_equal, run.runs[i].state.params, expected)  # fmt: skip
 
     starts(source, [source / "seed_0", source / "seed_1"])
     starts(source / "seed_1", [source / "seed_1", source / "seed_1"])

@@ -3,6 +3,7 @@
 import importlib
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -62,13 +63,13 @@ def test_collapse_warning_warns_once_for_a_collapsed_member_and_never_for_anothe
     alive = {"hidden_0": np.array([[False] * 4, [True, False, True, True]]),
              "hidden_1": np.array([[True, False], [True, True]])}  # fmt: skip
     evaluation = {"test": {"predictions": predictions, "alive": alive}}
-    members = SimpleNamespace(label=lambda i: f"seed {i}: ")
-    run = SimpleNamespace(primary=True, members=members, config=SimpleNamespace(model={}))
+    group = SimpleNamespace(label=lambda i: f"seed {i}: ")
+    runs = [SimpleNamespace(index=i, primary=True, group=group, config=SimpleNamespace(model={})) for i in (0, 1)]
     hook = hooks.CollapseWarning()
-    hook.on_train_start(run)
     for epoch in (1, 2):
-        rows = [{"epoch": epoch, "test_accuracy": 0.5}, {"epoch": epoch, "test_accuracy": 0.75}]
-        hook.on_epoch_end(run, rows, evaluation)
+        for run, accuracy in zip(runs, (0.5, 0.75)):
+            mine = {"test": jax.tree.map(lambda v: v[run.index], evaluation["test"])}  # noqa: B023
+            hook.on_epoch_end(run, {"epoch": epoch, "test_accuracy": accuracy}, mine)
     err = capsys.readouterr().err
     assert err.splitlines() == [
         "seed 0: warning: epoch 1: the model predicts class 1 for every test image (test_acc "

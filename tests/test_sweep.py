@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from experiments import dense_relu
 from experiments import sweep as sweep_cmd
-from mnist_jax import flags, loop, startup
+from mnist_jax import flags, loop
 from mnist_jax import sweep as sweep_lib
 from tests.conftest import ROOT, assert_runs_alike, assert_same_or_close
 from tests.test_hostile import tiny_data
@@ -212,7 +212,7 @@ def test_a_storage_url_is_shown_without_its_password():
 
 
 def test_a_study_refuses_another_space(tmp_path):
-    config = startup.resolve(dense_relu.get_config())
+    config = dense_relu.get_config()
     space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
     sweep_lib.open_study("", "s", tmp_path, 30, "tpe", "median", space, config)
     other = sweep_lib.parse_space(["opt.lr=loguniform(1e-5,1e-1)"], config)
@@ -247,7 +247,7 @@ def test_two_studies_in_one_directory_keep_their_own_trials_table_and_plots(smal
 def test_a_retry_resumes_where_its_trial_was_recorded_and_an_old_study_stays_in_workdir(tmp_path):  # fmt: skip
     """A study made before studies had homes keeps WORKDIR/trial_<n>/, whatever its name, so an
     old sweep resumes; a retry trains in the directory its failed trial recorded."""
-    config = startup.resolve(dense_relu.get_config())
+    config = dense_relu.get_config()
     config.name = "dense_relu"
     space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -305,7 +305,7 @@ def test_opening_a_new_store_retries_a_creation_race(tmp_path, monkeypatch):
     """Case 4 of issue 43 in one process: the first creations fail as the race does (SQLite's
     alembic_version, PostgreSQL's pg_type, a table made meanwhile, wrapped by Optuna): retried;
     a store that cannot open is not."""
-    config = startup.resolve(dense_relu.get_config())
+    config = dense_relu.get_config()
     space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-1)"], config)
     create, calls = sweep_lib._create, []
     errors = [

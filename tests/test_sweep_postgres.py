@@ -134,7 +134,7 @@ def test_a_trial_failed_between_its_read_and_its_report_stops_the_run(monkeypatc
     read = study.trials[0]  # RUNNING, as read before the pause
     study.tell(trial, state=TrialState.FAIL)  # failed as stale by another process
     monkeypatch.setattr(sweep_lib, "_frozen", lambda study, number: read)
-    lost, run = {}, SimpleNamespace(finished=False, primary=True)
+    lost, run = {}, SimpleNamespace(stop=None, row={"epoch": 2}, evaluation={"val": {"accuracy": np.float32(0.9)}})
     report = sweep_lib.Report([trial], [[0]], {}, lost)
-    report.on_epoch_end(run, [{"epoch": 2}], {"val": {"accuracy": np.array([0.9])}})
-    assert lost == {0: 2} and run.finished
+    report.on_epoch_end(SimpleNamespace(runs=[run], primary=True))
+    assert lost == {0: 2} and run.stop == "epoch"
