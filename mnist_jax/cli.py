@@ -1,10 +1,8 @@
 """The command of every stage: parse its flags, train and evaluate, then draw the plots.
 
-`python -m experiments.<stage> [--flag value ...]`: each config field is a flag (flags.py);
-`--seeds N` trains N seeds (seeds.py), and the plots are drawn by a hook (hooks.Plots). The one
-place that wires the process's set-up, training and exit codes together: user mistakes (bad flags, bad data, unusable work directory) print one line and exit
-2, a diverged run exits 3, a signal 128 + its number, a process that loses another process of
-its run 4.
+`python -m experiments.<stage> [--flag value ...]`: each config field is a flag (flags.py). The
+one place that wires the process's set-up, training and exit codes: a user mistake prints one
+line and exits 2, a diverged run 3, a signal 128 + its number, a lost process 4.
 """
 
 import os

@@ -1,29 +1,18 @@
 """Hooks: what a run does besides training, attached to the loop from outside.
 
-A hook is any object with some of these methods (`Hook` has them all, doing nothing), written
-for one run (loop.Run); `loop.train` calls them for each run of its group, on every process, in
-the order of the list: the built-in hooks of `defaults` first, then the caller's.
+A hook has some of `Hook`'s methods, written for one run (loop.Run); `loop.train` calls them for
+each run of its group, on every process: the built-in hooks (`defaults`) first, then the caller's.
 
-  on_train_start(run)          after set-up and resume, before the first step
-  after_steps(run, metrics)    at each host sync, with the run's step metrics {name: [steps]}
-                               trained since the last one. Host syncs come at every compiled
-                               call's end that passes a --log-every step, a checkpoint step or
-                               the epoch's end: with one step a call (the CPU's default) every
-                               --log-every steps; with the whole epoch a call (GPU/TPU) once an
-                               epoch
-  on_epoch_end(run, row, evaluation)
-                               row: the run's metrics row of the epoch (a flat dict of scalars,
-                               written to metrics.jsonl by MetricsFiles); evaluation: {"test",
-                               and "val" with --data-val-split: metrics, predictions and units
-                               alive}
-  on_train_end(run)            when training ends, or stops (run.group.error says why: a
-                               signal, a NaN, an exception)
+  on_train_start(run)                 after set-up and resume, before the first step
+  after_steps(run, metrics)           at each host sync: the run's step metrics {name: [steps]}
+                                      since the last (every --log-every steps on the CPU)
+  on_epoch_end(run, row, evaluation)  row: the epoch's metrics.jsonl row; evaluation: {"test",
+                                      "val"?: metrics, predictions, units alive}
+  on_train_end(run)                   at the end, or a stop (run.group.error says why)
 
-`run` holds its config, work directory, state (run.state), step, the unfinished epoch's step
-metrics (run.partial) and its last row; a hook may set run.stop = "epoch" (this run is done
-after this epoch; its group stops when every run is). What reports over the runs of a group
-together (the printed lines, a signal's stop, a sweep's pruning) is a group callback: the same
-methods, called once with the group (loop.Group: .runs), before the runs' hooks (`callbacks`).
+A hook may set run.stop = "epoch" (done after this epoch; the group stops when every run is).
+What reports over a group's runs together (printed lines, a signal's stop, a sweep's pruning)
+is a group callback: the same methods, called once with the group before the runs' hooks.
 """
 
 import json
@@ -78,15 +67,10 @@ def call(hooks, method: str, *args) -> None:
 
 
 class Preemption:
-    """A group callback: SIGINT and SIGTERM, turned into a stop that every process takes at the
-    same call's end.
-
-    One process: Python handlers set each run's stop, which also ends a compiled call early.
-    Several: JAX's preemption sync manager hears SIGTERM itself (a Python handler would take the
-    signal from it), a Ctrl-C becomes a SIGTERM to this process, and after each call every
-    process asks JAX whether all have reached the agreed step, so they save one checkpoint
-    together and exit alike. A second Ctrl-C stops at once.
-    """
+    """A group callback: SIGINT and SIGTERM become every run's stop, the same step on every
+    process. One process: Python handlers. Several: JAX's preemption sync manager hears SIGTERM
+    (a Python handler would take it from it), a Ctrl-C is turned into one, and after each call
+    all ask JAX whether they reached the agreed step. A second Ctrl-C stops at once."""
 
     previous: dict = {}  # the handlers to put back (none if on_train_start never ran)
 
@@ -119,9 +103,8 @@ class Preemption:
 
 
 def _named(what: str):
-    """A hook method whose OSError names `what` it writes ("{where}": the work directory) when
-    it names no file: a write cut short by a full disk raises at close with none, and so does
-    Orbax's save of a checkpoint's metadata."""
+    """A hook method whose OSError names `what` ("{where}": the work directory) when it names
+    no file (a full disk at close, Orbax's metadata save)."""
 
     def wrap(method):
         def named(self, run, *args):
@@ -138,8 +121,7 @@ def _named(what: str):
 
 
 class Checkpoints(Hook):
-    """Save the run (asynchronously) at epoch ends, every --checkpoint-every steps and at a
-    stop; at the end, wait for the saves and mark the work directory committed."""
+    """Save the run (asynchronously) at epoch ends, every --checkpoint-every steps and at a stop."""
 
     @_named("{where} (its checkpoints)")
     def after_steps(self, run, metrics):
@@ -170,8 +152,8 @@ class Checkpoints(Hook):
 
 
 class MetricsFiles(Hook):
-    """metrics.jsonl (a row per epoch), train_steps.jsonl (a row per --log-every steps: each
-    metric's mean over them, metrics.LAST at the row's step) and TensorBoard, on process 0."""
+    """metrics.jsonl (a row an epoch), train_steps.jsonl (a row per --log-every steps: means,
+    metrics.LAST at the row's step) and TensorBoard, on process 0."""
 
     def __init__(self):
         self.writers = {}
@@ -202,9 +184,8 @@ class MetricsFiles(Hook):
 
 
 class ProgressBar:
-    """A group callback: a bar per epoch, images/s, the running loss and accuracy, the learning
-    rate. Off when the output is not a terminal (CI logs keep a line per epoch) and on other
-    processes."""
+    """A group callback: a bar an epoch (images/s, running loss, accuracy, learning rate); off
+    when the output is not a terminal and on other processes."""
 
     bar, at = None, 0
 
@@ -242,9 +223,8 @@ class ProgressBar:
 
 
 class Printer:
-    """A group callback: the lines a group prints on process 0: the model, the runs, a resume,
-    each epoch (loss, accuracy and learning rate, which train_step reports; several runs:
-    their median), the end."""
+    """A group callback: the lines printed on process 0: the model, the runs, a resume, each
+    epoch (several runs: their median), the end."""
 
     start = 0.0
 
@@ -314,15 +294,11 @@ class Plots(Hook):
 
 
 class LiveCurves(Hook):
-    """The curves as training goes, on process 0: plots/schedule.png (the learning-rate
-    schedule, from the schedule itself) before the first step, then plots/curves.png redrawn
-    from the run's files at each epoch's end (an image viewer shows progress) and, inline=True
-    (a notebook), at each host sync too, shown in the cell's output (the first run's).
-
-    A redraw takes about 0.2 s here, a dense stage's epoch about a second: a redraw waits until
-    training has run 1/budget times the last one's duration since it (budget=None: no wait),
-    so drawing takes at most `budget` of the time; the first redraw (which measures the cost)
-    and the last epoch's are always drawn. `draws` and `spent` (seconds) say what it did."""
+    """The curves as training goes, on process 0: plots/schedule.png before the first step,
+    plots/curves.png redrawn at each epoch's end and, inline=True (a notebook), at each host
+    sync too, shown in the cell (the first run's). A redraw (about 0.2 s) waits until training
+    ran 1/budget times the last one's cost (budget=None: no wait); the first and the last
+    epoch's are always drawn. `draws` and `spent` (seconds) say what it did."""
 
     def __init__(self, inline: bool = False, budget: float | None = 0.05):
         self.inline, self.budget = inline, budget
@@ -371,9 +347,8 @@ class LiveCurves(Hook):
 
 
 class StopAt(Hook):
-    """Stop the run after the epoch where its validation accuracy reaches `target` (its group,
-    when every run has): a stop is a choice, made on the validation split (--data-val-split),
-    never on the test set."""
+    """Stop the run after the epoch where its validation accuracy reaches `target`: a choice,
+    made on the validation split, never on the test set."""
 
     def __init__(self, target: float):
         self.target = target
@@ -388,8 +363,7 @@ class StopAt(Hook):
 
 
 def defaults(save: bool = True) -> list:
-    """The built-in hooks of each run, in the order they run. Plots are the stage command's to
-    add (--plots)."""
+    """The built-in hooks of each run, in order (the stage command adds the plots)."""
     return [*([Checkpoints()] if save else []), MetricsFiles(), CollapseWarning()]
 
 

@@ -1,20 +1,10 @@
-"""The training loop: runs from their set-up to their end, in one module.
+"""The training loop: runs from their set-up to their end (docs/design.md, "The loop and its hooks").
 
 A run is a function of (config, seed): the data order of an epoch comes from (seed, epoch), the
-dropout key of a step from (seed, step). A checkpoint stores the training state and the step
-metrics of the unfinished epoch, so a run resumed from any checkpoint, mid-epoch included, ends
-bit for bit as the uninterrupted run (tests/test_resume.py kills runs to check).
-
-A `Run` is one member (a seed, a sweep's trial): its config, work directory, checkpoints and
-rows. A `Group` trains N runs through one compiled call, vmapped when N > 1 and the plain
-program when N = 1 (so a run alone is bit for bit what it is by itself), and gives each run its
-slice of the step metrics and the evaluation. `train` is the whole of it: `setup` checks each
-work directory against the command (recipe.py), puts the data on the devices and builds the
-states; `resume` restores them. An epoch runs in compiled calls of K steps (`train.train_steps`,
-a lax.scan), ending at multiples of K and at checkpoint steps, so that a resumed run makes the
-calls of the uninterrupted one. Between calls the host fetches the step metrics, stops on a NaN
-and calls the hooks (hooks.py): each run's hooks, and the group's callbacks (what reports over
-the runs together: the printed lines, a signal's stop, a sweep's pruning).
+dropout key of a step from (seed, step), and a checkpoint holds the unfinished epoch's metrics,
+so a resumed run ends bit for bit as the uninterrupted one (tests/test_resume.py kills runs).
+A `Run` is one member (a seed, a sweep's trial); a `Group` trains N runs in one compiled call,
+vmapped when N > 1, the plain program when N = 1, and gives each run its slice of the metrics.
 """
 
 import contextlib
@@ -54,17 +44,9 @@ class Run:
     evaluation: dict | None = None  # the last epoch's {"test", "val"?: train.eval_dataset's}
     stop: int | str | None = None  # a signal: checkpoint and stop now; "epoch": after this epoch
 
-    @property
-    def state(self):
-        return self.group.take(self.index)
-
-    @property
-    def step(self) -> int:
-        return self.group.step
-
-    @property
-    def primary(self) -> bool:
-        return self.group.primary
+    state = property(lambda self: self.group.take(self.index))
+    step = property(lambda self: self.group.step)
+    primary = property(lambda self: self.group.primary)
 
 
 class Group:
@@ -72,22 +54,13 @@ class Group:
     over the runs when there are several), the data on the devices, the compiled calls."""
 
     def __init__(
-        self,
-        configs: list,
-        workdirs: list,
-        runtime: startup.Runtime,
-        mesh,
-        arrays: dict,
-        labels: list | None = None,
-        summary: str = "",
-        step_fn=train_lib.train_step,
-        eval_metrics: tuple = train_lib.EVAL_METRICS,
+        self, configs, workdirs, runtime, mesh, arrays, labels=None, summary="", step_fn=None, eval_metrics=()
     ):
         """configs: each run's (member_configs); arrays: {"train", "val"?, "test": (images,
         labels)} on the devices; labels: what lines call the runs (default "seed <s>")."""
         n, first = len(configs), configs[0]
         self.vmap, self.mesh, self.runtime, self.arrays, self.summary = n > 1, mesh, runtime, arrays, summary
-        self.step_fn, self.eval_metrics = step_fn, eval_metrics
+        self.step_fn, self.eval_metrics = step_fn or train_lib.train_step, train_lib.EVAL_METRICS + tuple(eval_metrics)
         labels = labels or [f"seed {c.seed}" for c in configs]
         self.runs = [Run(self, i, c, Path(w), lb) for i, (c, w, lb) in enumerate(zip(configs, workdirs, labels))]
         if self.vmap and n % mesh.size:
@@ -135,24 +108,30 @@ class Group:
         tree = self.state if tree is None else tree
         return jax.tree.map(lambda x: x[i], tree) if self.vmap else tree
 
-    def _compiled(self, key, lower):
+    def per_run(self, tree) -> list:
+        """A compiled call's output on the host, a tree per run."""
+        tree = parallel.to_host(tree)
+        return [jax.tree.map(lambda v: v[i], tree) for i in range(len(self.runs))] if self.vmap else [tree]  # noqa: B023
+
+    def _call(self, key, fn, *args, **static):
+        """fn (jitted) on args, compiled once per key; under --debug-nans jitted, undonated:
+        jax_debug_nans checks jitted calls, not compiled (AOT) ones."""
+        if self.debug_nans and fn in train_lib.UNDONATED:
+            return train_lib.UNDONATED[fn](*args, **static)
         if key not in self.compiled:
             t = time.perf_counter()
-            self.compiled[key] = lower().compile()
+            self.compiled[key] = fn.lower(*args, **static).compile()
             self.compile_s += time.perf_counter() - t
-        return self.compiled[key]
+        return self.compiled[key](*args)
 
     def train(self, order, start: int, steps: int):
         """`steps` steps from row `start` of `order` (Group.order): the metrics on the device."""
-        args = (self.state, *self.arrays["train"], order, np.int32(start), self.dropout_rngs)
         static = dict(steps=steps, shift=self.shift, step=self.step_fn)
         fn = train_lib.train_seeds if self.vmap else train_lib.train_steps
         if not self.vmap:
             static["sharding"] = self.sharding
-        if self.debug_nans:  # jax_debug_nans checks jitted calls, not compiled (AOT) ones
-            self.state, m = train_lib.UNDONATED[fn](*args, **static)
-        else:
-            self.state, m = self._compiled(("train", steps), lambda: fn.lower(*args, **static))(*args)
+        args = (self.state, *self.arrays["train"], order, np.int32(start), self.dropout_rngs)
+        self.state, m = self._call(("train", steps), fn, *args, **static)
         return m
 
     def evaluate(self, split: str) -> list[dict]:
@@ -161,18 +140,10 @@ class Group:
         if not self.vmap:
             fn, static = train_lib.eval_dataset, dict(static, sharding=self.sharding)
         images, labels = self.arrays[split]
-        lower = lambda: fn.lower(self.state, images, labels, **static)  # noqa: E731
-        out = self.to_host(self._compiled(("eval", images.shape), lower)(self.state, images, labels))
-        return [jax.tree.map(lambda v: v[i], out) for i in range(len(self.runs))]  # noqa: B023
-
-    def to_host(self, tree):
-        """A tree of the compiled calls' outputs on the host, each with a leading runs axis."""
-        tree = parallel.to_host(tree)
-        return tree if self.vmap else jax.tree.map(lambda v: v[None], tree)
+        return self.per_run(self._call(("eval", images.shape), fn, self.state, images, labels, **static))
 
     def order(self, epoch: int):
-        """The epoch's batch indices on the device, each run's from its seed: [runs, S, B]
-        stacked, or one run's [S, B]."""
+        """The epoch's batch indices on the device, each run's from its seed: [runs, S, B], or [S, B]."""
         n, b = len(self.arrays["train"][1]), self.runs[0].config.batch_size
         return self.put([np.asarray(data.epoch_batches(r, epoch, n, b)) for r in self.data_rngs])
 
@@ -182,14 +153,13 @@ class Group:
         for run in self.runs:
             call(self.hooks, method, run, *args(run))
 
-    # What a person reads: one run is the run; several are seeds and their spread.
+    # What a person reads: one run is the run; several are seeds (or trials) and their spread.
     def label(self, i: int) -> str:
         return f"{self.runs[i].label}: " if len(self.runs) > 1 else ""
 
     @property
     def where(self) -> Path:
-        first = self.runs[0].workdir
-        return first if len(self.runs) == 1 else first.parent
+        return self.runs[0].workdir if len(self.runs) == 1 else self.runs[0].workdir.parent
 
     @property
     def where_all(self) -> str:
@@ -212,26 +182,22 @@ class Group:
         if self.vmap:
             per = f", {n // devices} per device on {devices} devices" if devices > 1 else ""
             seeds = [r.config.seed for r in self.runs]
-            which = (
-                f"{n} seeds ({seeds[0]}-{seeds[-1]})"
-                if labels[0].startswith("seed ")
-                else f"{n} members ({', '.join(labels)})"
-            )
+            seeded = labels[0].startswith("seed ")
+            which = f"{n} seeds ({seeds[0]}-{seeds[-1]})" if seeded else f"{n} members ({', '.join(labels)})"
             return [f"{which} in one vmapped program{per}"]
-        if devices > 1:
-            return [
-                f"Data-parallel over {devices} {self.mesh.devices.flat[0].platform} devices in "
-                f"{jax.process_count()} process(es): {self.runs[0].config.batch_size // devices} images per device "
-                "per step"
-            ]
-        return []
+        if devices == 1:
+            return []
+        per, platform = self.runs[0].config.batch_size // devices, self.mesh.devices.flat[0].platform
+        return [
+            f"Data-parallel over {devices} {platform} devices in {jax.process_count()} process(es): {per} images per device per step"
+        ]
 
 
 def member_configs(config, given: list | None, n: int) -> list:
     """Each run's config as it records it (seeds 1): `given`, default seeds config.seed,
     config.seed + 1, ...; ConfigError if they differ in more than MEMBER_FIELDS."""
     given = given or [with_values(config, {"seed": config.seed + i}) for i in range(n)]
-    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}  # noqa: E731
+    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}
     for g in given:
         if program(g) != program(given[0]):
             diff = sorted(k for k in program(g) if program(g)[k] != program(given[0]).get(k))
@@ -249,9 +215,8 @@ def with_values(config, values: dict):
 
 
 def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
-    """{"train", "val", "test": (images, labels)}, the config's split and limits applied: the
-    validation images are data.val_split training images drawn once (a fixed key, not the
-    seed's), so every seed and every resume holds out the same ones; "val" is absent without."""
+    """{"train", "val", "test": (images, labels)}, limits applied; "val": data.val_split training
+    images drawn with a fixed key, so every seed and resume holds out the same ones (absent at 0)."""
     n_val, n_train = config.data.val_split, len(ds.train_labels)
     if n_val >= n_train:
         raise ConfigError(f"--data-val-split: {n_val} leaves none of the {n_train} training images")
@@ -264,21 +229,12 @@ def split_data(ds: data.Dataset, config: ml_collections.ConfigDict) -> dict:
         "test": (ds.test_images[:test_n], ds.test_labels[:test_n]),
     }
     if config.batch_size > len(arrays["train"][1]):
-        raise ConfigError(
-            f"--batch-size: {config.batch_size} is larger than the {len(arrays['train'][1])} training images"
-        )
+        n = len(arrays["train"][1])
+        raise ConfigError(f"--batch-size: {config.batch_size} is larger than the {n} training images")
     return arrays if n_val else {k: v for k, v in arrays.items() if k != "val"}
 
 
-def setup(
-    config: ml_collections.ConfigDict,
-    workdirs: list,
-    runtime: startup.Runtime,
-    members: list | None = None,
-    labels: list | None = None,
-    step_fn=None,
-    eval_metrics: dict | None = None,
-) -> Group:
+def setup(config, workdirs: list, runtime, members=None, labels=None, step_fn=None, eval_metrics=None) -> Group:
     """Check the config and each work directory (a run of another recipe is refused before
     anything is written: recipe.py), load the data, build the runs' initial states."""
     models.build(**config.model)  # a model field or value the model cannot take: one line
@@ -289,32 +245,19 @@ def setup(
     dataset = data.identity(ds, config.data.digits)  # resumes on the same data
     for c in configs:
         c.dataset = dataset
+    model = train_lib.model_of(configs[0], runtime.conv_grad)
+    step_fn = step_fn or train_lib.step_for(config.loss.name)
+    summary = models.summary(model, dataset["image_shape"])
+    metric_fns = sorted((eval_metrics or {}).items())
     group = Group(
-        configs,
-        workdirs,
-        runtime,
-        mesh,
-        parallel.put_replicated(arrays, mesh),
-        labels,
-        models.summary(train_lib.model_of(configs[0], runtime.conv_grad), dataset["image_shape"]),
-        step_fn or train_lib.step_for(config.loss.name),
-        train_lib.EVAL_METRICS + tuple(sorted((eval_metrics or {}).items())),
+        configs, workdirs, runtime, mesh, parallel.put_replicated(arrays, mesh), labels, summary, step_fn, metric_fns
     )
-    spe = group.steps_per_epoch
-    recorded = dict(
-        devices=mesh.size,
-        processes=jax.process_count(),
-        platform=mesh.devices.flat[0].platform,
-        jax=jax.__version__,
-        steps_per_call=runtime.steps_per_call,
-        conv_grad=runtime.conv_grad,
-        seed_mode="vmap" if group.vmap else "turn",
-    )
+    spe, platform = group.steps_per_epoch, mesh.devices.flat[0].platform
+    ran = dict(devices=mesh.size, processes=jax.process_count(), platform=platform, jax=jax.__version__)
+    ran.update(dataclasses.asdict(runtime), seed_mode="vmap" if group.vmap else "turn")
     states = [train_lib.create_train_state(c, r, spe, runtime.conv_grad) for c, r in zip(configs, group.init_rngs)]
-    plans = []
-    for run, state in zip(group.runs, states):
-        plan = recipe.check(run.workdir, run.config, recorded)
-        plans.append(recipe.find_checkpoint(run.workdir, plan, run.config, state, spe))
+    plans = [recipe.check(r.workdir, r.config, ran) for r in group.runs]
+    plans = [recipe.find_checkpoint(r.workdir, p, r.config, s, spe) for r, p, s in zip(group.runs, plans, states)]
     parallel.sync("work directories checked")  # every process has read them before any change
     if config.init_from and any(plan.step is None for plan in plans):
         for i, c in enumerate(configs):  # a run that resumes replaces this state
@@ -324,13 +267,12 @@ def setup(
     for run in group.runs:
         run.mngr = checkpoint.manager(run.workdir, keep_period=spe)
         if group.primary:
-            flags.write_atomic(run.workdir / "summary.txt", group.summary + "\n")
+            flags.write_atomic(run.workdir / "summary.txt", summary + "\n")
     group.state = group.put(states)
     return group
 
 
-# The model tables printed by the command in progress (`one_summary`): a command that trains
-# several runs (seeds in turn, a sweep's trials) prints each table once.
+# The model tables the command in progress printed (`one_summary`): each once a command.
 _printed: list[set] = []
 
 
@@ -348,25 +290,21 @@ def one_summary():
 
 
 def resume(group: Group) -> None:
-    """The newest checkpoint all runs have, or a fresh start.
-
-    Runs save one after another, so a group killed between two runs' saves has them one
-    checkpoint apart: every run goes on from the older one, and the newer ones are deleted,
-    the one deletion a run makes itself: the vmapped program writes them again, bit for bit.
-    """
-    runs = group.runs
-    states = [r.state for r in runs]
-    found = [recipe.restore_latest(r.mngr, s, r.workdir) for r, s in zip(runs, states)]
+    """The newest checkpoint all runs have, or a fresh start. Runs save one after another, so a
+    group killed between two saves has them one checkpoint apart: all go on from the older one,
+    the newer ones deleted (the one deletion a run makes; the same program writes them again)."""
+    states = [r.state for r in group.runs]
+    found = [recipe.restore_latest(r.mngr, s, r.workdir) for r, s in zip(group.runs, states)]
     steps = [int(f[0].step) if f else 0 for f in found]
     step = min(steps)
-    for i, run in enumerate(runs):
+    for i, run in enumerate(group.runs):
         if steps[i] > step:
             for s in [s for s in run.mngr.all_steps() if s > step]:
                 run.mngr.delete(s)
             found[i] = checkpoint.restore_state(run.mngr, states[i], step) if step else None
     if step:
         group.state = group.put([f[0] for f in found])
-        for run, (_, saved) in zip(runs, found):
+        for run, (_, saved) in zip(group.runs, found):
             run.row = metrics.upgrade(saved["last_epoch"])
             run.partial = {k: np.asarray(v, np.float32) for k, v in (saved["partial"] or {}).items()}
 
@@ -381,28 +319,24 @@ def call_end(config, k: int, done: int, step: int, steps_per_epoch: int) -> int:
 
 
 def fetch(group: Group, chunk: list, epoch: int) -> list[dict]:
-    """A chunk's step metrics on the host, a dict per run, each appended to its run's partial;
-    Diverged at a NaN or infinite loss."""
-    # Joined on the host: no device op that --debug-nans would stop on before this check.
-    host = group.to_host(chunk)
-    new = {k: np.concatenate([m[k] for m in host], axis=1) for k in host[0]}
-    bad = np.argwhere(~np.isfinite(new["loss"]))
-    if len(bad):
-        i, j = bad[0]
-        step = epoch * group.steps_per_epoch + group.done + int(j) + 1
-        kept = group.runs[i].mngr.latest_step()
-        lr = f" (lr {new['learning_rate'][i, j]:.3g})" if "learning_rate" in new else ""
-        raise Diverged(
-            f"{group.label(i)}training loss became {new['loss'][i, j]} at epoch {epoch + 1}, "
-            f"step {step}{lr}; "
-            + (f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint kept")
-            + "; try a smaller --opt-lr, or --debug-nans to find the operation",
-            member=int(i),
-        )
-    mine = [{k: v[i] for k, v in new.items()} for i in range(len(group.runs))]
-    for run, m in zip(group.runs, mine):
+    """A chunk's step metrics on the host, a dict per run appended to its partial; Diverged at
+    a NaN or infinite loss (checked on the host: no device op for --debug-nans to stop on)."""
+    new = [{k: np.concatenate([m[k] for m in ms]) for k in ms[0]} for ms in zip(*map(group.per_run, chunk))]
+    for i, m in enumerate(new):
+        bad = np.flatnonzero(~np.isfinite(m["loss"]))
+        if len(bad):
+            j, kept = bad[0], group.runs[i].mngr.latest_step()
+            lr = f" (lr {m['learning_rate'][j]:.3g})" if "learning_rate" in m else ""
+            raise Diverged(
+                f"{group.label(i)}training loss became {m['loss'][j]} at epoch {epoch + 1}, "
+                f"step {epoch * group.steps_per_epoch + group.done + int(j) + 1}{lr}; "
+                + (f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint kept")
+                + "; try a smaller --opt-lr, or --debug-nans to find the operation",
+                member=i,
+            )
+    for run, m in zip(group.runs, new):
         run.partial = {k: np.concatenate([run.partial[k], v]) if run.partial else v for k, v in m.items()}
-    return mine
+    return new
 
 
 def train_epoch(group: Group, epoch: int) -> None:
@@ -417,9 +351,8 @@ def train_epoch(group: Group, epoch: int) -> None:
             try:
                 chunk.append(group.train(order, done, end - done))
             except FloatingPointError as e:  # raised under --debug-nans
-                raise Diverged(
-                    f"{e} at epoch {epoch + 1}, steps {epoch * spe + done + 1}-{epoch * spe + end}; last good checkpoint: step {group.runs[0].mngr.latest_step()}"
-                ) from None
+                steps, kept = f"{epoch * spe + done + 1}-{epoch * spe + end}", group.runs[0].mngr.latest_step()
+                raise Diverged(f"{e} at epoch {epoch + 1}, steps {steps}; last good checkpoint: step {kept}") from None
             due = config.checkpoint_every and (epoch * spe + end) % config.checkpoint_every == 0
             logged = end // config.log_every > done // config.log_every
             done = end
@@ -437,72 +370,59 @@ def evaluate(group: Group) -> None:
 
 
 def row(run: Run, epoch: int, seconds: float) -> dict:
-    """The run's metrics row of a finished epoch: the step metrics' means (metrics.LAST: the
-    last value), the evaluation's, the epoch's seconds."""
+    """The run's row of a finished epoch: the step metrics' means (metrics.LAST: the last
+    value), the evaluation's metrics (an array as name_0, name_1, ...), the epoch's seconds."""
     out = {"epoch": epoch + 1, "step": run.step}
     out.update({f"train_{k}": float(v.mean()) for k, v in run.partial.items() if k not in metrics.LAST})
     out.update({k: float(v[-1]) for k, v in run.partial.items() if k in metrics.LAST})
     for split, ev in run.evaluation.items():
-        for name, _ in run.group.eval_metrics:  # an array: name_0, name_1, ...
+        for name, _ in run.group.eval_metrics:
             value = np.ravel(ev[name])
             keys = [f"{split}_{name}"] if np.ndim(ev[name]) == 0 else [f"{split}_{name}_{j}" for j in range(len(value))]
             out.update({key: float(v) for key, v in zip(keys, value)})
     return {**out, "seconds": seconds}
 
 
-@contextlib.contextmanager
-def _locked(workdirs: list):
-    """Within: the work directories' locks, once setup takes them (recipe.lock), released at
-    the end however it ends."""
-    try:
-        yield
-    finally:
-        for workdir in workdirs:
-            recipe.unlock(Path(workdir))
-
-
 def train(
-    config: ml_collections.ConfigDict,
-    workdirs: list,
+    config,
+    workdirs,
     *,
-    runtime: startup.Runtime | None = None,
-    hooks: tuple = (),
-    callbacks: tuple = (),
-    save: bool = True,
+    runtime=None,
+    hooks=(),
+    callbacks=(),
+    save=True,
     step_fn=None,
-    eval_metrics: dict | None = None,
-    members: list | None = None,
-    labels: list | None = None,
+    eval_metrics=None,
+    members=None,
+    labels=None,
 ) -> Group:
-    """Train runs config.seed, config.seed + 1, ... (one per work directory, together in one
-    program) for config.epochs epochs, evaluating after each; resume if possible.
+    """Train runs config.seed, config.seed + 1, ... (a work directory each, in one program) for
+    config.epochs epochs, evaluating after each; resume if possible. Returns the group.
 
-    runtime: the command's choices (default: startup.resolve, after validating the config).
-    hooks: each run's, after the built-in ones (hooks.defaults; save=False: no checkpoints);
-    callbacks: the group's, after hooks.callbacks. step_fn: the step (train.train_step with
-    config.loss's loss; a researcher's own may return more metrics, logged by name).
-    eval_metrics: {name: fn(logits, labels)}, beside loss and accuracy. members: each run's
-    config (default: config with seeds config.seed, + 1, ...), differing only in MEMBER_FIELDS
-    (a sweep's trials); labels: how lines name them. Each work directory gets config.json,
-    summary.txt, metrics.jsonl, train_steps.jsonl, tensorboard/ and checkpoints/. Returns the
-    group: its runs, their rows and last evaluation.
+    runtime: the command's choices (default: validate and startup.resolve here). hooks: each
+    run's, after hooks.defaults (save=False: no checkpoints); callbacks: the group's, after
+    hooks.callbacks. step_fn: the step (train.train_step with config.loss's loss; one's own may
+    return more metrics, logged by name). eval_metrics: {name: fn(logits, labels)} beside loss
+    and accuracy. members: each run's config (a sweep's trials), differing only in
+    MEMBER_FIELDS; labels: how lines name them.
     """
     if runtime is None:
         validate(config)
         runtime = startup.resolve(config, len(workdirs))
-    # For this call only; only when asked: a config value set in a context is part of every
-    # jitted function's cache key, so a context always on would compile apart from callers'.
-    with (
-        jax.debug_nans(True) if config.debug_nans else contextlib.nullcontext(),
-        _locked(workdirs),
-    ):
+    # For this call only: a config value set in a context is part of every jitted function's
+    # cache key, so a context always on would compile apart from callers'.
+    with contextlib.ExitStack() as stack:
+        if config.debug_nans:
+            stack.enter_context(jax.debug_nans(True))
+        for workdir in workdirs:  # setup locks them (recipe.lock); released however it ends
+            stack.callback(recipe.unlock, Path(workdir))
         group = setup(config, workdirs, runtime, members, labels, step_fn, eval_metrics)
         group.hooks, group.callbacks = [*defaults(save), *hooks], [*default_callbacks(), *callbacks]
         resume(group)
-        spe = group.steps_per_epoch
+        spe, end = group.steps_per_epoch, config.epochs * group.steps_per_epoch
         # The table once a command, and not for a finished run run again; summary.txt has it.
         printed = _printed[-1] if _printed else set()
-        group.show_summary = group.step < config.epochs * spe and group.summary not in printed
+        group.show_summary = group.step < end and group.summary not in printed
         if group.show_summary:
             printed.add(group.summary)
         try:
@@ -514,15 +434,14 @@ def train(
                     seconds = time.perf_counter() - t0 - (group.compile_s - c0)
                     evaluate(group)
                     for run in group.runs:
-                        run.row = row(run, epoch, seconds)
-                    for run in group.runs:
-                        run.partial = {}
+                        run.row, run.partial = row(run, epoch, seconds), {}
                     group.emit("on_epoch_end", lambda run: (run.row, run.evaluation))
                 signum = group.signal  # heard after the last epoch's end: the run is complete
-                if signum is not None and group.step < config.epochs * spe:
+                if signum is not None and group.step < end:
+                    where = group.where if len(group.runs) > 1 else group.where / "checkpoints"
                     raise Interrupted(
                         signum,
-                        f"interrupted ({signal.Signals(signum).name}) at step {group.step}; checkpoint saved in {group.where if len(group.runs) > 1 else group.where / 'checkpoints'}. Resume by running the same command again with --workdir {group.where}",
+                        f"interrupted ({signal.Signals(signum).name}) at step {group.step}; checkpoint saved in {where}. Resume by running the same command again with --workdir {group.where}",
                     )
                 if all(r.stop for r in group.runs):
                     break

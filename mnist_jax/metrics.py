@@ -20,9 +20,7 @@ from mnist_jax import flags
 EPOCHS_FILE, STEPS_FILE = "metrics.jsonl", "train_steps.jsonl"
 
 
-# How a row reduces a step metric: the mean over its steps, but a schedule's value as it is at
-# the row's step.
-LAST = ("learning_rate",)
+LAST = ("learning_rate",)  # a row's value of these is the one at its step, not a mean
 
 
 def upgrade(row: dict | None) -> dict | None:
@@ -34,9 +32,8 @@ def upgrade(row: dict | None) -> dict | None:
 
 
 def read(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file. A last line cut short (a kill or a full disk in the middle
-    of an append) is dropped with a one-line warning: the checkpoint's own record is what counts,
-    and the next start writes the rows again from it."""
+    """The rows of a JSON-lines file. A last line cut short (a kill, a full disk) is dropped with
+    a warning: the next start writes the rows again from the checkpoint's record."""
     path = Path(path)
     if not path.exists():
         return []
@@ -63,10 +60,8 @@ def write(path: str | Path, rows: list[dict]) -> None:
 
 
 def summary_writer():
-    """tensorboardX's SummaryWriter, without torch: tensorboardX imports torch when it is
-    installed (the `bench` extra), only to accept torch tensors, which we never pass; that is
-    2.7 s of every training command's start-up here. A None in sys.modules makes `import torch`
-    raise ImportError, which tensorboardX handles. A torch already imported is left as it is."""
+    """tensorboardX's SummaryWriter without importing torch (2.7 s of a command's start-up,
+    for tensors we never pass): a None in sys.modules makes `import torch` fail, as handled."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 
@@ -97,10 +92,7 @@ class Writer:
             rows = read(self.workdir / EPOCHS_FILE)
             epochs = [m for m in rows if m["epoch"] < last_epoch["epoch"]] + [last_epoch]
         write(self.workdir / EPOCHS_FILE, epochs)
-        write(
-            self.workdir / STEPS_FILE,
-            [m for m in read(self.workdir / STEPS_FILE) if m["step"] <= step],
-        )
+        write(self.workdir / STEPS_FILE, [m for m in read(self.workdir / STEPS_FILE) if m["step"] <= step])
 
     def epoch(self, row: dict) -> None:
         append(self.workdir / EPOCHS_FILE, row)
@@ -123,14 +115,4 @@ class Writer:
 class NullWriter:
     """The Writer of processes other than the first: they train, process 0 writes."""
 
-    def truncate(self, last_epoch, step):
-        pass
-
-    def epoch(self, row):
-        pass
-
-    def step(self, row):
-        pass
-
-    def close(self):
-        pass
+    truncate = epoch = step = close = lambda self, *args: None

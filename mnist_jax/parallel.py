@@ -1,15 +1,9 @@
 """Data parallelism with jax.sharding: one 1-D mesh, batches split over it, the rest replicated.
 
-Training is one `jit` program over a Mesh with axis "data". The dataset and the train state are
-replicated on every device; inside the step, the gathered batch is constrained to
-`P("data")`, so each device computes its slice of the global batch and XLA inserts the
-all-reduces (gradients, batch-norm means and variances, metrics). Batch-norm statistics are
-therefore those of the global batch: results do not depend on the number of devices, up to
-float summation order (tests/test_parallel.py).
-
-Several processes (hosts) join through `jax.distributed.initialize()`, JAX's own runtime; the
-mesh then spans every process's devices and each process runs the same program on its own
-devices, which compute its part of each global batch.
+The data and the state are replicated; inside the step the batch is constrained to P("data"),
+so each device computes its slice and XLA inserts the all-reduces: gradients and batch-norm
+statistics are the global batch's, whatever the device count (tests/test_parallel.py).
+Processes (hosts) join through `jax.distributed.initialize()`; the mesh spans all their devices.
 """
 
 import jax
@@ -72,9 +66,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
-def seed_sharding(mesh: Mesh) -> NamedSharding:
-    """Vmapped seeds: the leading (seed) axis split over the devices, each its own seeds."""
-    return NamedSharding(mesh, P(AXIS))
+seed_sharding = batch_sharding  # vmapped runs: the leading (run) axis split over the devices
 
 
 def put_replicated(tree, mesh: Mesh):
@@ -117,12 +109,8 @@ def is_primary() -> bool:
 
 
 def reached_preemption(step: int) -> bool:
-    """Whether every process stops at `step`: True on all of them at the same step once any
-    received SIGTERM (JAX's preemption sync manager, started by jax.distributed.initialize).
-
-    Every process gives it every step, in order, from the step it started at; Orbax's
-    CheckpointManager.save gives it the step it saves as well (the same id space).
-    """
+    """Whether every process stops at `step`: True on all at the same step once any received
+    SIGTERM (JAX's preemption sync manager). Each gives it every step in order, as Orbax's save does."""
     return multihost_utils.reached_preemption_sync_point(step)
 
 

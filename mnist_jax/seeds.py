@@ -1,18 +1,10 @@
 """Several seeds of one stage in one command (`--seeds N`): each seed's result and their spread.
 
-Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run that `mnist_jax.evaluate`,
-`mnist_jax.restore` and the plots read as a single one. `--seed-mode`:
-  vmap  one compiled program over the seeds (`jax.vmap` over initial weights, data order and
-        dropout keys): on a GPU or TPU, N seeds cost about what one does;
-  turn  one after another in this process: seed s is bit for bit `--seed s`;
-  auto  vmap on GPU/TPU; on the CPU, vmap for the dense stages and turn for the convolutional
-        ones. XLA:CPU turns a convolution vmapped over per-seed weights into a grouped one,
-        4-5x slower than the seeds in turn (measured: docs/performance.md).
-A vmapped seed trains the same weights, batches and dropout masks as `--seed s`; its floats may
-differ in the last bits (a batched matmul rounds differently), and as any float change does, the
-runs drift apart within the seed spread. The summary (mean, std, median, min and max of the
-final test accuracy; with --data-val-split, also of the test accuracy at each seed's best
-validation epoch) is printed and written to WORKDIR/seeds.json.
+Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run. `--seed-mode` vmap trains them in
+one vmapped program (its floats may differ from `--seed s` in the last bits, then drift within
+the seed spread), turn one after another (bit for bit `--seed s`), auto picks per backend
+(startup.resolve). The summary of the final test accuracy (and, with --data-val-split, of the
+test accuracy at each seed's best validation epoch) is printed and written to WORKDIR/seeds.json.
 """
 
 import signal

@@ -1,9 +1,8 @@
 """The process's set-up, once, and the choices that depend on the backend, in one place.
 
-`start(config)` is what a command calls first: XLA's flags (read once, when JAX's backend
-starts), JAX's persistent compilation cache and `jax.distributed`; these are the process's, so
-the library's training function never sets them. `resolve` decides, once a command, the settings whose
-best value depends on the backend (a frozen `Runtime`), recorded beside the config, not in it.
+`start(config)` is what a command calls first: XLA's flags, JAX's compilation cache and
+`jax.distributed` are the process's, never the library's. `resolve` decides, once a command, the
+settings whose best value depends on the backend: a frozen `Runtime`, recorded beside the config.
 """
 
 import dataclasses
@@ -20,8 +19,7 @@ from mnist_jax.config import XLA_CPU, ConfigError, flag_name, validate
 
 
 def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
-    """Add config.xla_cpu's XLA_FLAGS (config.XLA_CPU). XLA reads them once, when JAX's backend
-    starts, so this must run before anything touches a device."""
+    """Add config.xla_cpu's XLA_FLAGS (config.XLA_CPU), before the backend starts and reads them."""
     wanted = XLA_CPU[config.xla_cpu].split()
     current = os.environ.get("XLA_FLAGS", "")
     if all(f in current.split() for f in wanted):
@@ -37,10 +35,8 @@ def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
 
 
 def _leftover(unraisable) -> bool:
-    """Orbax's restore reads a checkpoint's arrays in coroutines; when one part fails (a
-    damaged checkpoint: reported, moved aside), the reads left behind report at garbage
-    collection ("Exception ignored in: <coroutine ...>") or call back into the closed event
-    loop: some 80 lines of traceback after the one line that already said what happened."""
+    """An Orbax read left behind by a failed restore (a damaged checkpoint, already reported):
+    some 80 lines of traceback at garbage collection or from the closed event loop."""
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
         return True
@@ -49,8 +45,7 @@ def _leftover(unraisable) -> bool:
 
 
 class _DiskFullLogs(logging.Filter):
-    """Orbax logs a failed background save with its traceback, then raises the same error
-    in the main thread; a full disk is reported there in one line (cli.run)."""
+    """Orbax logs a failed background save, then raises it; a full disk is said once (cli.run)."""
 
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
