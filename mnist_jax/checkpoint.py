@@ -1,16 +1,5 @@
-"""Orbax checkpoints in WORKDIR/checkpoints, one per epoch, written atomically by Orbax.
-
-Each checkpoint holds its items, so each reader takes only what it needs:
-  model   {"params", "batch_stats"}: all that evaluation and prediction need;
-  train   every other field of the TrainState that is data (all but apply_fn and tx, which the
-          config rebuilds): what resuming adds, so a field added to the state is saved with it;
-  metrics the epoch's metrics line, so metrics.jsonl can be repaired on resume;
-  run     {"layout": LAYOUT, "config": the recipe as config.json records it}: what trained it,
-          so a run whose config.json is gone is still checked against the command.
-Layouts: 1 has no `run` item (read as layout 1); 2 adds it; 3 saves the whole state in `train`
-(1 and 2: opt_state and step; the rest came from the config). Every layout stays readable
-(tests/fixtures/layout1_linear is a layout-1 run).
-"""
+"""Orbax checkpoints in WORKDIR/checkpoints: items model, train, metrics and run, in layouts 1-3,
+all readable (docs/design.md, "Interrupted runs and checkpoints")."""
 
 import dataclasses
 import json
@@ -27,30 +16,19 @@ import orbax.checkpoint as ocp
 from mnist_jax import data, models
 from mnist_jax.config import ConfigError
 
-# Written once a first checkpoint is committed: from then on a work directory with no readable
-# checkpoint has lost work (refused), before then it has lost none (started afresh).
+# Once a checkpoint is committed, a work directory with none readable has lost work (refused).
 COMMITTED = "checkpoint_committed"
 DAMAGED = "damaged"  # WORKDIR/damaged/<step>: checkpoints that could not be read, moved aside
 # What --restart deletes: everything a run writes but config.json and summary.txt, rewritten.
-RUN_FILES = (
-    "checkpoints",
-    COMMITTED,
-    DAMAGED,
-    "config_history.jsonl",
-    "metrics.jsonl",
-    "train_steps.jsonl",
-    "tensorboard",
-    "plots",
-    "eval.json",
-)
+RUN_FILES = ("checkpoints", COMMITTED, DAMAGED, "config_history.jsonl", "metrics.jsonl", "train_steps.jsonl")
+RUN_FILES += ("tensorboard", "plots", "eval.json")
 
 
 class Damaged(Exception):
     """A checkpoint that cannot be read: metadata unparseable, files truncated or missing."""
 
 
-# What an exception from Orbax means when it is one of these: how we called it, not what is on
-# disk. Such a one surfaces as the bug it is and never has a checkpoint moved aside as damaged.
+# Orbax exceptions that say how we called it, not what is on disk: bugs, never damage.
 BUGS = (TypeError, AttributeError, NameError, AssertionError, ImportError, NotImplementedError)
 
 
@@ -65,9 +43,7 @@ def steps(workdir: Path) -> list[int]:
 
 
 def screen(workdir: Path) -> list[tuple[int, str]]:
-    """(step, reason) of the checkpoints with a file that Orbax's manager parses when it starts
-    (each step's _CHECKPOINT_METADATA and its `metrics` item) and that does not parse: the
-    manager would fail on such a one, for every command."""
+    """(step, reason) of checkpoints whose files Orbax's manager parses on start do not parse."""
     bad = []
     for step in steps(workdir):
         step_dir = workdir / "checkpoints" / str(step)
@@ -106,17 +82,16 @@ def _describe(x) -> str:
 
 
 def mismatch(step_dir: Path, items: dict) -> str | None:
-    """Where checkpoint `step_dir` differs from `items` ({"model": tree, "train": tree} of arrays
-    or shapes) in structure, shapes or dtypes, as "the first differing leaf: here, there"; None
-    if it fits. Damaged if its metadata cannot be read."""
+    """The first leaf where checkpoint `step_dir` differs from `items` ({item: tree}) in structure,
+    shape or dtype, in words; None if it fits. Damaged if its metadata cannot be read."""
     handler = ocp.StandardCheckpointHandler()
     step_dir = Path(step_dir).absolute()  # Orbax refuses a relative path
     for name, tree in items.items():
         try:
             saved = handler.metadata(step_dir / name).tree
+        except BUGS:
+            raise
         except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-            if not is_damage(e):
-                raise
             raise Damaged(f"its {name} metadata: {reason(e)}") from None
         tree = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), tree)
         ours = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)  # a fresh state's step is 0
@@ -144,33 +119,28 @@ def manager(workdir: str | Path, keep_period: int | None = None) -> ocp.Checkpoi
     return ocp.CheckpointManager(directory, options=options)
 
 
-class _ReadOnlyNotices(logging.Filter):
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
     """Orbax logs a warning per option a read-only manager turns off: notes for its developers."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return "read_only=True" not in message and "directory is read only" not in message
+    message = record.getMessage()
+    return "read_only=True" not in message and "directory is read only" not in message
 
 
 def reader(workdir: str | Path) -> ocp.CheckpointManager:
-    """A read-only manager for this process alone: no collective, so process 0 can restore for
-    its plots while the others have finished (Orbax skips the barriers of a one-process set)."""
+    """A read-only manager for this process alone (Orbax skips a one-process set's barriers), so
+    process 0 can restore for its plots while the others have finished."""
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'}: no checkpoint found")
     for step, reason in screen(Path(workdir)):
         raise FileNotFoundError(f"{directory / str(step)}: damaged checkpoint ({reason})")
-    me = jax.process_index()
-    quiet, log = _ReadOnlyNotices(), logging.getLogger("absl")
-    log.addFilter(quiet)
+    me, log = jax.process_index(), logging.getLogger("absl")
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    log.addFilter(_not_read_only_notice)
     try:
-        options = ocp.CheckpointManagerOptions(
-            read_only=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
-        )
+        options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=alone)
         return ocp.CheckpointManager(directory, options=options)
     finally:
-        log.removeFilter(quiet)
+        log.removeFilter(_not_read_only_notice)
 
 
 def mark_committed(workdir: Path) -> None:
@@ -196,35 +166,30 @@ def items(state, layout: int | None = None) -> dict:
 LAYOUT = 3  # what save writes (the module's docstring)
 
 
+def _run_item(step_dir: Path) -> dict:
+    return json.loads((Path(step_dir) / "run" / "metadata").read_text())
+
+
 def layout(step_dir: Path) -> int:
     """The layout checkpoint `step_dir` was written in (1 if it does not say)."""
     try:
-        return int(json.loads((Path(step_dir) / "run" / "metadata").read_text())["layout"])
+        return int(_run_item(step_dir)["layout"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1
 
 
 def save(mngr: ocp.CheckpointManager, state, metrics: dict, step: int, config: dict) -> None:
-    """Save asynchronously; Orbax copies the arrays before returning, so `state` may be donated.
-    config: the run's recipe as config.json records it."""
-    trees = items(state)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(trees["model"]),
-            train=ocp.args.StandardSave(trees["train"]),
-            metrics=ocp.args.JsonSave(metrics),
-            run=ocp.args.JsonSave({"layout": LAYOUT, "config": config}),
-        ),
-    )
+    """Save asynchronously (Orbax copies the arrays first: `state` may be donated); config: config.json's."""
+    trees = {name: ocp.args.StandardSave(tree) for name, tree in items(state).items()}  # model, train
+    run = ocp.args.JsonSave({"layout": LAYOUT, "config": config})
+    mngr.save(step, args=ocp.args.Composite(**trees, metrics=ocp.args.JsonSave(metrics), run=run))
 
 
 def recorded_config(workdir: Path) -> tuple[int, dict] | None:
     """(step, recipe) from the newest checkpoint that carries one (layout 2 on), else None."""
     for step in steps(workdir):
         try:
-            item = json.loads((workdir / "checkpoints" / str(step) / "run" / "metadata").read_text())
-            return step, item["config"]
+            return step, _run_item(workdir / "checkpoints" / str(step))["config"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # layout 1, or a damaged item: the one before may still say
     return None
@@ -238,16 +203,9 @@ def restore_state(mngr: ocp.CheckpointManager, state, step: int | None = None):
     """(state, metrics) from checkpoint `step` (default latest), shaped like `state`."""
     step = mngr.latest_step() if step is None else step
     trees = items(state, layout(Path(mngr.directory) / str(step)))
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(trees["model"])),
-            train=ocp.args.StandardRestore(abstract(trees["train"])),
-            metrics=ocp.args.JsonRestore(),
-        ),
-    )
-    state = state.replace(**restored["model"], **restored["train"])
-    return state, restored["metrics"]
+    args = {name: ocp.args.StandardRestore(abstract(tree)) for name, tree in trees.items()}
+    restored = mngr.restore(step, args=ocp.args.Composite(**args, metrics=ocp.args.JsonRestore()))
+    return state.replace(**restored["model"], **restored["train"]), restored["metrics"]
 
 
 class Restored(NamedTuple):
@@ -273,8 +231,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
 
 
 def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict, int]:
-    """(params and batch statistics shaped like `target`, step) of checkpoint `step` (default
-    latest), on this process's first device; ConfigError if the checkpoint does not fit."""
+    """(variables shaped like `target`, on this process's first device, step) of checkpoint `step`."""
     mngr = reader(workdir)
     found = mngr.all_steps()
     if not found:
@@ -298,9 +255,7 @@ def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict,
 
 def restore(workdir: str | Path, step: int | None = None) -> Restored:
     """Model, variables and config of a run's checkpoint (default: latest); no optimizer needed.
-
-    FileNotFoundError or ConfigError, one line, for a directory that holds no run this code can
-    restore (no checkpoint, a damaged one, a model that does not fit config.json's)."""
+    FileNotFoundError or ConfigError, one line, for a run this code cannot restore."""
     workdir = Path(workdir).expanduser()
     config = read_config(workdir)
     image_shape, num_classes, _ = data.spec(config)
@@ -321,8 +276,7 @@ def seed_dir(workdir, seed: int) -> Path:
 
 
 def init_from(state, source: Path, seed: int):
-    """`state` with the trained params and batch statistics of the run in `source` (its
-    seed_<seed>/ when it has seed directories), and {"dir", "step"}: where they come from."""
+    """(`state` with the trained variables of `source` (or its seed_<seed>/), {"dir", "step"} of them)."""
     source = Path(source).expanduser()
     seeded = sorted(p.name for p in source.glob("seed_*") if p.is_dir())
     if seeded:

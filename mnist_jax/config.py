@@ -1,8 +1,4 @@
-"""The shared base config. Each stage in `experiments/` overrides what changes.
-
-A config is an `ml_collections.ConfigDict`: attribute access, type-checked assignment, JSON out.
-Every leaf becomes a command-line flag (see `flags.py`): `data.dir` -> `--data-dir`.
-"""
+"""The shared base config (each stage in `experiments/` overrides what changes); each leaf is a flag."""
 
 import math
 
@@ -21,19 +17,13 @@ CONV_GRADS = ("auto", "space_to_depth", "xla")
 DTYPES = ("float32", "bfloat16")
 DIGITS = ("auto", "yes", "no")
 PADDINGS = ("SAME", "VALID")  # the values models._check accepts for model.padding
-# XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME). experiments/xla_cpu.py measures
-# them; docs/performance.md has the speed and the error against float64 of each.
-XLA_CPU = {
-    "default": "",
-    # conv_bn's step 1.2x faster on the 2-core CPU, its gradient's error against float64 near
-    # the default's (4.2e-6 against 3.3e-6); opt-in until the stages' 5-seed medians are run.
-    "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-}
+# XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME); docs/performance.md has each's speed and error.
+# ynn-no-conv: conv_bn 1.2x faster on the CPU, error near the default's; opt-in until 5-seed medians are run.
+XLA_CPU = {"default": "", "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
 
 
-# What a change to each field means when a command finds a run in its work directory (recipe.py
-# compares the two configs; docs/design.md has the table). Every leaf has a class here, the one
-# place (tests/test_recipe.py fails on a leaf without one).
+# What a change to each field means when a command finds a run in its work directory (recipe.py;
+# docs/design.md has the table). Every leaf has a class here, the one place: tests/test_recipe.py checks.
 RECIPE = "recipe"  # changes what is trained or what its metrics measure: refused
 ARITHMETIC = "arithmetic"  # the same recipe computed in another order: allowed, recorded, said
 LENGTH = "length"  # epochs: a recipe field when the schedule spans the run, else allowed, recorded
@@ -110,8 +100,7 @@ FIELD_CLASSES = {
 # Schedules whose learning rate at a step depends on the run's length (epochs x steps).
 SPANNING_SCHEDULES = ("onecycle", "cosine")
 
-# Each field's line in its flag's --help, the one place (flags.py adds its choices, from
-# `choices()`, and its default; tests/test_front_door.py fails on a flag without a line).
+# Each field's --help line, the one place (flags.py adds choices and default); tests/test_front_door.py checks.
 HELP = {
     "workdir": "where the run's checkpoints, metrics and plots go; the same command again resumes there (default: runs/<stage>)",
     "seed": "the random seed: initial weights, data order and dropout masks",
@@ -178,93 +167,64 @@ MODEL_CHOICES: dict[str, tuple] = {}
 
 
 def choices() -> dict:
-    """{field: its values} of the fields with a fixed set, from the registries that decide them
-    (validate's, models'), so that --help cannot list a stale set."""
-    return {
-        "seed_mode": SEED_MODES,
-        "data.digits": DIGITS,
-        **MODEL_CHOICES,
-        "model.padding": PADDINGS,
-        "opt.name": OPTIMIZERS,
-        "opt.schedule": SCHEDULES,
-        "loss.name": LOSSES,
-        "xla_cpu": tuple(XLA_CPU),
-        "conv_grad": CONV_GRADS,
-        "dtype": DTYPES,
-    }
+    """{field: its values} of the fields with a fixed set, from their registries: --help is never stale."""
+    fixed = {"seed_mode": SEED_MODES, "data.digits": DIGITS, **MODEL_CHOICES, "model.padding": PADDINGS}
+    fixed.update({"opt.name": OPTIMIZERS, "opt.schedule": SCHEDULES, "loss.name": LOSSES, "xla_cpu": tuple(XLA_CPU)})
+    return {**fixed, "conv_grad": CONV_GRADS, "dtype": DTYPES}
 
 
 def base() -> ml_collections.ConfigDict:
+    """The base config; each field's meaning is its line in HELP."""
     config = ml_collections.ConfigDict()
     config.name = "base"  # the stage; default work directory is runs/<name>
     config.workdir = ""  # "" -> runs/<name>
     config.seed = 0
-    config.seeds = 1  # train seeds seed..seed+seeds-1, each in WORKDIR/seed_<s>/ (loop.py)
-    config.seed_mode = "auto"  # vmap: in one vmapped program; turn: one after another; auto: per backend
+    config.seeds = 1
+    config.seed_mode = "auto"
     config.epochs = 10
     config.batch_size = 128
     config.data = ml_collections.ConfigDict(
-        dict(
-            dir="",  # IDX directory; "" -> $MNIST_DATA_DIR, else TFDS (data.tfds, or "mnist")
-            tfds="",  # a TFDS image-classification dataset by name: wins over dir and the env
-            num_classes=0,  # 0: from the labels (TFDS: its label feature)
-            digits="auto",  # yes, no or auto: MNIST-like digits 0-9 (font digits, centring)
-            val_split=0,  # hold out N training images as a validation set, for every choice
-            train_limit=0,  # use only the first N training images (0: all); for quick tries
-            test_limit=0,  # evaluate on the first N test images (0: all)
-            augment_shift=0,  # translate training images randomly by up to N pixels (0: off)
-        )
+        dict(dir="", tfds="", num_classes=0, digits="auto", val_split=0, train_limit=0, test_limit=0, augment_shift=0)
     )
     config.model = ml_collections.ConfigDict(dict(name="softmax"))
     # The rate at step t is opt.lr * schedule(t), the schedule peaking at 1 (optim.shape):
     # exponential: decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
     config.opt = ml_collections.ConfigDict(
         dict(
-            name="sgd",  # sgd, adam (Keras's), optax_adam, adamw
-            lr=0.01,  # the peak rate: data in the optimizer's state, not in its program
-            decay=1.0,  # the exponential schedule's per-epoch factor (not the weight decay)
-            schedule="exponential",  # exponential, onecycle, cosine (warm-up, then down), constant
-            warmup=0.0,  # cosine: the fraction of the run spent warming up
-            momentum=0.0,  # sgd: heavy-ball momentum (0: none)
-            nesterov=False,  # sgd with momentum: Nesterov's
-            weight_decay=0.0,  # adamw: decoupled weight decay
-            clip_norm=0.0,  # clip gradients to this global norm first (0: off)
+            name="sgd",
+            lr=0.01,  # data in the optimizer's state, not in its program
+            decay=1.0,
+            schedule="exponential",
+            warmup=0.0,
+            momentum=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            clip_norm=0.0,
         )
     )
     config.loss = ml_collections.ConfigDict(dict(name="cross_entropy", label_smoothing=0.0))
-    # Training steps per compiled call (a lax.scan); 0: the whole epoch on GPU/TPU, 1 on the CPU.
-    config.steps_per_call = 0
-    config.log_every = 50  # steps between training-metric samples (train_steps.jsonl, progress bar)
-    config.plots = True  # draw WORKDIR/plots/ at the end of a run
-    config.checkpoint_every = 0  # also checkpoint every N steps in epochs (0: at epoch ends only)
-    config.restart = False  # start over: delete the work directory's checkpoints and metrics first
-    # Start a new run from another run's trained weights (params and batch statistics; not its
-    # optimizer state or step): a work directory; with --seeds, its seed_<s>/ when it has them.
-    config.init_from = ""
-    # JAX's persistent compilation cache: a second run of a stage skips compiling. "": off.
-    # $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite sets one per run).
-    config.compile_cache = "~/.cache/mnist_jax"
-    config.debug_nans = False  # jax_debug_nans: stop at the first operation that makes a NaN
-    config.xla_cpu = "default"  # a name in XLA_CPU: XLA_FLAGS set before JAX's backend starts
-    # Stride-2 convolutions' input gradient: space_to_depth (a stride-1 convolution, 4x faster on
-    # XLA:CPU) or xla's own; auto: per backend (startup.resolve). The same values either way.
-    config.conv_grad = "auto"
-    config.dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (GPUs); params float32
-    config.devices = 0  # data-parallel over this many devices (0: all); see parallel.py
+    config.steps_per_call = 0  # steps per compiled call (a lax.scan)
+    config.log_every = 50
+    config.plots = True
+    config.checkpoint_every = 0
+    config.restart = False
+    config.init_from = ""  # with --seeds, its seed_<s>/ when it has them
+    config.compile_cache = "~/.cache/mnist_jax"  # $JAX_COMPILATION_CACHE_DIR wins (the test suite sets one)
+    config.debug_nans = False
+    config.xla_cpu = "default"  # XLA_FLAGS set before JAX's backend starts
+    config.conv_grad = "auto"  # the same values either way (startup.resolve picks)
+    config.dtype = "float32"
+    config.devices = 0  # see parallel.py
     # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
     config.distributed = ml_collections.ConfigDict(
         dict(
-            auto=False,  # let JAX find the cluster (SLURM, Open MPI, Kubernetes)
-            coordinator="",  # host:port of process 0, e.g. 10.0.0.1:1234
+            auto=False,
+            coordinator="",
             num_processes=0,
             process_id=-1,
-            # Seconds. A process silent this long counts as lost: the others stop (exit 4)
-            # instead of waiting in a collective until the job's wall-clock limit (JAX: 100).
-            heartbeat_timeout=60,
-            # How long a finished process waits for the others at the end (process 0 still
-            # drawing the plots, say) before giving up on them (JAX's default).
-            shutdown_timeout=300,
-            init_timeout=300,  # how long to wait for every process to join at the start
+            heartbeat_timeout=60,  # not JAX's 100: stop (exit 4) well before the job's wall-clock limit
+            shutdown_timeout=300,  # JAX's default: process 0 may still be drawing the plots
+            init_timeout=300,
         )
     )
     return config
@@ -313,25 +273,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.num_classes >= 0, "data.num_classes", "must be 0 (from the labels) or more")
     check(config.data.digits in DIGITS, "data.digits", "must be auto, yes or no")
     check(config.data.val_split >= 0, "data.val_split", "must be 0 (none) or positive")
-    check(config.opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
-    check(config.opt.lr > 0, "opt.lr", "must be positive")
-    check(config.opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}")
-    check(0 < config.opt.decay <= 1, "opt.decay", "must be in (0, 1]")
-    check(0 <= config.opt.warmup < 1, "opt.warmup", "must be a fraction of the run, in [0, 1)")
-    check(0 <= config.opt.momentum < 1, "opt.momentum", "must be in [0, 1)")
-    check(config.opt.momentum > 0 or not config.opt.nesterov, "opt.nesterov", "needs --opt-momentum")
-    check(
-        config.opt.name == "sgd" or not (config.opt.momentum or config.opt.nesterov),
-        "opt.momentum",
-        "is sgd's; the adams have their own",
-    )
-    check(config.opt.weight_decay >= 0, "opt.weight_decay", "must be 0 or positive")
-    check(
-        config.opt.name == "adamw" or not config.opt.weight_decay,
-        "opt.weight_decay",
-        "decays weights with --opt-name adamw only",
-    )
-    check(config.opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
+    opt = config.opt
+    check(opt.name in OPTIMIZERS, "opt.name", f"must be one of {', '.join(OPTIMIZERS)}")
+    check(opt.lr > 0, "opt.lr", "must be positive")
+    check(opt.schedule in SCHEDULES, "opt.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    check(0 < opt.decay <= 1, "opt.decay", "must be in (0, 1]")
+    check(0 <= opt.warmup < 1, "opt.warmup", "must be a fraction of the run, in [0, 1)")
+    check(0 <= opt.momentum < 1, "opt.momentum", "must be in [0, 1)")
+    check(opt.momentum > 0 or not opt.nesterov, "opt.nesterov", "needs --opt-momentum")
+    check(opt.name == "sgd" or not (opt.momentum or opt.nesterov), "opt.momentum", "is sgd's; the adams have their own")
+    check(opt.weight_decay >= 0, "opt.weight_decay", "must be 0 or positive")
+    check(opt.name == "adamw" or not opt.weight_decay, "opt.weight_decay", "decays weights with --opt-name adamw only")
+    check(opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
     check(config.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}")
     check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
     # The model's fields are checked by models.build, which knows each model's fields.

@@ -1,9 +1,4 @@
-"""Command-line plumbing every command shares: config fields as flags, common flags, failures.
-
-Each config field is a flag (`data.dir` -> `--data-dir`). User mistakes (bad flags, bad data,
-unusable work directory) print one line and exit 2; `user_errors` turns the exceptions that
-report them into that line.
-"""
+"""Command-line plumbing every command shares: config fields as flags, common flags, failures."""
 
 import argparse
 import contextlib
@@ -51,11 +46,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add(parser: argparse.ArgumentParser, *names: str, **changed) -> None:
-    """Declare COMMON flags on `parser`: `names` ("data_dir" is --data-dir), then `changed`.
-
-    A keyword declares a flag that differs for this command: a value is its default
-    (`add(p, "workdir", json="runs/x.json")`), a dict replaces add_argument keywords.
-    """
+    """Declare COMMON flags `names`, then `changed`: a default (`json="runs/x.json"`) or add_argument keywords."""
     for name in (*names, *changed):
         change = changed.get(name, {})
         kwargs = {**COMMON[name], **(change if isinstance(change, dict) else {"default": change})}
@@ -77,9 +68,8 @@ def user_errors(*errors: type[Exception], code: int = EXIT_USAGE):
 
 
 def disk_full(error: BaseException) -> str | None:
-    """The file a write failed on for want of space (ENOSPC), if that is what `error` or an
-    exception it came from is: an OSError, or tensorstore's RESOURCE_EXHAUSTED from Orbax ("" if
-    it names none); else None. A checkpoint being written is named by its step's directory."""
+    """The file a write failed on for want of space, if `error` or its cause is an ENOSPC OSError
+    or tensorstore's RESOURCE_EXHAUSTED ("" if it names none; a checkpoint: its step's directory)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -94,8 +84,7 @@ def disk_full(error: BaseException) -> str | None:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` so that a kill at any moment leaves the old file or the new,
-    never half of one: a sibling with a name of its own, then a rename."""
+    """Replace `path` with `text` via a sibling and a rename: a kill leaves the old file or the new."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -119,11 +108,9 @@ def write_json(path: str, obj) -> None:
 
 
 def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
+    for value, words in ((True, ("1", "true", "yes", "on")), (False, ("0", "false", "no", "off"))):
+        if text.lower() in words:
+            return value
     raise ValueError(text)
 
 
@@ -133,16 +120,10 @@ def _parser_for(default):
         convert = _parse_bool
     elif isinstance(default, (tuple, list)):
         item = type(default[0]) if default else int
-
-        def convert(text):
-            return tuple(item(x) for x in text.split(",") if x.strip())
-
+        convert = lambda text: tuple(item(x) for x in text.split(",") if x.strip())
     else:
         convert = type(default)
-
-    def parse(text):
-        return convert(text)
-
+    parse = lambda text: convert(text)
     parse.__name__ = type(default).__name__  # argparse names it in "invalid int value"
     return parse
 
@@ -158,8 +139,7 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
 
 
 def field_help(path: str, default, choices: dict | None = None) -> str:
-    """A config field's --help: its line (config.HELP), its choices where they are a fixed set,
-    its default."""
+    """A config field's --help: its line (config.HELP), its choices if a fixed set, its default."""
     choices = config_lib.choices() if choices is None else choices
     text = config_lib.HELP.get(path, f"config {path}")  # a field a stage adds without a line
     if path in choices:
@@ -177,32 +157,21 @@ def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, descri
             continue
         flag = flag_name(path)
         paths[flag[2:].replace("-", "_")] = path
-        flag_kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
-        parser.add_argument(
-            flag,
-            **flag_kwargs,
-            type=_parser_for(value),
-            default=argparse.SUPPRESS,
-            metavar=type(value).__name__.upper(),
-            help=field_help(path, value, choices),
-        )
+        kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
+        kwargs.update(type=_parser_for(value), default=argparse.SUPPRESS, metavar=type(value).__name__.upper())
+        parser.add_argument(flag, **kwargs, help=field_help(path, value, choices))
     args = parser.parse_args(argv)
     for dest, value in vars(args).items():
-        *parents, key = paths[dest].split(".")
-        node = config
-        for part in parents:
-            node = node[part]
         try:
-            node[key] = value
+            config.update_from_flattened_dict({paths[dest]: value})
         except (TypeError, ValueError):  # argparse hands `--flag=--` over as []
             parser.error(f"argument {flag_name(paths[dest])}: invalid value {value!r}")
     return config
 
 
 def cannot_write(directory: Path) -> str | None:
-    """Why no file can be created in `directory`, or None; asked of the kernel (access(2), which
-    sees a read-only filesystem and, for root too, an immutable directory), so nothing is
-    written to find out."""
+    """Why no file can be created in `directory`, or None; from access(2), which sees a read-only
+    filesystem and (for root too) an immutable directory, so nothing is written to find out."""
     if os.access(directory, os.W_OK | os.X_OK):
         return None
     if os.statvfs(directory).f_flag & os.ST_RDONLY:

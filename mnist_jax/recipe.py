@@ -1,16 +1,5 @@
 """A work directory's run against the command that starts it again: same recipe, or refused.
-
-`check` (every process, reading only) compares the command's config with the run's config.json
-field by field, each by its class (config.FIELD_CLASSES): a recipe field that differs refuses the
-command before anything is written. `find_checkpoint` (reading only too) finds the newest
-checkpoint that fits what the command builds, passing over damaged ones; an intact one that
-does not fit is refused.
-`prepare` (process 0) then acts: --restart's deletions, damaged checkpoints moved aside to
-WORKDIR/damaged/, config.json written, and this start appended to config_history.jsonl with
-every allowed change since the last one, so the directory says what trained each epoch.
-`restore_latest` resumes from the newest checkpoint every process can restore, moving aside
-the damaged ones it meets: nothing here deletes a file.
-"""
+`check` and `find_checkpoint` read (every process), then `prepare` acts (process 0; docs/design.md)."""
 
 import datetime
 import errno
@@ -49,8 +38,7 @@ def _flat(tree) -> dict:
 
 
 def _default(path: str, tree: dict):
-    """The value of a field a config.json lacks: its default when the field was added (the
-    base config's, or the model's own), so that a new field does not lock out older runs."""
+    """A field a config.json lacks: its default (base's or the model's), not to lock out older runs."""
     section, _, key = path.partition(".")
     if section == "model":
         name = tree.get("model", {}).get("name")
@@ -79,8 +67,7 @@ def _show(value) -> str:
 
 
 def compare(old: dict, new: ml_collections.ConfigDict) -> tuple[list[str], dict]:
-    """(one line per recipe field that differs, {field: [before, now]} for the allowed changes)
-    between a run's config.json and a command's config."""
+    """(a line per recipe field that differs, {field: [before, now]} of allowed changes)."""
     now_tree = new.to_dict()
     was_flat, now_flat = _flat(old), _flat(now_tree)
     spans = now_flat.get("opt.schedule") in config_lib.SPANNING_SCHEDULES
@@ -123,40 +110,27 @@ def move_aside(workdir: Path, step: int, reason: str) -> None:
     )
 
 
-def misfit(workdir: Path, step: int, diff: str) -> ConfigError:
-    """The refusal for an intact checkpoint that does not fit what this code builds."""
-    return ConfigError(
-        f"--workdir {workdir}: checkpoint {workdir / 'checkpoints' / str(step)} does not fit "
-        f"what this code builds ({diff}); it is kept as it is: use another --workdir, or the "
-        "code that wrote it"
-    )
+def _fit(workdir: Path, step: int, state) -> None:
+    """ConfigError if intact checkpoint `step` does not fit `state`; Damaged if unreadable."""
+    step_dir = workdir / "checkpoints" / str(step)
+    diff = checkpoint.mismatch(step_dir, checkpoint.items(state, checkpoint.layout(step_dir)))
+    if diff is not None:
+        raise ConfigError(
+            f"--workdir {workdir}: checkpoint {step_dir} does not fit what this code builds ({diff}); it is kept as it is: use another --workdir, or the code that wrote it"
+        )
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
-    """(state, metrics) from the newest checkpoint every process can read, or None for a new run.
-
-    A damaged checkpoint (truncated, files missing) is moved aside to WORKDIR/damaged/, once
-    every process has tried it (process 0 moves it), and the one before it is tried. An intact
-    one that does not fit `state` is a ConfigError and stays. A work directory that holds a
-    run's metrics but no readable checkpoint is refused rather than silently started over
-    (--restart does that); one that never committed a checkpoint (killed in its first steps,
-    or during its first save) lost nothing: it starts anew.
-    """
+    """(state, metrics) from the newest checkpoint every process can read, or None for a new run;
+    damaged ones are moved aside once all processes tried them; lost work is refused (COMMITTED)."""
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            step_dir = workdir / "checkpoints" / str(step)
-            diff = checkpoint.mismatch(step_dir, checkpoint.items(state, checkpoint.layout(step_dir)))
-            if diff is not None:
-                raise misfit(workdir, step, diff)
+            _fit(workdir, step, state)
             restored, reason = checkpoint.restore_state(mngr, state, step), None
-        except checkpoint.Damaged as e:
-            restored, reason = None, str(e)
-        except ConfigError:
+        except (ConfigError, *checkpoint.BUGS):
             raise
         except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-            if not checkpoint.is_damage(e):
-                raise
-            restored, reason = None, checkpoint.reason(e)
+            restored, reason = None, str(e) if isinstance(e, checkpoint.Damaged) else checkpoint.reason(e)
         if parallel.agree(reason is None):
             return restored
         if parallel.is_primary():
@@ -165,31 +139,26 @@ def restore_latest(mngr: ocp.CheckpointManager, state, workdir: Path):
         mngr.reload()
     if (workdir / checkpoint.COMMITTED).exists():
         raise ConfigError(
-            f"--workdir {workdir}: holds a run but no readable checkpoint in "
-            f"{mngr.directory}; add --restart to start over"
+            f"--workdir {workdir}: holds a run but no readable checkpoint in {mngr.directory}; add --restart to start over"
         )
     return None
 
 
 def check(workdir: Path, config, runtime: dict) -> Plan:
-    """Compare the command's config with the run's, changing nothing: ConfigError, a line per
-    recipe field that differs; else the plan, with what else changed since the last start."""
+    """The plan, with what changed since the last start; ConfigError if a recipe field differs."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
     if config.restart or not workdir.is_dir():
         return Plan(None, [], {}, runtime)
-    changed = {}
+    changed, old = {}, None
     trained = checkpoint.steps(workdir) or (workdir / checkpoint.COMMITTED).exists()
-    old = None
     if (workdir / "config.json").exists() and trained:
         old = checkpoint.read_config(workdir).to_dict()
     elif trained:  # config.json gone: the checkpoints' own record says what trained them
         found = checkpoint.recorded_config(workdir)
         if found is None:
             raise ConfigError(
-                f"--workdir {workdir}: holds a run but no config.json, and its checkpoints (written "
-                "before they carried their recipe) cannot say what trained them; put config.json "
-                "back, or add --restart to start over"
+                f"--workdir {workdir}: holds a run but no config.json, and its checkpoints (written before they carried their recipe) cannot say what trained them; put config.json back, or add --restart to start over"
             )
         step, old = found
         if parallel.is_primary():
@@ -213,9 +182,8 @@ def check(workdir: Path, config, runtime: dict) -> Plan:
 
 
 def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: int) -> Plan:
-    """The plan with the newest checkpoint that fits `state` (the TrainState this command
-    builds) and the damaged ones newer than it, changing nothing: ConfigError if the newest
-    intact one does not fit, or if the run is past config.epochs."""
+    """The plan with the newest checkpoint that fits `state`, and the damaged ones newer than it;
+    ConfigError if the newest intact one does not fit, or if the run is past config.epochs."""
     if config.restart or not workdir.is_dir():
         return plan
     damaged = checkpoint.screen(workdir)
@@ -224,26 +192,21 @@ def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: i
         if s in dict(damaged):
             continue
         try:
-            step_dir = workdir / "checkpoints" / str(s)
-            diff = checkpoint.mismatch(step_dir, checkpoint.items(state, checkpoint.layout(step_dir)))
+            _fit(workdir, s, state)
         except checkpoint.Damaged as e:
             damaged.append((s, str(e)))
             continue
-        if diff is not None:
-            raise misfit(workdir, s, diff)
         step = s
         break
     if step is not None and step > config.epochs * steps_per_epoch:
         raise ConfigError(
-            f"--epochs: {workdir} holds a run past epoch {config.epochs} (step {step}); ask for "
-            "more epochs, or add --restart to start over"
+            f"--epochs: {workdir} holds a run past epoch {config.epochs} (step {step}); ask for more epochs, or add --restart to start over"
         )
     return plan._replace(step=step, damaged=damaged)
 
 
 def prepare(workdir: Path, config, plan: Plan) -> None:
-    """Act on `check`'s plan (process 0): --restart's deletions, damaged checkpoints moved
-    aside, config.json, and a line in config_history.jsonl; a note for an arithmetic change."""
+    """Act on `check`'s plan (process 0): deletions, moves, config.json, config_history.jsonl."""
     if config.restart:
         for name in checkpoint.RUN_FILES:
             path = workdir / name
@@ -258,16 +221,9 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
     for step, reason in plan.damaged:
         move_aside(workdir, step, reason)
     flags.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
-    metrics.append(
-        workdir / HISTORY,
-        {
-            "step": plan.step or 0,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "changed": plan.changed,
-            "runtime": plan.runtime,
-            **({"init_from": plan.init} if plan.init else {}),
-        },
-    )
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    line = {"step": plan.step or 0, "time": now, "changed": plan.changed, "runtime": plan.runtime}
+    metrics.append(workdir / HISTORY, {**line, **({"init_from": plan.init} if plan.init else {})})
     if plan.init:
         print(f"Starting from the weights of {plan.init['dir']} at step {plan.init['step']}")
     arithmetic = {  # what ran, when both a flag and what it resolved to changed
@@ -278,9 +234,7 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
     if arithmetic and plan.step:
         what = ", ".join(f"{_label(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in arithmetic.items())
         print(
-            f"note: {what} since this run's last start: the same recipe computed in another "
-            f"order, so from step {plan.step} it is no longer bit for bit the uninterrupted run "
-            f"(recorded in {workdir / HISTORY})"
+            f"note: {what} since this run's last start: the same recipe computed in another order, so from step {plan.step} it is no longer bit for bit the uninterrupted run (recorded in {workdir / HISTORY})"
         )
 
 
@@ -308,9 +262,8 @@ class Busy(ConfigError):
 
 
 def lock(workdir: Path) -> None:
-    """Hold `workdir` for this process while it trains there: an OS lock (flock) on the
-    directory itself, so it ends with the process, a SIGKILLed one too, and is no file to leave
-    behind. ConfigError naming the holder when another process has it. Readers take none."""
+    """Hold `workdir` while this process trains there: a flock on the directory, which dies with
+    the process and leaves no file. Busy, naming the holder, when another process has it."""
     key = str(workdir.resolve())
     if key in _LOCKS:  # held here already (a sweep holds its trial's across its run): counted
         _LOCKS[key][1] += 1
@@ -324,19 +277,17 @@ def lock(workdir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks here
-            if key not in _UNLOCKABLE:
-                _UNLOCKABLE.add(key)
-                print(
-                    f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time",
-                    file=sys.stderr,
-                )
-            _LOCKS[key] = [os.open(workdir, os.O_RDONLY), 1]
-            return
-        raise Busy(
-            f"--workdir {workdir}: another run is training there ({holder(workdir)}); "
-            "wait for it to end, or use another --workdir"
-        ) from None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise Busy(
+                f"--workdir {workdir}: another run is training there ({holder(workdir)}); wait for it to end, or use another --workdir"
+            ) from None
+        if key not in _UNLOCKABLE:  # no locks here
+            _UNLOCKABLE.add(key)
+            print(
+                f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time",
+                file=sys.stderr,
+            )
+        fd = os.open(workdir, os.O_RDONLY)
     _LOCKS[key] = [fd, 1]
 
 
@@ -349,43 +300,37 @@ def unlock(workdir: Path) -> None:
             os.close(_LOCKS.pop(key)[0])
 
 
-def lock_all(workdirs: list[Path]) -> None:
-    """`lock` each on process 0 (which writes the files); every process stops if one failed."""
+def _on_primary(action, what: str, workdir: Path) -> None:
+    """`action()` on process 0; every process stops if it raised a ConfigError."""
     error = None
     if parallel.is_primary():
         try:
-            for workdir in workdirs:
-                lock(workdir)
+            action()
         except ConfigError as e:
             error = e
     if not parallel.agree(error is None):
-        raise error or ConfigError(f"--workdir: process 0 could not lock {workdirs[0]}")
+        raise error or ConfigError(f"--workdir: process 0 could not {what} {workdir}")
+
+
+def lock_all(workdirs: list[Path]) -> None:
+    """`lock` each on process 0 (which writes the files); every process stops if one failed."""
+    _on_primary(lambda: [lock(workdir) for workdir in workdirs], "lock", workdirs[0])
 
 
 def prepare_all(workdirs: list[Path], configs: list, plans: list[Plan]) -> None:
     """`prepare` each work directory on process 0; every process stops if one could not."""
     lock_all(workdirs)  # before anything is written; held until loop.train ends
-    error = None
-    if parallel.is_primary():
-        try:
-            for workdir, config, plan in zip(workdirs, configs, plans):
-                prepare(workdir, config, plan)
-        except ConfigError as e:
-            error = e
-    if not parallel.agree(error is None):
-        raise error or ConfigError(f"--workdir: process 0 could not prepare {workdirs[0]}")
+    _on_primary(lambda: [prepare(*args) for args in zip(workdirs, configs, plans)], "prepare", workdirs[0])
 
 
 RUN_DIRS = ("checkpoints", "tensorboard", "plots", checkpoint.DAMAGED)  # the rest are files
 
 
 def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = False, uses: tuple | None = None) -> None:
-    """ConfigError in one line for a work directory a command cannot use, before it reads or
-    writes anything there: a file where a directory belongs or the other way round, a
-    config.json that is no JSON object, or a directory of `writes` ("": WORKDIR itself) that
-    takes no new file (a read-only checkpoints/ otherwise ends in Orbax's threads timing out).
-    restart: what --restart deletes and config.json's contents are not looked at. uses: the
-    names whose kind is checked besides config.json (None: all a run has; a reader's). A WORKDIR that does not exist yet passes: creating it is checked where it is created."""
+    """ConfigError in one line for a work directory a command cannot use, before it touches it.
+    writes: directories that must take a new file ("": WORKDIR; else Orbax's threads time out);
+    restart: skip what --restart deletes and config.json's contents; uses: the names checked
+    besides config.json (None: all a run has). A WORKDIR not there yet passes."""
     workdir = Path(workdir)
     if not workdir.exists():
         return
