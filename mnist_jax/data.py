@@ -1,10 +1,7 @@
 """An image-classification dataset as four arrays in memory, from IDX files or from TFDS.
 
-Images are uint8 [N, H, W, C] and labels int32 [N]; shape, channels and classes come from the
-data (MNIST: 28x28x1, 10 classes). They go to the device as they are; `normalize` scales pixels
-by 1/256 inside the jitted step, as the codelab does (`tf.cast(image, tf.float32) / 256.0`), so
-a dataset costs 1 byte per pixel on the device. `identity` is what a run records of its data.
-"""
+Images uint8 [N, H, W, C] (1 byte a pixel on the device; `normalize` scales them in the jitted step),
+labels int32 [N]. `identity` is what a run records of its data."""
 
 import gzip
 import hashlib
@@ -31,9 +28,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 DIGITS_TFDS = ("mnist", "emnist/digits", "emnist/mnist")  # classes 0-9 written by hand
-# Seconds a TFDS download host has to take a connection before a dataset not yet prepared is
-# given up on: without a network, TFDS itself retries for minutes before failing.
-PROBE_SECONDS = 3.0
+PROBE_SECONDS = 3.0  # for a TFDS host to connect: offline, TFDS itself retries for minutes
 TFDS_GCS = "https://storage.googleapis.com/tfds-data"  # TFDS's copies (gs://tfds-data)
 NO_NETWORK = "without internet, pass --data-dir DIR (or set MNIST_DATA_DIR), and no --data-tfds, to a directory with the four IDX files"
 
@@ -53,7 +48,7 @@ class Dataset(NamedTuple):
 
 
 def normalize(images: jnp.ndarray) -> jnp.ndarray:
-    """uint8 pixels -> float32 in [0, 1), the codelab's scaling."""
+    """uint8 pixels -> float32 in [0, 1), the codelab's scaling (/ 256)."""
     return images.astype(jnp.float32) / 256.0
 
 
@@ -75,8 +70,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
-    """One IDX file (raw or .gz) of unsigned bytes with one of `dims` dimensions (images: 3,
-    N x H x W, or 4, N x H x W x C; labels: 1), its header and length checked."""
+    """One IDX file (raw or .gz) of unsigned bytes with one of `dims` dimensions, header and length checked."""
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] or raw[1]:
@@ -123,8 +117,7 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
     if train != test:
         shape = lambda s: "x".join(map(str, s))  # noqa: E731
         raise DataError(f"{paths['test_images']}: images are {shape(test)}, the training images {shape(train)}")
-    found = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
-    num_classes = num_classes or found
+    num_classes = num_classes or int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
     for split in ("train", "test"):
         labels = arrays[f"{split}_labels"]
         if labels.max() >= num_classes:
@@ -140,14 +133,11 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
     return Dataset(**{**arrays, **labels}, num_classes=num_classes, names=tuple(names), source=source)
 
 
-# The last IDX dataset read, by its files' (path, size, mtime): a process that trains several
-# runs (seeds in turn, the tests) reads the same files once; a changed file is read again.
-_last: dict = {}
+_last: dict = {}  # the last IDX dataset read, by its files' (path, size, mtime): read once a process
 
 
 def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
-    """The four IDX files from a directory (gzip-compressed or raw), of any image shape;
-    num_classes 0: from the labels."""
+    """The four IDX files (gzipped or raw) from a directory; num_classes 0: from the labels."""
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         what = "is not a directory" if data_dir.exists() else "directory not found"
@@ -155,22 +145,18 @@ def load_idx(data_dir: str | os.PathLike, num_classes: int = 0) -> Dataset:
     paths = {key: _find(data_dir, name) for key, name in FILES.items()}
     stamp = (num_classes, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths.values()))
     if stamp not in _last:
-        dims = {k: (1,) if k.endswith("labels") else (3, 4) for k in paths}
-        arrays = {k: read_idx(p, dims[k]) for k, p in paths.items()}
+        arrays = {k: read_idx(p, (1,) if k.endswith("labels") else (3, 4)) for k, p in paths.items()}
         _last.clear()
         _last[stamp] = _checked(arrays, paths, num_classes, f"idx {data_dir.resolve()}")
     return _last[stamp]
 
 
 def unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
-    """Why `url`'s host (or the proxy that requests, TFDS's downloader, would go through) takes
-    no TCP connection within `timeout` seconds; None when it does. The connection is tried in a
-    thread, as a name lookup has no timeout of its own."""
+    """Why `url`'s host (or proxy) takes no TCP connection in `timeout` s (in a thread); None if it does."""
     import requests
 
     proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
-    if proxy and "//" not in proxy:
-        proxy = f"http://{proxy}"
+    proxy = f"http://{proxy}" if proxy and "//" not in proxy else proxy
     where = urllib.parse.urlsplit(proxy or url)
     host, port = where.hostname, where.port or (443 if where.scheme == "https" else 80)
     outcome = []
@@ -190,13 +176,10 @@ def unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
 
 
 def _check_download(builder) -> None:
-    """DataError in one line when a host TFDS would download `builder`'s dataset from does not
-    answer: TFDS itself would retry for minutes (3.5 measured, offline) before failing."""
+    """DataError when a host of `builder`'s download does not answer (TFDS: 3.5 minutes of retries)."""
     urls = sorted(builder.url_infos or ()) or [TFDS_GCS]  # the hosts of its files, else TFDS's
-    hosts = {urllib.parse.urlsplit(u).hostname: u for u in urls}
-    for url in hosts.values():
-        reason = unreachable(url)
-        if reason:
+    for url in {urllib.parse.urlsplit(u).hostname: u for u in urls}.values():  # one URL a host
+        if reason := unreachable(url):
             raise DataError(
                 f"TFDS could not load {builder.name!r}: it is not prepared in {builder.data_dir} "
                 f"and its download host is unreachable ({reason}); {NO_NETWORK}"
@@ -204,9 +187,7 @@ def _check_download(builder) -> None:
 
 
 def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
-    """An image-classification dataset from TensorFlow Datasets, by name (downloaded and
-    prepared once; needs TensorFlow): its train and test splits, its classes' names. One not
-    prepared here is downloaded only when its host answers (_check_download), else fails at once."""
+    """A TFDS dataset by name (train, test, class names), downloaded only if its host answers."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow_datasets as tfds
 
@@ -246,8 +227,7 @@ def load_tfds(name: str = "mnist", num_classes: int = 0) -> Dataset:
 
 
 def load(data_dir: str | os.PathLike | None = None, tfds: str = "", num_classes: int = 0) -> Dataset:
-    """A TFDS dataset by name when `tfds` is given; else IDX files from `data_dir`, else from
-    $MNIST_DATA_DIR; else TFDS's MNIST."""
+    """TFDS's `tfds`; else IDX files from `data_dir` or $MNIST_DATA_DIR; else TFDS's MNIST."""
     data_dir = None if tfds else data_dir or os.environ.get("MNIST_DATA_DIR")
     return load_idx(data_dir, num_classes) if data_dir else load_tfds(tfds or "mnist", num_classes)
 
@@ -259,9 +239,7 @@ def from_config(data_config) -> Dataset:
 
 
 def digits(ds: Dataset, setting: str = "auto") -> bool:
-    """Whether the classes are handwritten digits 0-9, MNIST-like (font digits, MNIST's centring):
-    setting yes or no; auto: TFDS's mnist and emnist/digits, and IDX files of 28x28 grayscale
-    images in 10 classes (which Fashion-MNIST's files are too: say no there)."""
+    """Whether the classes are MNIST-like digits 0-9: yes, no, or auto (DIGITS_TFDS, or 28x28x1 in 10 classes)."""
     if setting != "auto":
         return setting == "yes"
     if ds.source.startswith("tfds "):
@@ -270,8 +248,7 @@ def digits(ds: Dataset, setting: str = "auto") -> bool:
 
 
 def spec(config) -> tuple[tuple, int, int]:
-    """(image shape, classes, training images) of a run's data, from its config.dataset (which
-    the loop records), else MNIST's: a config straight from a stage."""
+    """(image shape, classes, training images) from config.dataset, else MNIST's (a stage's config)."""
     info = config.get("dataset") or {}
     num_train = info.get("num_train", 60_000) - config.data.get("val_split", 0)
     shape = tuple(info.get("image_shape", (28, 28, 1)))
@@ -282,9 +259,7 @@ _hashed: dict = {}  # the last dataset hashed, and its hash
 
 
 def identity(ds: Dataset, digits_setting: str = "auto") -> dict:
-    """What the data are, for a run's config: a hash of the four arrays (0.06 s for MNIST), their
-    sizes and shape, the classes. A run resumes only on the same data, wherever its files sit;
-    restoring, predicting and plotting need nothing else of them."""
+    """What the data are, for a run's config (a run resumes only on the same data): hash (0.06 s), shapes, classes."""
     if _hashed.get("of") is not ds:  # the same arrays: hashed once
         digest = hashlib.sha256()
         for array in ds[:4]:
@@ -303,10 +278,7 @@ def identity(ds: Dataset, digits_setting: str = "auto") -> dict:
 
 
 def epoch_batches(rng, epoch: int, num_examples: int, batch_size: int) -> jnp.ndarray:
-    """Indices [steps, batch] of one epoch: a permutation drawn from (rng, epoch), remainder dropped.
-
-    A function of (seed, epoch) only, so a resumed run sees the same order.
-    """
+    """Indices [steps, batch] of one epoch: a permutation from (rng, epoch) only, remainder dropped."""
     steps = num_examples // batch_size
     perm = jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
     return perm[: steps * batch_size].reshape(steps, batch_size)

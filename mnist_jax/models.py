@@ -1,9 +1,5 @@
-"""Three Flax Linen models cover all eight stages; stages choose sizes and options.
-
-Keras defaults, not Flax's, so that the stages match the codelab: Glorot-uniform kernels, zero
-biases, BatchNorm momentum 0.99 and epsilon 1e-3. Models return logits; the softmax lives in the
-loss (optax's fused softmax cross-entropy), which is what keeps the codelab's NaNs away.
-"""
+"""Three Flax Linen models for all eight stages, with Keras's defaults (Glorot-uniform, zero biases,
+BatchNorm momentum 0.99, epsilon 1e-3). They return logits: the loss's fused softmax avoids NaNs."""
 
 import dataclasses
 from functools import partial
@@ -40,14 +36,9 @@ def _conv_s2(x, k):
 
 @jax.custom_jvp
 def conv_stride2(x, k):
-    """A SAME, stride-2 convolution on even-sized NHWC images, kernel sides 2, 6, 10...: same values.
-
-    Only its input gradient is computed differently: its derivative along x is written as the
-    equal stride-1 convolution over space-to-depth images, whose transpose (reverse mode) XLA:CPU
-    runs 4x faster than the transposed strided convolution: 17.9 -> 4.4 ms for conv_bn's second
-    layer at batch 64. A custom JVP, not a custom VJP, so forward mode (jvp, jacfwd, linearize)
-    works too; reverse mode transposes it into the same backward pass, bit for bit.
-    """
+    """A SAME, stride-2 convolution on even-sized NHWC images, kernel sides 2, 6, 10...; its x-derivative
+    is the stride-1 convolution over space-to-depth images, whose transpose XLA:CPU runs 4x faster
+    (17.9 -> 4.4 ms, conv_bn's 2nd layer, batch 64). A custom JVP: forward mode works too."""
     return _conv_s2(x, k)
 
 
@@ -59,12 +50,10 @@ def _conv_stride2_jvp(primals, tangents):
         parts.append(lax.conv_general_dilated(*s2d, (1, 1), "SAME", dimension_numbers=NHWC))
     if type(dk) is not SymbolicZero:
         parts.append(_conv_s2(x, dk))
-    # Zero tangents stay symbolic (no convolution spent on a zero). Instantiated, conv_bn's
-    # jacfwd in its input (1,568 directions) came out as garbage in 11 of 80 XLA:CPU compiles.
     return _conv_s2(x, k), sum(parts[1:], parts[0])
 
 
-conv_stride2.defjvp(_conv_stride2_jvp, symbolic_zeros=True)
+conv_stride2.defjvp(_conv_stride2_jvp, symbolic_zeros=True)  # instantiated zeros: garbage jacfwd (performance.md)
 
 
 def conv_s2d_grad(
@@ -78,31 +67,14 @@ def conv_s2d_grad(
     feature_group_count=1,
     precision=None,
 ):
-    """lax.conv_general_dilated for nn.Conv, with conv_stride2 where it applies: a model's
-    choice (ConvNet.s2d_grad), which startup.resolve makes on the CPU."""
+    """lax.conv_general_dilated for nn.Conv, with conv_stride2 where it applies (ConvNet.s2d_grad)."""
     plain = lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
-    if (
-        plain
-        and tuple(window_strides) == (2, 2)
-        and padding == "SAME"
-        and feature_group_count == 1
-        and lhs.ndim == 4
-        and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-        and all(n % 2 == 0 for n in lhs.shape[1:3])
-        and all(n % 4 == 2 for n in rhs.shape[:2])  # SAME pads whole 2x2 blocks
-    ):
-        return conv_stride2(lhs, rhs)
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        precision=precision,
-    )
+    plain = plain and tuple(window_strides) == (2, 2) and padding == "SAME" and feature_group_count == 1
+    if plain and lhs.ndim == 4 and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC):
+        if all(n % 2 == 0 for n in lhs.shape[1:3]) and all(n % 4 == 2 for n in rhs.shape[:2]):  # SAME: whole blocks
+            return conv_stride2(lhs, rhs)
+    dilations = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *dilations, precision=precision)
 
 
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
@@ -112,9 +84,7 @@ SHAPE_FLAGS = "--model-kernels, --model-strides, --model-padding, --model-pool"
 
 
 def _no_pixels(x, before, what: str) -> None:
-    """ConfigError naming the layer after which `x` has no pixels left: checked while init
-    traces the model (shapes are static), so before training, instead of a ZeroDivisionError
-    in the next layer's initializer (a fan-in of 0)."""
+    """ConfigError naming the layer that leaves `x` no pixels (at init, not a ZeroDivisionError later)."""
     if 0 in x.shape[1:]:
         shape = lambda s: "x".join(map(str, s[1:3]))  # noqa: E731
         raise ConfigError(
@@ -137,8 +107,7 @@ class Softmax(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:  # [B,H,W,C] -> [B,classes]
-        logits = Dense(self.num_classes, dtype=self.dtype)(_flat(x))
-        return logits.astype(jnp.float32)
+        return Dense(self.num_classes, dtype=self.dtype)(_flat(x)).astype(jnp.float32)
 
 
 class MLP(nn.Module):
@@ -162,15 +131,9 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Convolutions (relu), one hidden dense layer, optional batch norm and dropout.
-
-    With batch_norm, layers drop their biases and BatchNorm (centre, no scale) sits between each
-    layer and its relu, as in the codelab's last model. Dropout goes before the last dense layer.
-    The codelab's section 10 building blocks: `padding` VALID, `pool` (a max-pooling size after
-    each convolution, 1 for none), `dense` 0 (no hidden dense layer) and `gap` (global average
-    pooling before the head; with dense 0 the last convolution has one channel per class and its
-    average is the logits: a head of 0 weights).
-    """
+    """Convolutions (relu), a hidden dense layer, optional batch norm (no biases, before each relu)
+    and dropout (before the last layer). `pool`: per layer (1: none); `gap` with dense 0: the last
+    convolution's channel means are the logits."""
 
     channels: Sequence[int] = (12, 24, 32)
     kernels: Sequence[int] = (3, 6, 6)
@@ -190,17 +153,9 @@ class ConvNet(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         bn = self.batch_norm
         conv = partial(Conv, conv_general_dilated=conv_s2d_grad) if self.s2d_grad else Conv
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=1e-3,
-            use_scale=False,
-            # Variance as mean((x - mean)^2), as Keras and TensorFlow compute it, not flax's
-            # one-pass mean(x^2) - mean^2, which loses digits when |mean| >> std.
-            use_fast_variance=False,
-            dtype=self.dtype,  # statistics are still reduced in float32
-        )
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3)
+        # Keras's variance, mean((x - mean)^2): flax's one-pass form loses digits when |mean| >> std.
+        norm = partial(norm, use_scale=False, use_fast_variance=False, dtype=self.dtype)  # stats in float32
         layers = list(zip(self.channels, self.kernels, self.strides, strict=True))
         logits_conv = self.gap and not self.dense  # the last convolution gives the logits
         _flat(x)  # images of no pixels
@@ -211,9 +166,7 @@ class ConvNet(nn.Module):
             _no_pixels(x, before, f"layer {i + 1}'s {k}x{k} convolution (stride {s}, {self.padding})")
             if not last:
                 x = nn.relu(norm()(x) if bn else x)
-                # Kept only when apply asks for mutable=["intermediates"] (evaluation does, to
-                # count dead units); flax's init leaves that collection out.
-                self.sow("intermediates", f"hidden_{i}", x)
+                self.sow("intermediates", f"hidden_{i}", x)  # kept under mutable=["intermediates"] only
             if self.pool and self.pool[i] > 1:
                 before = x.shape
                 x = nn.max_pool(x, (self.pool[i],) * 2, strides=(self.pool[i],) * 2)
@@ -232,16 +185,13 @@ class ConvNet(nn.Module):
 
 MODELS = {"softmax": Softmax, "mlp": MLP, "conv": ConvNet}
 MODEL_CHOICES.update({"model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS)})  # --help
-# Set by the data (num_classes) and the backend (how it computes): build's keywords, not the
-# config's model fields.
-NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")
+NOT_FIELDS = ("num_classes", "dtype", "s2d_grad")  # set by the data and the backend, not the config
 
 
 def fields(name: str) -> dict:
     """A model's config fields and their defaults: {"features": (200, 60), ...}."""
-    return {
-        f.name: f.default for f in dataclasses.fields(MODELS[name]) if f.name not in ("parent", "name", *NOT_FIELDS)
-    }
+    skip = ("parent", "name", *NOT_FIELDS)
+    return {f.name: f.default for f in dataclasses.fields(MODELS[name]) if f.name not in skip}
 
 
 def _check(name: str, kwargs: dict) -> None:
@@ -251,16 +201,14 @@ def _check(name: str, kwargs: dict) -> None:
     known = fields(name)
     foreign = sorted(k for k in kwargs if k not in known)
     if foreign:
+        flags = lambda keys: ", ".join(flag_name(f"model.{k}") for k in keys)
+        has = f"its fields are {flags(known)}" if known else "it has no fields"
         raise ConfigError(
-            f"--model-name {name}: the {name} model has no "
-            + ", ".join(flag_name(f"model.{k}") for k in foreign)
-            + " (set by the stage or a flag); "
-            + (f"its fields are {', '.join(flag_name(f'model.{k}') for k in known)}" if known else "it has no fields")
-            + "; use a stage built on that model"
+            f"--model-name {name}: the {name} model has no {flags(foreign)} (set by the stage or a flag); {has}; use a stage built on that model"
         )
     values = {**known, **kwargs}
     n = len(values.get("channels", ()))
-    sizes = lambda v: len(v) > 0 and all(x >= 1 for x in v)  # noqa: E731
+    sizes = lambda v: len(v) > 0 and all(x >= 1 for x in v)
     per_layer = (lambda v: len(v) == n and sizes(v), f"must be {n} positive sizes, one per layer")
     rules = {
         "features": (sizes, "must be positive sizes"),
@@ -269,10 +217,7 @@ def _check(name: str, kwargs: dict) -> None:
         "strides": per_layer,
         "dense": (lambda v: v >= 0, "must be 0 (no hidden dense layer) or more"),
         "padding": (lambda v: v in ("SAME", "VALID"), "must be SAME or VALID"),
-        "pool": (
-            lambda v: len(v) == 0 or (len(v) == n and sizes(v)),
-            f"must be empty or {n} sizes, one per layer (1: none)",
-        ),
+        "pool": (lambda v: len(v) == 0 or per_layer[0](v), f"must be empty or {n} sizes, one per layer (1: none)"),
         "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
@@ -283,10 +228,7 @@ def _check(name: str, kwargs: dict) -> None:
 
 
 def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad: bool = False, **fields) -> nn.Module:
-    """A model from its config section: `build(**config.model)`, with the data's number of
-    classes and how it computes (NOT_FIELDS: the models that have those fields take them). A
-    field the model does not have, or a value it cannot train with, is a ConfigError naming
-    the flag."""
+    """A model from `build(**config.model)` and NOT_FIELDS; a bad field or value: ConfigError naming the flag."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     _check(name, fields)
     cls = MODELS[name]
@@ -305,12 +247,8 @@ def build(name: str, *, num_classes: int = 10, dtype: str = "float32", s2d_grad:
 def summary(model: nn.Module, image_shape=(28, 28, 1)) -> str:
     """Flax's layer table (output shapes, parameters per layer), then the trainable total."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    table = nn.tabulate(
-        model,
-        jax.random.PRNGKey(0),
-        compute_flops=False,
-        console_kwargs={"width": 120, "force_terminal": False, "color_system": None},
-    )(x, train=False)
+    console = {"width": 120, "force_terminal": False, "color_system": None}
+    table = nn.tabulate(model, jax.random.PRNGKey(0), compute_flops=False, console_kwargs=console)(x, train=False)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     count = {k: sum(a.size for a in jax.tree.leaves(v)) for k, v in shapes.items()}
     line = f"Trainable parameters: {count['params']:,}"

@@ -1,13 +1,7 @@
 """Optimizers, learning-rate schedules and losses by name, built from optax; their numbers as data.
 
-An optimizer is `optimizer(opt, steps_per_epoch, epochs)`: an optax chain (inject_hyperparams
-over clipping, the update rule, weight decay and the scheduled rate). The numbers that tune it
-(the peak learning rate opt.lr, the weight decay) are data in its state, not constants of its
-program: two optimizers that differ only in them are equal, so a jitted step compiles once for
-both, and a vmap over members can give each its own. The rate each step used is readable as
-`optax.tree.get(opt_state, "learning_rate")` under any wrapper. The loss's numbers (label
-smoothing) are data too: TrainState.loss_args.
-"""
+The numbers (peak lr, weight decay; label smoothing, TrainState.loss_args) live in the state, not
+the program: optimizers differing only in them share one compiled step and can be vmapped."""
 
 import dataclasses
 import functools
@@ -20,15 +14,7 @@ ADAM_EPS = 1e-7  # Keras's default; optax's is 1e-8
 
 
 def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS) -> optax.GradientTransformation:
-    """Adam's update as Keras (and TensorFlow, which the codelab ran) computes it.
-
-    update = m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps): eps is added to sqrt(v) before
-    the bias correction. optax.scale_by_adam adds it after (to sqrt(v_hat)), an eps 1/sqrt(1-b2^t)
-    times smaller: 32x at step 1, 10x at step 10. At lr 0.01 that matters: weights whose
-    gradients are tiny take full lr-sized first steps under optax's form and damped ones under
-    Keras's. From the same weights and batches, 20 conv steps ended 6-36% apart in weights from
-    Keras's with optax.adam, and under 1% apart with this (tests/test_keras_reference.py).
-    """
+    """Keras's Adam: eps added to sqrt(v) before the bias correction (optax's: after), docs/results.md."""
 
     def init(params):
         zeros = optax.tree.zeros_like
@@ -52,14 +38,8 @@ def keras_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = A
 
 
 def shape(schedule: str, decay: float, warmup: float, steps_per_epoch: int, epochs: int):
-    """The schedule with peak 1; the rate at step t is opt.lr * shape(t).
-
-    exponential  decay ** epoch, per epoch, as Keras's LearningRateScheduler (the codelab's);
-    onecycle     up to the peak over the first 20% of the run, then cosine down to 1/1000
-                 (optax.cosine_onecycle_schedule: the speedrun's);
-    cosine       linear warm-up over `warmup` of the run, then cosine down to 0;
-    constant     1.
-    """
+    """The schedule with peak 1 (rate opt.lr * shape(t)): exponential (decay ** epoch, Keras's), onecycle
+    (up over 20%, cosine down to 1/1000), cosine (linear warm-up over `warmup`, down to 0), constant."""
     total = epochs * steps_per_epoch
     if schedule == "onecycle":
         return optax.cosine_onecycle_schedule(total, 1.0, pct_start=0.2, div_factor=25, final_div_factor=40)
@@ -88,19 +68,15 @@ def _chain(lr, weight_decay, *, name, momentum, nesterov, clip_norm, schedule):
 
 @functools.lru_cache(maxsize=None)
 def _transform(name, momentum, nesterov, clip_norm, schedule, decay, warmup, spe, epochs):
-    curve = shape(schedule, decay, warmup, spe, epochs)
-    factory = functools.partial(
-        _chain, name=name, momentum=momentum, nesterov=nesterov, clip_norm=clip_norm, schedule=curve
-    )
+    kw = dict(name=name, momentum=momentum, nesterov=nesterov, clip_norm=clip_norm)
+    factory = functools.partial(_chain, **kw, schedule=shape(schedule, decay, warmup, spe, epochs))
     static = ("name", "momentum", "nesterov", "clip_norm", "schedule")  # a callable would be a schedule
     return optax.inject_hyperparams(factory, static_args=static)(lr=0.0, weight_decay=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """An optax transformation (init, update) of a config's `opt`. Two that differ only in their
-    numbers (lr, weight_decay) are equal: init puts the numbers in the state, update reads them
-    from there, so a jitted step shares one program between them (TrainState.tx is static)."""
+    """An optax transformation of a config's `opt`; equal whatever its numbers (TrainState.tx is static)."""
 
     key: tuple  # the names and shapes: what the program is
     numbers: dict = dataclasses.field(compare=False)  # what init puts in the state
@@ -121,11 +97,8 @@ def optimizer(opt, steps_per_epoch: int, epochs: int = 1) -> Optimizer:
         get("nesterov", False),
         get("clip_norm", 0.0),
         get("schedule", "exponential"),
-        opt.decay,
-        get("warmup", 0.0),
-        steps_per_epoch,
-        epochs,
     )
+    key = (*key, opt.decay, get("warmup", 0.0), steps_per_epoch, epochs)
     return Optimizer(key, {"lr": opt.lr, "weight_decay": get("weight_decay", 0.0)})
 
 
@@ -141,8 +114,7 @@ def learning_rate(opt_state) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing=0.0) -> jax.Array:
-    """Softmax cross-entropy with integer labels, label smoothing alpha as data: the targets
-    (1 - alpha) one-hot + alpha / classes, written so that alpha 0 is the plain loss, bitwise."""
+    """Softmax cross-entropy, integer labels, label smoothing alpha as data (0: the plain loss, bitwise)."""
     plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     uniform = -jax.nn.log_softmax(logits).mean(-1)
     return ((1 - label_smoothing) * plain + label_smoothing * uniform).mean()

@@ -1,22 +1,12 @@
 """The codelab's figures, drawn from a work directory: `python -m mnist_jax.plots --workdir DIR`.
 
-Everything comes from files (metrics.jsonl, train_steps.jsonl, the latest checkpoint), so the
-plots can be redrawn for a finished or interrupted run. Writes WORKDIR/plots/:
-  curves.png         loss and accuracy, train (sampled in the epoch), validation (with
-                     --data-val-split) and test (per epoch), with an accuracy panel zoomed to
-                     the last two points below the best
-  learning_rate.png  the learning rate each logged step used (schedule.png: the schedule itself,
-                     drawn before training by hooks.LiveCurves)
-  font_digits.png    digit datasets only: digits 0-9 rendered from matplotlib's fonts, predictions
-                     under; a wrong one in red beside the truth, "7 (2)", as the codelab shows them
-  test_digits.png    test images with predictions (class names where the data have them),
-                     misrecognised first, marked the same way; in colour for colour images
-                     (test_images.png for data that are not digits)
-  confusion.png      the confusion matrix on the test set
-A sweep's plots (draw_sweep) are Optuna's own: history.png, importance.png, params.png.
-"""
+From the run's files alone (a finished or interrupted run), into WORKDIR/plots/: curves.png (loss,
+accuracy; train, validation, test), learning_rate.png, font_digits.png (digit data only: rendered
+digits, a wrong guess in red as "7 (2)"), test_digits.png (test_images.png for other data;
+misrecognised first) and confusion.png. A sweep's (draw_sweep): Optuna's own figures."""
 
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -31,20 +21,12 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from mnist_jax import data, evaluate, flags, metrics, optim, predict, recipe  # noqa: E402
 from mnist_jax.config import ConfigError  # noqa: E402
 
-FONTS = [
-    "DejaVu Sans",
-    "DejaVu Serif",
-    "DejaVu Sans Mono",
-    "STIXGeneral",
-    "cmr10",
-    "cmss10",
-    "cmtt10",
-]
+FONTS = ["DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono", "STIXGeneral", "cmr10", "cmss10", "cmtt10"]
 RED, GREEN = "#d62728", "#2ca02c"
 
 
 def _name(workdir: Path) -> str:
-    """The stage name from config.json (the directory name if there is none)."""
+    """The stage name from config.json, else the directory's."""
     try:
         return json.loads((workdir / "config.json").read_text())["name"]
     except (OSError, KeyError, ValueError):
@@ -58,10 +40,8 @@ def _epochs_axis(rows_steps, rows_epochs, steps_per_epoch=None):
 
 
 def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None:
-    """Loss and accuracy, train (sampled), validation and test, from the run's files (also while
-    it trains: steps_per_epoch places the rows before the first epoch's end)."""
-    epochs = metrics.read(workdir / metrics.EPOCHS_FILE)
-    steps = metrics.read(workdir / metrics.STEPS_FILE)
+    """Loss and accuracy, train (sampled), validation and test (steps_per_epoch: while it trains)."""
+    epochs, steps = metrics.read(workdir / metrics.EPOCHS_FILE), metrics.read(workdir / metrics.STEPS_FILE)
     x_steps = _epochs_axis(steps, epochs, steps_per_epoch)
     x_epochs = [r["epoch"] for r in epochs]
     splits = [("val", "validation", "#2ca02c"), ("test", "test", "#ff7f0e")]
@@ -69,16 +49,12 @@ def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None
     best = max((r[f"{s}_accuracy"] for r in epochs for s, _, _ in splits), default=1.0)
     low = max(0.0, best - 0.02)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in (
-        (axes[0], "loss", "loss"),
-        (axes[1], "accuracy", "accuracy"),
-        (axes[2], "accuracy", f"accuracy, zoomed to {low:.0%}-{min(1, best + 0.005):.1%}"),
-    ):
+    zoomed = f"accuracy, zoomed to {low:.0%}-{min(1, best + 0.005):.1%}"
+    for ax, key, title in zip(axes, ("loss", "accuracy", "accuracy"), ("loss", "accuracy", zoomed)):
         ax.plot(x_steps, [r[key] for r in steps], color="#1f77b4", alpha=0.6, label="train (sampled)")
         for split, label, color in splits:
             ax.plot(x_epochs, [r[f"{split}_{key}"] for r in epochs], "o-", color=color, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[2].set_ylim(low, min(1.0, best + 0.005))
     axes[0].legend()
@@ -89,20 +65,15 @@ def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None
 
 
 def schedule(config, steps_per_epoch: int, out: Path) -> None:
-    """The learning rate the config's schedule gives at every step, drawn before training from
-    the schedule itself, as the codelab's plot_learning_rate(lr_decay, EPOCHS) does."""
+    """The config's learning-rate schedule, drawn before training (the codelab's plot_learning_rate)."""
     total = config.epochs * steps_per_epoch
     opt = config.opt
     shape = optim.shape(opt.schedule, opt.decay, opt.get("warmup", 0.0), steps_per_epoch, config.epochs)
     steps = np.arange(0, total, max(1, total // 2000))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps / steps_per_epoch, opt.lr * np.asarray(jax.vmap(shape)(steps)), drawstyle="steps-post")
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="epoch",
-        ylabel="learning rate",
-        title=f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})",
-    )
+    title = f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})"
+    ax.set(yscale="log", xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -110,8 +81,7 @@ def schedule(config, steps_per_epoch: int, out: Path) -> None:
 
 
 def learning_rate(workdir: Path, out: Path) -> None:
-    epochs = metrics.read(workdir / metrics.EPOCHS_FILE)
-    steps = metrics.read(workdir / metrics.STEPS_FILE)
+    epochs, steps = metrics.read(workdir / metrics.EPOCHS_FILE), metrics.read(workdir / metrics.STEPS_FILE)
     fig = learning_rate_figure(steps, epochs, _name(workdir))
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -120,23 +90,11 @@ def learning_rate(workdir: Path, out: Path) -> None:
 def learning_rate_figure(steps: list[dict], epochs: list[dict], name: str):
     """learning_rate.png's figure from the rows of train_steps.jsonl and metrics.jsonl."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    # A row's learning_rate is the rate its last step used (metrics.LAST), and rows fall on every
-    # epoch's end, so under a per-epoch schedule each value held over the steps since the row
-    # before: drawn over that interval ("steps-pre"), a drop shows at the epoch's end where it
-    # happens (steps-post drew it at the next row, up to --log-every steps late). A smooth
-    # schedule's interval shows its last step's rate.
+    # A row's rate is its last step's (metrics.LAST): "steps-pre" draws a drop at the epoch's end.
     ax.plot(_epochs_axis(steps, epochs), [r["learning_rate"] for r in steps], drawstyle="steps-pre")
-    ax.plot(
-        [r["epoch"] for r in epochs],
-        [r["learning_rate"] for r in epochs],
-        "o",
-        color="#ff7f0e",
-        label="at the end of each epoch",
-    )
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"{name}: learning-rate schedule")
+    ends = [r["epoch"] for r in epochs], [r["learning_rate"] for r in epochs]
+    ax.plot(*ends, "o", color="#ff7f0e", label="at the end of each epoch")
+    ax.set(yscale="log", xlabel="epoch", ylabel="learning rate", title=f"{name}: learning-rate schedule")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -158,8 +116,7 @@ def font_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def digit_titles(labels, predicted, names=()) -> list[tuple[str, str]]:
-    """(text, colour) under each image: the guess in black, or "guess (truth)" in red; by name
-    where the classes have names."""
+    """(text, colour) under each image: the guess in black, or "guess (truth)" in red; by name if any."""
     name = lambda k: names[k] if names else str(k)  # noqa: E731
     return [
         (name(p), "black") if p == t else (f"{name(p)} ({name(t)})", RED)
@@ -168,8 +125,7 @@ def digit_titles(labels, predicted, names=()) -> list[tuple[str, str]]:
 
 
 def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> None:
-    """The images in a grid (in colour when they have 3 channels), each with its digit_titles
-    entry under it. One image and one axes: a hundred small axes took matplotlib seconds."""
+    """The images in a grid, digit_titles under each: one mosaic (100 small axes took seconds)."""
     rows = int(np.ceil(len(images) / cols))
     h, w, c = images.shape[1:]
     cell_w, cell_h = max(w + 6, 34), h + 14  # pixels of the mosaic per image, and its text
@@ -182,22 +138,13 @@ def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> Non
         mosaic[y0 : y0 + h, x0 : x0 + w] = image if colour else image[..., 0]
     fig = plt.figure(figsize=(cols * cell_w / 34, rows * 1.2 * cell_h / 42 + 0.5))
     ax = fig.add_axes((0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    if colour:
-        ax.imshow(mosaic.astype(np.uint8))
-    else:
-        ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=max(float(np.max(images)), 1.0))
+    gray = {} if colour else dict(cmap="gray_r", vmin=0, vmax=max(float(np.max(images)), 1.0))
+    ax.imshow(mosaic.astype(np.uint8) if colour else mosaic, **gray)
     ax.axis("off")
     for i, (text, color) in enumerate(digit_titles(labels, predicted, names)):
         r, col = divmod(i, cols)
-        ax.text(
-            col * cell_w + cell_w / 2,
-            r * cell_h + h + 3,
-            text,
-            color=color,
-            fontsize=12 if not names else 8,
-            ha="center",
-            va="top",
-        )
+        size = 12 if not names else 8
+        ax.text(col * cell_w + cell_w / 2, r * cell_h + h + 3, text, color=color, fontsize=size, ha="center", va="top")
     fig.suptitle(title)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -205,9 +152,7 @@ def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> Non
 
 def test_digit_order(predictions: np.ndarray, labels: np.ndarray, n: int = 100) -> np.ndarray:
     """Indices of the images shown: misrecognised first (in test-set order), then correct ones."""
-    wrong = np.flatnonzero(predictions != labels)
-    right = np.flatnonzero(predictions == labels)
-    return np.concatenate([wrong, right])[:n]
+    return np.concatenate([np.flatnonzero(predictions != labels), np.flatnonzero(predictions == labels)])[:n]
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, classes: int = 10) -> np.ndarray:
@@ -221,32 +166,19 @@ def confusion(matrix: np.ndarray, title: str, out: Path, names=()) -> None:
     fig, ax = plt.subplots(figsize=(max(6.5, 0.35 * n), max(6, 0.33 * n)))
     ax.imshow(np.log1p(matrix), cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
-        ax.text(
-            p,
-            t,
-            str(count),
-            ha="center",
-            va="center",
-            fontsize=8 if n <= 20 else 5,
-            color="white" if t == p else (RED if count else "#999999"),
-        )
+        color = "white" if t == p else (RED if count else "#999999")
+        ax.text(p, t, str(count), ha="center", va="center", fontsize=8 if n <= 20 else 5, color=color)
     labels = list(names) or [str(k) for k in range(n)]
     ax.set_xticks(range(n), labels, rotation=90 if names else 0)
     ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
 def draw_sweep(study, out: Path) -> list[Path]:
-    """A sweep's figures, Optuna's own (optuna.visualization.matplotlib): each trial's validation
-    accuracy and the best so far (history.png), the parameters' importances (importance.png, from
-    two complete trials), validation accuracy against each parameter (params.png)."""
-    import warnings
-
+    """A sweep's figures, Optuna's own: history.png, importance.png (from 2 complete trials), params.png."""
     import optuna
     from optuna.visualization import matplotlib as figures
 
@@ -258,15 +190,13 @@ def draw_sweep(study, out: Path) -> list[Path]:
         "params": lambda: figures.plot_slice(study, target_name="validation accuracy"),
     }
     paths = []
-    # Optuna sets its style for the whole process (plt.style.use): kept to these figures.
-    with warnings.catch_warnings(), matplotlib.rc_context():
+    with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna's plt.style.use: for these only
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # matplotlib's, at one trial's equal limits
         for name, figure in draw.items():
             if not complete or (name == "importance" and complete < 2):
                 continue
-            axes = figure()
-            fig = np.ravel(axes)[0].figure
+            fig = np.ravel(figure())[0].figure
             paths.append(out / f"{name}.png")
             fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
             plt.close(fig)
@@ -292,34 +222,18 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
         shape = data.spec(restored.config)[0]  # digits of another size (--data-digits yes)
         images = np.stack([predict.fit(image, shape) for image in images])
         predicted = predict.probabilities(restored, images).argmax(-1)
-        _digit_grid(
-            images,
-            labels,
-            predicted,
-            f"Digits rendered from fonts: {int((predicted != labels).sum())} of {len(labels)} "
-            "misrecognised, in red: guess (true digit)",
-            paths["font_digits"],
-        )
+        wrong = int((predicted != labels).sum())
+        title = f"Digits rendered from fonts: {wrong} of {len(labels)} misrecognised, in red: guess (true digit)"
+        _digit_grid(images, labels, predicted, title, paths["font_digits"])
 
     test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir, test)
     predictions = np.asarray(out["predictions"])
     errors = int((predictions != test_y).sum())
     shown = test_digit_order(predictions, test_y)
-    what = "digits" if digits else "images"
-    _digit_grid(
-        test_x[shown],
-        test_y[shown],
-        predictions[shown],
-        f"Test {what}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: guess (truth)",
-        paths[images_name],
-        names=names,
-    )
-    confusion(
-        confusion_matrix(predictions, test_y, data.spec(restored.config)[1]),
-        f"Confusion matrix, {errors} errors out of {len(test_y):,}",
-        paths["confusion"],
-        names,
-    )
+    title = f"Test {'digits' if digits else 'images'}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: guess (truth)"
+    _digit_grid(test_x[shown], test_y[shown], predictions[shown], title, paths[images_name], names=names)
+    matrix = confusion_matrix(predictions, test_y, data.spec(restored.config)[1])
+    confusion(matrix, f"Confusion matrix, {errors} errors out of {len(test_y):,}", paths["confusion"], names)
     return list(paths.values())
 
 
@@ -328,9 +242,8 @@ def main(argv=None):
     flags.add(parser, "workdir", "data_dir")
     args = parser.parse_args(argv)
     with flags.user_errors(FileNotFoundError, ConfigError, data.DataError):
-        recipe.check_workdir(
-            args.workdir, writes=("", "plots"), uses=("checkpoints", "plots", "metrics.jsonl", "train_steps.jsonl")
-        )
+        uses = ("checkpoints", "plots", "metrics.jsonl", "train_steps.jsonl")
+        recipe.check_workdir(args.workdir, writes=("", "plots"), uses=uses)
         paths = draw_all(args.workdir, args.data_dir)
     for path in paths:
         print(path)
