@@ -85,17 +85,17 @@ def seed_line(r: dict) -> str:
 
 @loop.one_summary()  # the model's table once, not once a seed
 def train(
-    config: ml_collections.ConfigDict,
+    config,
     workdir,
     *,
-    runtime: startup.Runtime | None = None,
-    save: bool = True,
-    target: float | None = None,
-    dead_units: bool = False,
-    report: bool = True,
-    hooks: tuple = (),
+    runtime=None,
+    save=True,
+    target=None,
+    dead_units=False,
+    report=True,
+    hooks=(),
     step_fn=None,
-    eval_metrics: dict | None = None,
+    eval_metrics=None,
 ) -> dict:
     """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
     their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
