@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import ml_collections
 
 from mnist_jax import checkpoint, flags, loop, recipe, seeds, startup
 from mnist_jax import hooks as hooks_lib
@@ -19,14 +18,7 @@ from mnist_jax.config import ConfigError
 from mnist_jax.data import DataError
 
 
-def run(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    argv=None,
-    *,
-    hooks: tuple = (),
-    step_fn=None,
-    eval_metrics: dict | None = None,
-) -> None:
+def run(get_config: Callable, argv=None, *, hooks=(), step_fn=None, eval_metrics=None) -> None:
     """Entry point of a stage module: parse flags, train and evaluate, draw the plots. A stage
     passes its own parts as loop.train takes them: hooks (after the built-in ones and the
     plots), step_fn (its own step), eval_metrics ({name: fn(logits, labels)})."""
@@ -47,9 +39,8 @@ def run(
             # The curves as it trains, the rest at each run's end, on process 0.
             plots = [hooks_lib.LiveCurves(), hooks_lib.Plots()] if config.plots else []
             runtime = startup.resolve(config)  # the backend's choices, once a command
-            seeds.train(
-                config, workdir, runtime=runtime, hooks=(*plots, *hooks), step_fn=step_fn, eval_metrics=eval_metrics
-            )
+            parts = dict(hooks=(*plots, *hooks), step_fn=step_fn, eval_metrics=eval_metrics)
+            seeds.train(config, workdir, runtime=runtime, **parts)
     except loop.Diverged as e:
         flags.fail(str(e), flags.EXIT_DIVERGED)
     except loop.Interrupted as e:
@@ -64,11 +55,8 @@ def run(
         where = flags.disk_full(e)
         if where is None:
             raise
-        kept = [
-            f"step {checkpoint.steps(w)[0]} in {w / 'checkpoints'}"
-            for w in seeds.workdirs(config, workdir)
-            if checkpoint.steps(w)
-        ]
+        dirs = [w for w in seeds.workdirs(config, workdir) if checkpoint.steps(w)]
+        kept = [f"step {checkpoint.steps(w)[0]} in {w / 'checkpoints'}" for w in dirs]
         kept = f"the last checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint yet"
         flags.fail(
             f"{where or workdir}: no space left on device; {kept}: free some space and run the "

@@ -108,6 +108,7 @@ def train(
     if len(dirs) > 1:  # seeds.json's directory: one command at a time writes it
         recipe.lock_all([Path(workdir)])
     extra = (*hooks, *([StopAt(target)] if target is not None else []))
+    parts = dict(runtime=runtime, hooks=extra, save=save, step_fn=step_fn, eval_metrics=eval_metrics)
     results, groups = [], in_groups(list(range(len(dirs))), runtime.seed_mode == "vmap")
     try:
         for k, group in enumerate(groups):
@@ -116,16 +117,7 @@ def train(
             if len(groups) > 1 and jax.process_index() == 0:
                 print(f"{where}, in {dirs[group[0]]}", flush=True)
             try:
-                trained = loop.train(
-                    config,
-                    [dirs[i] for i in group],
-                    runtime=runtime,
-                    hooks=extra,
-                    save=save,
-                    members=members,
-                    step_fn=step_fn,
-                    eval_metrics=eval_metrics,
-                )
+                trained = loop.train(config, [dirs[i] for i in group], members=members, **parts)
                 if trained.signal is not None and k + 1 < len(groups):  # heard as it ended
                     raise loop.Interrupted(trained.signal, f"interrupted ({signal.Signals(trained.signal).name})")
             except loop.Interrupted as e:
@@ -141,8 +133,7 @@ def train(
         if len(dirs) > 1:
             recipe.unlock(Path(workdir))
     how = runtime.seed_mode
-    summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results]}
-    summary.update(summarize(results))
+    summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results], **summarize(results)}
     summary["runs"] = results
     if len(results) > 1 and jax.process_index() == 0:
         together = " (the seeds together)" if how == "vmap" else ""
