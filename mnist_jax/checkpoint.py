@@ -98,8 +98,7 @@ def mismatch(step_dir: Path, items: dict) -> str | None:
         is_leaf = lambda x: _empty(x) or hasattr(x, "shape")  # noqa: E731
         diff = ocp.tree.tree_difference(ours, saved, is_leaf=is_leaf, leaves_equal=_same)
         if diff is not None:
-            is_diff = lambda x: type(x).__name__ == "Diff"  # noqa: E731 (Orbax's, not exported)
-            flat = ocp.tree.to_flat_dict(diff, is_leaf=is_diff)
+            flat = ocp.tree.to_flat_dict(diff, is_leaf=lambda x: type(x).__name__ == "Diff")  # Orbax's, not exported
             path, d = min(flat.items(), key=lambda item: [str(k) for k in item[0]])
             where = ".".join([name, *map(str, path)])
             return f"{where} is {_describe(d.lhs)} here, {_describe(d.rhs)} in the checkpoint"
@@ -113,10 +112,8 @@ def reason(e: Exception) -> str:
 def manager(workdir: str | Path, keep_period: int | None = None) -> ocp.CheckpointManager:
     """Keeps the newest 3 checkpoints, and every one at a multiple of keep_period (epoch ends)."""
     directory = Path(workdir).absolute() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, max_to_keep=3, keep_period=keep_period
-    )
-    return ocp.CheckpointManager(directory, options=options)
+    options = dict(create=True, cleanup_tmp_directories=True, max_to_keep=3, keep_period=keep_period)
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options))
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -249,8 +246,7 @@ def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict,
         raise FileNotFoundError(f"{step_dir}: damaged checkpoint ({e})") from None
     if diff is not None:
         raise ConfigError(f"{step_dir}: does not fit the model this code builds ({diff})")
-    item = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    return item["model"], step
+    return mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"], step
 
 
 def restore(workdir: str | Path, step: int | None = None) -> Restored:

@@ -29,76 +29,42 @@ ARITHMETIC = "arithmetic"  # the same recipe computed in another order: allowed,
 LENGTH = "length"  # epochs: a recipe field when the schedule spans the run, else allowed, recorded
 NEITHER = "neither"  # how the run is watched, or where its files are: allowed, recorded
 FIELD_CLASSES = {
-    "name": NEITHER,  # the stage's name; its recipe is in the other fields
-    "workdir": NEITHER,
+    **dict.fromkeys(("name", "workdir"), NEITHER),  # neither: the stage's name (its recipe is in the other fields)
     "seed": RECIPE,
     "seeds": NEITHER,  # each seed's run is its own work directory, with seeds = 1
     "seed_mode": ARITHMETIC,
     "epochs": LENGTH,
-    "batch_size": RECIPE,
-    "init_from": RECIPE,
-    "data.dir": NEITHER,  # where the files are; what they hold is dataset.*
-    "data.tfds": NEITHER,  # the same: dataset.sha256 says what was trained on
+    **dict.fromkeys(("batch_size", "init_from"), RECIPE),  # recipe: the batches, the weights it starts from
+    **dict.fromkeys(("data.dir", "data.tfds"), NEITHER),  # neither: where the files are; what they hold is dataset.*
     "data.num_classes": RECIPE,
     "data.digits": NEITHER,  # how plots and predict show the classes
-    "data.val_split": RECIPE,
-    "data.train_limit": RECIPE,
-    "data.test_limit": RECIPE,  # the test images every epoch's metrics are measured on
-    "data.augment_shift": RECIPE,
-    "model.name": RECIPE,  # every field of every model (models.fields)
-    "model.features": RECIPE,
-    "model.activation": RECIPE,
-    "model.dropout": RECIPE,
-    "model.channels": RECIPE,
-    "model.kernels": RECIPE,
-    "model.strides": RECIPE,
-    "model.dense": RECIPE,
-    "model.batch_norm": RECIPE,
-    "model.bn_momentum": RECIPE,
-    "model.padding": RECIPE,
-    "model.pool": RECIPE,
-    "model.gap": RECIPE,
-    "opt.name": RECIPE,
-    "opt.lr": RECIPE,
-    "opt.decay": RECIPE,
-    "opt.schedule": RECIPE,
-    "opt.warmup": RECIPE,
-    "opt.momentum": RECIPE,
-    "opt.nesterov": RECIPE,
-    "opt.weight_decay": RECIPE,
-    "opt.clip_norm": RECIPE,
-    "loss.name": RECIPE,
-    "loss.label_smoothing": RECIPE,
+    # Recipe: the images and how they train (data.test_limit: those every epoch's metrics measure), model, opt, loss.
+    **dict.fromkeys(("data.val_split", "data.train_limit", "data.test_limit", "data.augment_shift"), RECIPE),
+    **dict.fromkeys(("model.name", "model.features", "model.activation", "model.dropout", "model.channels"), RECIPE),
+    **dict.fromkeys(("model.kernels", "model.strides", "model.dense", "model.batch_norm", "model.bn_momentum"), RECIPE),
+    **dict.fromkeys(("model.padding", "model.pool", "model.gap"), RECIPE),
+    **dict.fromkeys(("opt.name", "opt.lr", "opt.decay", "opt.schedule", "opt.warmup", "opt.momentum"), RECIPE),
+    **dict.fromkeys(("opt.nesterov", "opt.weight_decay", "opt.clip_norm", "loss.name", "loss.label_smoothing"), RECIPE),
     "steps_per_call": ARITHMETIC,
-    "log_every": NEITHER,
-    "plots": NEITHER,
+    **dict.fromkeys(("log_every", "plots"), NEITHER),  # neither: how the run is watched
     "checkpoint_every": ARITHMETIC,
-    "restart": NEITHER,
-    "compile_cache": NEITHER,
-    "debug_nans": NEITHER,  # checks each operation's output; computes the same values
-    "xla_cpu": ARITHMETIC,
-    "conv_grad": ARITHMETIC,
+    # Neither: debug_nans checks each operation's output, and computes the same values.
+    **dict.fromkeys(("restart", "compile_cache", "debug_nans"), NEITHER),
+    **dict.fromkeys(("xla_cpu", "conv_grad"), ARITHMETIC),  # arithmetic: other kernels, the same recipe
     "dtype": RECIPE,
     "devices": ARITHMETIC,
-    "distributed.auto": NEITHER,
-    "distributed.coordinator": NEITHER,
-    "distributed.process_id": NEITHER,
-    "distributed.heartbeat_timeout": NEITHER,
-    "distributed.shutdown_timeout": NEITHER,
+    # Neither: how the processes find each other, and how long they wait for each other.
+    **dict.fromkeys(("distributed.auto", "distributed.coordinator", "distributed.process_id"), NEITHER),
+    **dict.fromkeys(("distributed.heartbeat_timeout", "distributed.shutdown_timeout"), NEITHER),
     "distributed.init_timeout": NEITHER,
     "distributed.num_processes": ARITHMETIC,
     # Not flags: what the data are, found when the run starts (data.identity).
     "dataset.source": NEITHER,
-    "dataset.sha256": RECIPE,
-    "dataset.num_train": RECIPE,
-    "dataset.num_test": RECIPE,
-    "dataset.image_shape": RECIPE,
-    "dataset.num_classes": RECIPE,
-    "dataset.names": NEITHER,
-    "dataset.digits": NEITHER,
+    **dict.fromkeys(("dataset.sha256", "dataset.num_train", "dataset.num_test"), RECIPE),  # recipe: the data trained on
+    **dict.fromkeys(("dataset.image_shape", "dataset.num_classes"), RECIPE),
+    **dict.fromkeys(("dataset.names", "dataset.digits"), NEITHER),  # neither: how the classes are shown
 }
-# Schedules whose learning rate at a step depends on the run's length (epochs x steps).
-SPANNING_SCHEDULES = ("onecycle", "cosine")
+SPANNING_SCHEDULES = ("onecycle", "cosine")  # the learning rate at a step depends on the run's length (epochs x steps)
 
 # Each field's --help line, the one place (flags.py adds choices and default); tests/test_front_door.py checks.
 HELP = {
@@ -162,8 +128,7 @@ HELP = {
 }
 
 
-# models.py's names and activations, registered there: it sits above this module.
-MODEL_CHOICES: dict[str, tuple] = {}
+MODEL_CHOICES: dict[str, tuple] = {}  # models.py's names and activations, registered there: it sits above this module
 
 
 def choices() -> dict:
@@ -178,36 +143,18 @@ def base() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "base"  # the stage; default work directory is runs/<name>
     config.workdir = ""  # "" -> runs/<name>
-    config.seed = 0
-    config.seeds = 1
-    config.seed_mode = "auto"
-    config.epochs = 10
-    config.batch_size = 128
-    config.data = ml_collections.ConfigDict(
-        dict(dir="", tfds="", num_classes=0, digits="auto", val_split=0, train_limit=0, test_limit=0, augment_shift=0)
-    )
+    config.update(seed=0, seeds=1, seed_mode="auto", epochs=10, batch_size=128)
+    config.data = ml_collections.ConfigDict(dict(dir="", tfds="", num_classes=0, digits="auto"))
+    config.data.update(val_split=0, train_limit=0, test_limit=0, augment_shift=0)
     config.model = ml_collections.ConfigDict(dict(name="softmax"))
     # The rate at step t is opt.lr * schedule(t), the schedule peaking at 1 (optim.shape):
     # exponential: decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
-    config.opt = ml_collections.ConfigDict(
-        dict(
-            name="sgd",
-            lr=0.01,  # data in the optimizer's state, not in its program
-            decay=1.0,
-            schedule="exponential",
-            warmup=0.0,
-            momentum=0.0,
-            nesterov=False,
-            weight_decay=0.0,
-            clip_norm=0.0,
-        )
-    )
+    # lr: data in the optimizer's state, not in its program.
+    config.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0, schedule="exponential", warmup=0.0))
+    config.opt.update(momentum=0.0, nesterov=False, weight_decay=0.0, clip_norm=0.0)  # sgd's, adamw's, every one's
     config.loss = ml_collections.ConfigDict(dict(name="cross_entropy", label_smoothing=0.0))
     config.steps_per_call = 0  # steps per compiled call (a lax.scan)
-    config.log_every = 50
-    config.plots = True
-    config.checkpoint_every = 0
-    config.restart = False
+    config.update(log_every=50, plots=True, checkpoint_every=0, restart=False)
     config.init_from = ""  # with --seeds, its seed_<s>/ when it has them
     config.compile_cache = "~/.cache/mnist_jax"  # $JAX_COMPILATION_CACHE_DIR wins (the test suite sets one)
     config.debug_nans = False
@@ -216,17 +163,10 @@ def base() -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.devices = 0  # see parallel.py
     # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
-    config.distributed = ml_collections.ConfigDict(
-        dict(
-            auto=False,
-            coordinator="",
-            num_processes=0,
-            process_id=-1,
-            heartbeat_timeout=60,  # not JAX's 100: stop (exit 4) well before the job's wall-clock limit
-            shutdown_timeout=300,  # JAX's default: process 0 may still be drawing the plots
-            init_timeout=300,
-        )
-    )
+    # heartbeat_timeout: not JAX's 100: stop (exit 4) well before the job's wall-clock limit;
+    # shutdown_timeout: JAX's default: process 0 may still be drawing the plots.
+    config.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator="", num_processes=0, process_id=-1))
+    config.distributed.update(heartbeat_timeout=60, shutdown_timeout=300, init_timeout=300)
     return config
 
 
@@ -236,14 +176,11 @@ def flag_name(path: str) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError naming the flag for values no run can use."""
+    """Raise ConfigError naming the flag for values no run can use; models.build checks the model's fields."""
 
     def check(ok: bool, path: str, what: str):
         if not ok:
-            value = config
-            for part in path.split("."):
-                value = value[part]
-            raise ConfigError(f"{flag_name(path)}: {what}, got {value!r}")
+            raise ConfigError(f"{flag_name(path)}: {what}, got {config[path]!r}")  # a dotted path reads nested fields
 
     def floats(node, prefix=""):
         for key, value in node.items():
@@ -287,4 +224,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
     check(config.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}")
     check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
-    # The model's fields are checked by models.build, which knows each model's fields.

@@ -104,11 +104,9 @@ def _checked(arrays: dict, paths: dict, num_classes: int, source: str, names=())
     """A Dataset from {train,test}_{images,labels}, after the checks any source needs."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        where = paths[f"{split}_labels"]
+        images_file, where = paths[f"{split}_images"].name, paths[f"{split}_labels"]
         if len(images) != len(labels):
-            raise DataError(
-                f"{where}: {len(labels)} labels but {paths[f'{split}_images'].name} has {len(images)} images"
-            )
+            raise DataError(f"{where}: {len(labels)} labels but {images_file} has {len(images)} images")
         if len(labels) == 0:
             raise DataError(f"{where}: holds no examples")
     train, test = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
@@ -234,8 +232,7 @@ def load(data_dir: str | os.PathLike | None = None, tfds: str = "", num_classes:
 
 def from_config(data_config) -> Dataset:
     """`load` of a config's data section (data.dir, data.tfds, data.num_classes)."""
-    get = data_config.get
-    return load(get("dir") or None, get("tfds", ""), get("num_classes", 0))
+    return load(data_config.get("dir") or None, data_config.get("tfds", ""), data_config.get("num_classes", 0))
 
 
 def digits(ds: Dataset, setting: str = "auto") -> bool:

@@ -25,8 +25,7 @@ COMMON = {
     "workdir": dict(required=True, type=os.path.expanduser, help="work directory of a training run"),
     "data_dir": dict(
         default=None,
-        help="the IDX directory (the four MNIST files, raw or .gz); default: the run's, else "
-        "$MNIST_DATA_DIR, else TFDS",
+        help="the IDX directory (the four MNIST files, raw or .gz); default: the run's, else $MNIST_DATA_DIR, else TFDS",
     ),
     "step": dict(type=int, default=None, help="checkpoint step (default: latest)"),
     "seeds": dict(type=int, default=5, help="how many seeds to train (default %(default)s)"),

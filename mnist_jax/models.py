@@ -42,6 +42,7 @@ def conv_stride2(x, k):
     return _conv_s2(x, k)
 
 
+@partial(conv_stride2.defjvp, symbolic_zeros=True)  # instantiated zeros: garbage jacfwd (performance.md)
 def _conv_stride2_jvp(primals, tangents):
     (x, k), (dx, dk) = primals, tangents
     parts = []
@@ -53,28 +54,15 @@ def _conv_stride2_jvp(primals, tangents):
     return _conv_s2(x, k), sum(parts[1:], parts[0])
 
 
-conv_stride2.defjvp(_conv_stride2_jvp, symbolic_zeros=True)  # instantiated zeros: garbage jacfwd (performance.md)
-
-
-def conv_s2d_grad(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-):
+def conv_s2d_grad(lhs, rhs, window_strides, padding, **keywords):
     """lax.conv_general_dilated for nn.Conv, with conv_stride2 where it applies (ConvNet.s2d_grad)."""
-    plain = lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
-    plain = plain and tuple(window_strides) == (2, 2) and padding == "SAME" and feature_group_count == 1
-    if plain and lhs.ndim == 4 and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC):
+    get = keywords.get  # lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision
+    plain = get("lhs_dilation") in (None, (1, 1)) and get("rhs_dilation") in (None, (1, 1))
+    plain = plain and tuple(window_strides) == (2, 2) and padding == "SAME" and get("feature_group_count", 1) == 1
+    if plain and lhs.ndim == 4 and get("dimension_numbers") == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC):
         if all(n % 2 == 0 for n in lhs.shape[1:3]) and all(n % 4 == 2 for n in rhs.shape[:2]):  # SAME: whole blocks
             return conv_stride2(lhs, rhs)
-    dilations = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *dilations, precision=precision)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **keywords)
 
 
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
@@ -211,15 +199,12 @@ def _check(name: str, kwargs: dict) -> None:
     sizes = lambda v: len(v) > 0 and all(x >= 1 for x in v)
     per_layer = (lambda v: len(v) == n and sizes(v), f"must be {n} positive sizes, one per layer")
     rules = {
-        "features": (sizes, "must be positive sizes"),
-        "channels": (sizes, "must be positive sizes"),
-        "kernels": per_layer,  # one per --model-channels entry
-        "strides": per_layer,
+        **dict.fromkeys(("features", "channels"), (sizes, "must be positive sizes")),
+        **dict.fromkeys(("kernels", "strides"), per_layer),  # one per --model-channels entry
         "dense": (lambda v: v >= 0, "must be 0 (no hidden dense layer) or more"),
         "padding": (lambda v: v in ("SAME", "VALID"), "must be SAME or VALID"),
         "pool": (lambda v: len(v) == 0 or per_layer[0](v), f"must be empty or {n} sizes, one per layer (1: none)"),
-        "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-        "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        **dict.fromkeys(("dropout", "bn_momentum"), (lambda v: 0 <= v < 1, "must be in [0, 1)")),
         "activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     }
     for key, (ok, what) in rules.items():
