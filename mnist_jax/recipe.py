@@ -49,10 +49,10 @@ def _default(path: str, tree: dict):
 
 
 def _label(path: str) -> str:
-    if path.startswith("dataset."):
-        return f"the data's {path.split('.', 1)[1]} (--data-dir)"
-    if path.startswith("runtime."):  # what ran: the count of devices, a flag's "auto" resolved
-        key = path.split(".", 1)[1]
+    section, _, key = path.partition(".")
+    if section == "dataset":
+        return f"the data's {key} (--data-dir)"
+    if section == "runtime":  # what ran: the count of devices, a flag's "auto" resolved
         return flag_name(key) if key in FIELD_CLASSES else f"the {key} in use"
     return flag_name(path)
 
@@ -84,9 +84,8 @@ def compare(old: dict, new: ml_collections.ConfigDict) -> tuple[list[str], dict]
             was, now = (os.path.realpath(os.path.expanduser(p)) for p in (was, now))
         if was == now:
             continue
-        kind = FIELD_CLASSES.get(path, RECIPE)  # a field with no class yet counts as recipe
-        if path.startswith("dataset.") and was is None:
-            kind = config_lib.NEITHER  # a run from before the data were recorded
+        # a run from before the data were recorded; a field with no class yet counts as recipe
+        kind = config_lib.NEITHER if path.startswith("dataset.") and was is None else FIELD_CLASSES.get(path, RECIPE)
         if kind == RECIPE or (kind == LENGTH and spans):
             why = f" (--opt-schedule {now_flat['opt.schedule']} spans the whole run)" if kind == LENGTH else ""
             refused.append(f"  {_label(path)}: {_show(was)} in that run, {_show(now)} here{why}")
@@ -104,10 +103,8 @@ def move_aside(workdir: Path, step: int, reason: str) -> None:
         target = workdir / checkpoint.DAMAGED / f"{step}.{n}"
     target.parent.mkdir(exist_ok=True)
     shutil.move(source, target)
-    print(
-        f"warning: checkpoint {source} is damaged ({reason}); moved to {target}, trying the previous one",
-        file=sys.stderr,
-    )
+    warning = f"warning: checkpoint {source} is damaged ({reason}); moved to {target}, trying the previous one"
+    print(warning, file=sys.stderr)
 
 
 def _fit(workdir: Path, step: int, state) -> None:
@@ -150,30 +147,26 @@ def check(workdir: Path, config, runtime: dict) -> Plan:
         raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
     if config.restart or not workdir.is_dir():
         return Plan(None, [], {}, runtime)
-    changed, old = {}, None
-    trained = checkpoint.steps(workdir) or (workdir / checkpoint.COMMITTED).exists()
-    if (workdir / "config.json").exists() and trained:
-        old = checkpoint.read_config(workdir).to_dict()
-    elif trained:  # config.json gone: the checkpoints' own record says what trained them
-        found = checkpoint.recorded_config(workdir)
-        if found is None:
-            raise ConfigError(
-                f"--workdir {workdir}: holds a run but no config.json, and its checkpoints (written before they carried their recipe) cannot say what trained them; put config.json back, or add --restart to start over"
-            )
-        step, old = found
-        if parallel.is_primary():
-            print(
-                f"note: {workdir / 'config.json'} is missing; the recipe is read from checkpoint {step} and written back"
-            )
-    if old is not None:
+    changed = {}
+    if checkpoint.steps(workdir) or (workdir / checkpoint.COMMITTED).exists():  # trained
+        if (workdir / "config.json").exists():
+            old = checkpoint.read_config(workdir).to_dict()
+        else:  # config.json gone: the checkpoints' own record says what trained them
+            found = checkpoint.recorded_config(workdir)
+            if found is None:
+                raise ConfigError(
+                    f"--workdir {workdir}: holds a run but no config.json, and its checkpoints (written before they carried their recipe) cannot say what trained them; put config.json back, or add --restart to start over"
+                )
+            step, old = found
+            if parallel.is_primary():
+                print(
+                    f"note: {workdir / 'config.json'} is missing; the recipe is read from checkpoint {step} and written back"
+                )
         refused, changed = compare(old, config)
         if refused:
-            raise ConfigError(
-                f"--workdir {workdir}: holds a run of another recipe, left as it is:\n"
-                + "\n".join(refused)
-                + f"\nTo keep it, use another --workdir (add --init-from {workdir} to start from "
-                "its weights); to discard it, add --restart."
-            )
+            head = f"--workdir {workdir}: holds a run of another recipe, left as it is:"
+            keep = f"To keep it, use another --workdir (add --init-from {workdir} to start from its weights); to discard it, add --restart."
+            raise ConfigError("\n".join([head, *refused, keep]))
     history = metrics.read(workdir / HISTORY)
     if history:
         before = history[-1].get("runtime", {})
@@ -189,15 +182,13 @@ def find_checkpoint(workdir: Path, plan: Plan, config, state, steps_per_epoch: i
     damaged = checkpoint.screen(workdir)
     step = None
     for s in checkpoint.steps(workdir):
-        if s in dict(damaged):
-            continue
-        try:
-            _fit(workdir, s, state)
-        except checkpoint.Damaged as e:
-            damaged.append((s, str(e)))
-            continue
-        step = s
-        break
+        if s not in dict(damaged):
+            try:
+                _fit(workdir, s, state)
+                step = s
+                break
+            except checkpoint.Damaged as e:
+                damaged.append((s, str(e)))
     if step is not None and step > config.epochs * steps_per_epoch:
         raise ConfigError(
             f"--epochs: {workdir} holds a run past epoch {config.epochs} (step {step}); ask for more epochs, or add --restart to start over"
@@ -226,13 +217,12 @@ def prepare(workdir: Path, config, plan: Plan) -> None:
     metrics.append(workdir / HISTORY, {**line, **({"init_from": plan.init} if plan.init else {})})
     if plan.init:
         print(f"Starting from the weights of {plan.init['dir']} at step {plan.init['step']}")
-    arithmetic = {  # what ran, when both a flag and what it resolved to changed
-        k: v
-        for k, v in plan.changed.items()
+    what = ", ".join(  # what ran, when both a flag and what it resolved to changed
+        f"{_label(k)} {_show(a)} -> {_show(b)}"
+        for k, (a, b) in plan.changed.items()
         if k.startswith("runtime.") or FIELD_CLASSES.get(k) == ARITHMETIC and f"runtime.{k}" not in plan.changed
-    }
-    if arithmetic and plan.step:
-        what = ", ".join(f"{_label(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in arithmetic.items())
+    )
+    if what and plan.step:
         print(
             f"note: {what} since this run's last start: the same recipe computed in another order, so from step {plan.step} it is no longer bit for bit the uninterrupted run (recorded in {workdir / HISTORY})"
         )
@@ -283,10 +273,8 @@ def lock(workdir: Path) -> None:
             ) from None
         if key not in _UNLOCKABLE:  # no locks here
             _UNLOCKABLE.add(key)
-            print(
-                f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time",
-                file=sys.stderr,
-            )
+            warning = f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time"
+            print(warning, file=sys.stderr)
         fd = os.open(workdir, os.O_RDONLY)
     _LOCKS[key] = [fd, 1]
 
@@ -350,8 +338,6 @@ def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = Fals
             raise ConfigError(f"{config}: not a readable config ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{config}: not a run's config (a JSON {type(tree).__name__}, not an object)")
-    for name in writes:
-        directory = workdir / name
-        reason = directory.is_dir() and flags.cannot_write(directory)
-        if reason:
+    for directory in [workdir / name for name in writes]:
+        if directory.is_dir() and (reason := flags.cannot_write(directory)):
             raise ConfigError(f"--workdir {workdir}: cannot write in {directory} ({reason})")

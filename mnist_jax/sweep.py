@@ -17,8 +17,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import optuna
-import sqlalchemy.engine
-import sqlalchemy.exc
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
 from optuna.trial import TrialState
 
@@ -37,16 +36,6 @@ _FINAL = {TrialState.COMPLETE, TrialState.PRUNED}
 _OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default study's, in WORKDIR
 _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)  # stateless: shared
 BEAT = "mnist_jax:heartbeat"  # a trial's last sign of life where the store keeps no heartbeats (journal, gRPC)
-
-
-def _put(config, name: str, value) -> None:
-    """Set the parameter `name` (a dotted path, or path[i] for a tuple's element) in config."""
-    path, _, index = name.partition("[")
-    if index:
-        items = list(dict(flags.leaves(config))[path])
-        items[int(index[:-1])] = value
-        value = tuple(items)
-    config.update_from_flattened_dict({path: value})
 
 
 def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
@@ -119,9 +108,15 @@ def batchable(space: dict) -> bool:
 
 
 def trial_config(config, params: dict) -> ml_collections.ConfigDict:
+    """A copy of config with `params` set, each named by a dotted path, or path[i] for a tuple's element."""
     c = ml_collections.ConfigDict(config.to_dict())
     for name, value in params.items():
-        _put(c, name, value)
+        path, _, index = name.partition("[")
+        if index:
+            items = list(dict(flags.leaves(c))[path])
+            items[int(index[:-1])] = value
+            value = tuple(items)
+        c.update_from_flattened_dict({path: value})
     return c
 
 
@@ -172,9 +167,8 @@ def check_name(name: str) -> None:
     if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:
         raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")
     if _OWN.fullmatch(name):
-        raise ConfigError(
-            f"--study {name}: WORKDIR/{name} is the default study's (trial_<n>, plots, sweep.json, study.db): choose another name"
-        )
+        owner = "the default study's (trial_<n>, plots, sweep.json, study.db)"
+        raise ConfigError(f"--study {name}: WORKDIR/{name} is {owner}: choose another name")
 
 
 def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
@@ -394,14 +388,10 @@ def fail_stale(study, interval: int) -> None:
         return optuna.storages.fail_stale_trials(study)
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - (t.system_attrs.get(BEAT) or t.datetime_start.timestamp()) <= 2 * interval:
-            continue
-        try:  # only one process fails it: the others find it finished
-            failed = study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        if failed:
-            _RETRY(study, study._storage.get_trial(t._trial_id))
+        if now - (t.system_attrs.get(BEAT) or t.datetime_start.timestamp()) > 2 * interval:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another process failed it first
+                if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    _RETRY(study, study._storage.get_trial(t._trial_id))
 
 
 def tally(study) -> tuple[int, list]:
@@ -447,15 +437,11 @@ def optimize(
             ready = [e for e, _ in held.values() if _claim(e)]
             for e in ready:
                 held.pop(e.trial.number)[1].close()
-            ready = _drop_gone(study, ready, say)
             if not ready and free <= 0:  # the rest are running: here, or elsewhere
                 if waited != running:
-                    busy = [n for n in running if n in held]
-                    say(
-                        f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)"
-                        if not busy
-                        else f"waiting for trial(s) {', '.join(map(str, busy))}: a process still holds its directory"
-                    )
+                    busy = ", ".join(str(n) for n in running if n in held)
+                    elsewhere = f"waiting for trial(s) {', '.join(map(str, running))}, running in another process (a dead one's is re-run after {2 * heartbeat}s without a heartbeat)"
+                    say(f"waiting for trial(s) {busy}: a process still holds its directory" if busy else elsewhere)
                     waited = running
                 time.sleep(min(heartbeat, 5))
                 continue
@@ -509,12 +495,11 @@ def _train_and_tell(study, group, trial_seeds, runtime, hooks, later, say) -> No
             say(
                 f"trial {entry.trial.number}: failed as stale by another process (no heartbeat from this one within the grace period: was it paused?); its run stopped{f' after epoch {epoch}' if epoch else ''} and the trial's retry resumes it"
             )
-            continue
-        if lost or (len(entry.results) < trial_seeds and entry.trial.number not in pruned):
+        elif lost or (len(entry.results) < trial_seeds and entry.trial.number not in pruned):
             requeue(study, [entry])  # stopped short: by a late signal, or with a taken-over one
-            continue
-        state, value = tell(study, entry, pruned), _frozen(study, entry.trial.number).value
-        say(f"trial {entry.trial.number}: {state}, validation {value:.2%}")
+        else:
+            state, value = tell(study, entry, pruned), _frozen(study, entry.trial.number).value
+            say(f"trial {entry.trial.number}: {state}, validation {value:.2%}")
     if heard is not None:
         requeue(study, [e for g in later for e in g])
         raise loop.Interrupted(heard, f"interrupted ({signal.Signals(heard).name}) as a trial ended")
@@ -571,9 +556,8 @@ def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) 
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "re-queued")}
     say(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if best:
-        say(
-            f"best trial {best['trial']} (chosen on validation {best['val_accuracy']:.2%}): test {best['test_accuracy']:.2%}, in {best['workdir']}"
-        )
+        chosen = f"best trial {best['trial']} (chosen on validation {best['val_accuracy']:.2%})"
+        say(f"{chosen}: test {best['test_accuracy']:.2%}, in {best['workdir']}")
     flags.write_json(str(workdir / "sweep.json"), out)
     if plots and rows:
         from mnist_jax import plots as plots_lib  # matplotlib only when drawing
