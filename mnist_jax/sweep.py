@@ -437,6 +437,7 @@ def optimize(
             ready = [e for e, _ in held.values() if _claim(e)]
             for e in ready:
                 held.pop(e.trial.number)[1].close()
+            ready = _drop_gone(study, ready, say)
             if not ready and free <= 0:  # the rest are running: here, or elsewhere
                 if waited != running:
                     busy = ", ".join(str(n) for n in running if n in held)
