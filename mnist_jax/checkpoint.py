@@ -148,16 +148,34 @@ def mark_committed(workdir: Path) -> None:
 
 
 def model_item(state) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    """The model a run publishes (evaluate, predict, --init-from): the weights' average with --opt-ema."""
+    ema = getattr(state, "ema", None)
+    source = ema if ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    return {"params": source["params"], "batch_stats": source["batch_stats"]}
 
 
 def items(state, layout: int | None = None) -> dict:
-    """What a checkpoint of `layout` (default: the one save writes) holds of a TrainState."""
-    if (layout or LAYOUT) >= 3:
-        names = [f.name for f in dataclasses.fields(state) if f.name not in ("apply_fn", "tx", *model_item(state))]
+    """What a checkpoint of `layout` (default: the one save writes) holds of a TrainState: the
+    model, and (layout 3) every other data field but an empty one (a field off, EMA's when off).
+    With --opt-ema the model is the average: the trained weights are in the train item."""
+    if (layout or LAYOUT) < 3:
+        return {"model": model_item(state), "train": {"opt_state": state.opt_state, "step": state.step}}
+    train = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ("apply_fn", "tx")}
+    train = {k: v for k, v in train.items() if v is not None}
+    if "ema" in train:
+        train["ema"] = {"decay": train["ema"]["decay"]}
     else:
-        names = ["opt_state", "step"]
-    return {"model": model_item(state), "train": {name: getattr(state, name) for name in names}}
+        train = {k: v for k, v in train.items() if k not in ("params", "batch_stats")}
+    return {"model": model_item(state), "train": train}
+
+
+def from_items(state, restored: dict):
+    """`state` with a checkpoint's items (`items`'s, restored) put back."""
+    train, model = dict(restored["train"]), restored["model"]
+    if "ema" in train:  # the model item is the average
+        ema = {**train.pop("ema"), **model}
+        return state.replace(**train, ema=ema)
+    return state.replace(**model, **train)
 
 
 LAYOUT = 3  # what save writes (the module's docstring)
@@ -202,7 +220,7 @@ def restore_state(mngr: ocp.CheckpointManager, state, step: int | None = None):
     trees = items(state, layout(Path(mngr.directory) / str(step)))
     args = {name: ocp.args.StandardRestore(abstract(tree)) for name, tree in trees.items()}
     restored = mngr.restore(step, args=ocp.args.Composite(**args, metrics=ocp.args.JsonRestore()))
-    return state.replace(**restored["model"], **restored["train"]), restored["metrics"]
+    return from_items(state, restored), restored["metrics"]
 
 
 class Restored(NamedTuple):
@@ -212,6 +230,12 @@ class Restored(NamedTuple):
     variables: dict[str, Any]
     config: ml_collections.ConfigDict
     step: int
+
+    @property
+    def weights(self) -> str:
+        """Which weights `variables` are: the trained ones, or their average (--opt-ema)."""
+        decay = self.config.opt.get("ema", 0.0)
+        return f"the weights' moving average (--opt-ema {decay})" if decay else "the trained weights"
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -250,7 +274,8 @@ def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict,
 
 
 def restore(workdir: str | Path, step: int | None = None) -> Restored:
-    """Model, variables and config of a run's checkpoint (default: latest); no optimizer needed.
+    """Model, variables (the published ones: `Restored.weights`) and config of a run's checkpoint
+    (default: latest); no optimizer needed.
     FileNotFoundError or ConfigError, one line, for a run this code cannot restore."""
     workdir = Path(workdir).expanduser()
     config = read_config(workdir)
@@ -285,4 +310,7 @@ def init_from(state, source: Path, seed: int):
         variables, step = _restore_model(source, None, abstract(model_item(state)))
     except (FileNotFoundError, ConfigError) as e:
         raise ConfigError(f"--init-from: {e}") from None
-    return state.replace(**variables), {"dir": str(source.resolve()), "step": step}
+    state = state.replace(**variables)
+    if getattr(state, "ema", None) is not None:  # the average starts from them too
+        state = state.replace(ema={**state.ema, **jax.tree.map(jnp.copy, variables)})
+    return state, {"dir": str(source.resolve()), "step": step}

@@ -44,7 +44,9 @@ FIELD_CLASSES = {
     **dict.fromkeys(("model.kernels", "model.strides", "model.dense", "model.batch_norm", "model.bn_momentum"), RECIPE),
     **dict.fromkeys(("model.padding", "model.pool", "model.gap"), RECIPE),
     **dict.fromkeys(("opt.name", "opt.lr", "opt.decay", "opt.schedule", "opt.warmup", "opt.momentum"), RECIPE),
-    **dict.fromkeys(("opt.nesterov", "opt.weight_decay", "opt.clip_norm", "loss.name", "loss.label_smoothing"), RECIPE),
+    **dict.fromkeys(
+        ("opt.nesterov", "opt.weight_decay", "opt.clip_norm", "opt.ema", "loss.name", "loss.label_smoothing"), RECIPE
+    ),
     "steps_per_call": ARITHMETIC,
     **dict.fromkeys(("log_every", "plots"), NEITHER),  # neither: how the run is watched
     "checkpoint_every": ARITHMETIC,
@@ -105,6 +107,7 @@ HELP = {
     "opt.nesterov": "sgd with --opt-momentum: Nesterov's momentum",
     "opt.weight_decay": "adamw: decoupled weight decay",
     "opt.clip_norm": "clip gradients to this global norm first (0: off)",
+    "opt.ema": "average the weights and batch-norm statistics over the steps with this decay (0.999, say), evaluated and saved as the model (0: off)",
     "loss.name": "the training loss",
     "loss.label_smoothing": "move this much of each target's probability to the other classes (0: off)",
     "steps_per_call": "training steps per compiled call (0: the whole epoch on GPU/TPU, 1 on the CPU)",
@@ -152,6 +155,7 @@ def base() -> ml_collections.ConfigDict:
     # lr: data in the optimizer's state, not in its program.
     config.opt = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, decay=1.0, schedule="exponential", warmup=0.0))
     config.opt.update(momentum=0.0, nesterov=False, weight_decay=0.0, clip_norm=0.0)  # sgd's, adamw's, every one's
+    config.opt.ema = 0.0  # train.py: an exponential moving average of the weights, off
     config.loss = ml_collections.ConfigDict(dict(name="cross_entropy", label_smoothing=0.0))
     config.steps_per_call = 0  # steps per compiled call (a lax.scan)
     config.update(log_every=50, plots=True, checkpoint_every=0, restart=False)
@@ -222,5 +226,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(opt.weight_decay >= 0, "opt.weight_decay", "must be 0 or positive")
     check(opt.name == "adamw" or not opt.weight_decay, "opt.weight_decay", "decays weights with --opt-name adamw only")
     check(opt.clip_norm >= 0, "opt.clip_norm", "must be 0 (off) or positive")
+    check(0 <= opt.ema < 1, "opt.ema", "must be 0 (off) or a decay in (0, 1)")
     check(config.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}")
     check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")

@@ -79,6 +79,7 @@ def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: 
         # {hidden layer: [dead, units]}
         "dead_units": diagnostics.dead_counts(out["alive"]),  # counted in the same pass
         "activation": restored.config.model.get("activation", "relu"),  # what "dead" means
+        "weights": restored.weights,
     }
 
 
@@ -92,7 +93,7 @@ def main(argv=None):
         result = evaluate_checkpoint(args.workdir, args.data_dir, args.step)
     print(
         f"step {result['step']}: test accuracy {result['accuracy']:.2%}"
-        f" ({result['num_examples']} images), loss {result['loss']:.4f}"
+        f" ({result['num_examples']} images), loss {result['loss']:.4f}; {result['weights']}"
     )
     if result["dead_units"]:
         dead = diagnostics.format_dead(result["dead_units"])

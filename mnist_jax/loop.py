@@ -25,8 +25,9 @@ from mnist_jax.hooks import Diverged, Interrupted, call, defaults
 from mnist_jax.hooks import callbacks as default_callbacks
 
 # What may differ between the runs of one program: the seed, and numbers that are data in the
-# state (the optimizer's, optim.py; the loss's, TrainState.loss_args), not constants of its program.
-MEMBER_FIELDS = ("seed", "opt.lr", "opt.weight_decay", "loss.label_smoothing")
+# state (the optimizer's, optim.py; the loss's, TrainState.loss_args; the average's decay, on in all
+# or none), not constants of its program.
+MEMBER_FIELDS = ("seed", "opt.lr", "opt.weight_decay", "opt.ema", "loss.label_smoothing")
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,7 +198,10 @@ def member_configs(config, given: list | None, n: int) -> list:
     """Each run's config as it records it (seeds 1): `given`, default seeds config.seed,
     config.seed + 1, ...; ConfigError if they differ in more than MEMBER_FIELDS."""
     given = given or [with_values(config, {"seed": config.seed + i}) for i in range(n)]
-    program = lambda c: {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}
+    program = lambda c: (
+        {k: v for k, v in flags.leaves(c) if k not in (*MEMBER_FIELDS, "name", "workdir", "seeds")}
+        | {"opt.ema on": bool(c.opt.get("ema"))}
+    )
     for g in given:
         if program(g) != program(given[0]):
             diff = sorted(k for k in program(g) if program(g)[k] != program(given[0]).get(k))

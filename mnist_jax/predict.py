@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     with flags.user_errors(FileNotFoundError, ConfigError):
         recipe.check_workdir(args.workdir, writes=(), uses=("checkpoints",))  # reads only
         restored = evaluate.restore(args.workdir, args.step)
+    if restored.config.opt.get("ema"):
+        print(f"note: {restored.weights}", file=sys.stderr)
     info = restored.config.get("dataset") or {}
     shape, names = data.spec(restored.config)[0], info.get("names") or []
     with flags.user_errors(ValueError):  # a channel count no image file gives: refused once

@@ -104,7 +104,9 @@ def parse_space(specs, config: ml_collections.ConfigDict) -> dict:
 
 def batchable(space: dict) -> bool:
     """Whether the space changes only numbers that are data (trials can share a program)."""
-    return all(name in loop.MEMBER_FIELDS and name != "seed" for name in space)
+    low = lambda dist: min(dist.choices) if hasattr(dist, "choices") else dist.low
+    numbers = [name in loop.MEMBER_FIELDS and name != "seed" for name in space]
+    return all(numbers) and ("opt.ema" not in space or low(space["opt.ema"]) > 0)  # EMA on or off: the program's
 
 
 def trial_config(config, params: dict) -> ml_collections.ConfigDict:

@@ -16,10 +16,12 @@ from mnist_jax import data, models, optim
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state, step, batch-norm statistics ({} without) and the loss's numbers (data)."""
+    """Params, optimizer state, step, batch-norm statistics ({} without), the loss's numbers (data)
+    and, with --opt-ema, the weights' moving average: {"decay", "params", "batch_stats"} (else None)."""
 
     batch_stats: Any = None
     loss_args: Any = None
+    ema: Any = None
 
 
 @partial(jax.jit, static_argnums=0)
@@ -46,13 +48,35 @@ def create_train_state(
     steps_per_epoch = steps_per_epoch or num_train // config.batch_size
     model = model_of(config, conv_grad)
     variables = _init(model, rng, jnp.zeros((1, *shape), jnp.float32))
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    decay = config.opt.get("ema", 0.0)  # a number in the state: members may differ in it
     return TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
+        params=params,
+        batch_stats=stats,
         tx=optim.optimizer(config.opt, steps_per_epoch, config.epochs),
         loss_args={"label_smoothing": jnp.float32((config.get("loss") or {}).get("label_smoothing", 0.0))},
+        ema=dict(decay=jnp.float32(decay), **jax.tree.map(jnp.copy, {"params": params, "batch_stats": stats}))
+        if decay
+        else None,
     )
+
+
+def eval_variables(state: TrainState) -> dict:
+    """The variables evaluation uses (a checkpoint's model item): the moving average with --opt-ema."""
+    source = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    return {"params": source["params"], "batch_stats": source["batch_stats"]}
+
+
+def update_ema(old: TrainState, new: TrainState) -> TrainState:
+    """`new` with its moving average stepped, at decay min(d, (1 + t) / (10 + t)) for old's step t
+    (TF's ExponentialMovingAverage with num_updates): the first steps do not keep the initial weights."""
+    if new.ema is None:
+        return new
+    d = jnp.minimum(new.ema["decay"], (1.0 + old.step) / (10.0 + old.step))
+    trained = {"params": new.params, "batch_stats": new.batch_stats}
+    average = optax.incremental_update(trained, {k: new.ema[k] for k in trained}, 1.0 - d)
+    return new.replace(ema={"decay": new.ema["decay"], **average})
 
 
 def inference_state(model, variables: dict) -> TrainState:
@@ -86,8 +110,8 @@ def train_step(
         return loss, (logits, updates, extra)
 
     (loss, (logits, updates, extra)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    new = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    state, accuracy = update_ema(state, new), jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {"loss": loss, "accuracy": accuracy, "learning_rate": optim.learning_rate(state.opt_state), **extra}
 
 
@@ -105,9 +129,7 @@ def fired(activations):
 
 def _eval_batch(state: TrainState, images: jax.Array) -> tuple[jax.Array, dict]:
     """Logits (batch norm in inference mode) and per example which sown hidden units fired."""
-    logits, sown = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False, mutable=["intermediates"]
-    )
+    logits, sown = state.apply_fn(eval_variables(state), images, train=False, mutable=["intermediates"])
     hidden = sown.get("intermediates", {})
     return logits, {k: jax.vmap(fired)(a) for k, (a,) in hidden.items()}  # [B, units]
 
