@@ -51,6 +51,7 @@ def stages() -> list[str]:
         "speedrun",
         "references",
         "xla_cpu",
+        "augment_cost",
         "timing",
         "study_server",
     }

@@ -40,6 +40,8 @@ FIELD_CLASSES = {
     "data.digits": NEITHER,  # how plots and predict show the classes
     # Recipe: the images and how they train (data.test_limit: those every epoch's metrics measure), model, opt, loss.
     **dict.fromkeys(("data.val_split", "data.train_limit", "data.test_limit", "data.augment_shift"), RECIPE),
+    **dict.fromkeys(("data.augment_rotate", "data.augment_scale", "data.augment_shear"), RECIPE),
+    **dict.fromkeys(("data.augment_elastic", "data.augment_elastic_sigma"), RECIPE),
     **dict.fromkeys(("model.name", "model.features", "model.activation", "model.dropout", "model.channels"), RECIPE),
     **dict.fromkeys(("model.kernels", "model.strides", "model.dense", "model.batch_norm", "model.bn_momentum"), RECIPE),
     **dict.fromkeys(("model.padding", "model.pool", "model.gap"), RECIPE),
@@ -85,6 +87,11 @@ HELP = {
     "data.train_limit": "train on the first N training images only (0: all); for quick tries",
     "data.test_limit": "evaluate on the first N test images only (0: all)",
     "data.augment_shift": "shift training images randomly by up to N pixels (0: off)",
+    "data.augment_rotate": "rotate training images randomly by up to this many degrees either way (0: off)",
+    "data.augment_scale": "scale training images randomly by 1 +- up to this fraction (0: off)",
+    "data.augment_shear": "shear training images randomly by up to this many degrees either way (0: off)",
+    "data.augment_elastic": "elastic distortion (Simard et al. 2003): displacements of up to this many pixels, smoothed (0: off)",
+    "data.augment_elastic_sigma": "the elastic distortion's smoothing: a Gaussian of this many pixels",
     "model.name": "the model (a stage sets its fields)",
     "model.features": "mlp: the hidden layers' widths, comma-separated",
     "model.activation": "mlp: the hidden layers' activation",
@@ -149,6 +156,9 @@ def base() -> ml_collections.ConfigDict:
     config.update(seed=0, seeds=1, seed_mode="auto", epochs=10, batch_size=128)
     config.data = ml_collections.ConfigDict(dict(dir="", tfds="", num_classes=0, digits="auto"))
     config.data.update(val_split=0, train_limit=0, test_limit=0, augment_shift=0)
+    # On the device, in the step (train.random_warp); all 0: off.
+    config.data.update(augment_rotate=0.0, augment_scale=0.0, augment_shear=0.0)
+    config.data.update(augment_elastic=0.0, augment_elastic_sigma=4.0)
     config.model = ml_collections.ConfigDict(dict(name="softmax"))
     # The rate at step t is opt.lr * schedule(t), the schedule peaking at 1 (optim.shape):
     # exponential: decay ** epoch, applied per epoch as Keras's LearningRateScheduler.
@@ -211,6 +221,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")
     check(0 <= config.data.augment_shift <= 8, "data.augment_shift", "must be in 0..8 pixels")
+    check(0 <= config.data.augment_rotate <= 180, "data.augment_rotate", "must be in 0..180 degrees")
+    check(0 <= config.data.augment_scale < 1, "data.augment_scale", "must be a fraction in [0, 1)")
+    check(0 <= config.data.augment_shear < 90, "data.augment_shear", "must be in 0..90 degrees (not 90)")
+    check(0 <= config.data.augment_elastic <= 100, "data.augment_elastic", "must be in 0..100 pixels")
+    check(0 < config.data.augment_elastic_sigma <= 20, "data.augment_elastic_sigma", "must be in (0, 20] pixels")
     check(config.data.num_classes >= 0, "data.num_classes", "must be 0 (from the labels) or more")
     check(config.data.digits in DIGITS, "data.digits", "must be auto, yes or no")
     check(config.data.val_split >= 0, "data.val_split", "must be 0 (none) or positive")

@@ -78,6 +78,7 @@ class Group:
         self.dropout_rngs = self.put(dropout)
         self.sharding = parallel.batch_sharding(mesh) if mesh.size > 1 and not self.vmap else None
         self.shift, self.debug_nans = first.data.augment_shift, first.debug_nans
+        self.augment = train_lib.augmentation(first.data)
         self.primary, self.compiled, self.compile_s = parallel.is_primary(), {}, 0.0
         self.state, self.hooks, self.callbacks, self.error, self.show_summary = None, [], [], None, True
 
@@ -127,7 +128,7 @@ class Group:
 
     def train(self, order, start: int, steps: int):
         """`steps` steps from row `start` of `order` (Group.order): the metrics on the device."""
-        static = dict(steps=steps, shift=self.shift, step=self.step_fn)
+        static = dict(steps=steps, shift=self.shift, step=self.step_fn, augment=self.augment)
         fn = train_lib.train_seeds if self.vmap else train_lib.train_steps
         if not self.vmap:
             static["sharding"] = self.sharding

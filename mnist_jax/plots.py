@@ -3,7 +3,7 @@
 From the run's files alone (a finished or interrupted run), into WORKDIR/plots/: curves.png (loss,
 accuracy; train, validation, test), learning_rate.png, font_digits.png (digit data only: rendered
 digits, a wrong guess in red as "7 (2)"), test_digits.png (test_images.png for other data;
-misrecognised first) and confusion.png. A sweep's (draw_sweep): Optuna's own figures."""
+misrecognised first), confusion.png and, for a run that augments, augmented.png. A sweep's (draw_sweep): Optuna's own figures."""
 
 import json
 import warnings
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from mnist_jax import data, evaluate, flags, metrics, optim, predict, recipe  # noqa: E402
+from mnist_jax import data, evaluate, flags, metrics, optim, predict, recipe, train  # noqa: E402
 from mnist_jax.config import ConfigError  # noqa: E402
 
 FONTS = ["DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono", "STIXGeneral", "cmr10", "cmss10", "cmtt10"]
@@ -203,6 +203,19 @@ def draw_sweep(study, out: Path) -> list[Path]:
     return paths
 
 
+def augmented(config, images, labels, out, n: int = 10) -> None:
+    """Training images (top row) and an augmentation of each as the step draws them (below):
+    the shift, then the warp (train.random_shift, train.random_warp), from a fixed key."""
+    x = data.normalize(images[:n])
+    y, rng = x, jax.random.PRNGKey(0)
+    if config.data.augment_shift:
+        y = train.random_shift(y, jax.random.fold_in(rng, 1), config.data.augment_shift)
+    if train.augmentation(config.data):
+        y = train.random_warp(y, jax.random.fold_in(rng, 2), train.augmentation(config.data))
+    both, labels = np.concatenate([x, y]) * 256, np.concatenate([labels[:n]] * 2)
+    _digit_grid(both, labels, labels, "Training images (top) and their augmentation in the step (below)", out, cols=n)
+
+
 def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     """Draw the figures into WORKDIR/plots/; returns their paths."""
     workdir = Path(workdir).expanduser()
@@ -234,6 +247,11 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     _digit_grid(test_x[shown], test_y[shown], predictions[shown], title, paths[images_name], names=names)
     matrix = confusion_matrix(predictions, test_y, data.spec(restored.config)[1])
     confusion(matrix, f"Confusion matrix, {errors} errors out of {len(test_y):,}", paths["confusion"], names)
+    config = restored.config
+    if config.data.get("augment_shift") or train.augmentation(config.data):
+        ds = data.load(data_dir) if data_dir else data.from_config(config.data)
+        paths["augmented"] = workdir / "plots" / "augmented.png"
+        augmented(config, ds.train_images, ds.train_labels, paths["augmented"], n=10)
     return list(paths.values())
 
 

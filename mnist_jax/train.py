@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -167,11 +168,67 @@ def random_shift(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array
     return jax.vmap(crop)(padded, offsets)
 
 
-def _train_on(state, images, labels, idx, rng, sharding, shift, step=train_step):
-    """step on images[idx], labels[idx], normalised (and shifted) on the device."""
+def warp(images: jax.Array, angles, scales, shears, fields=None) -> jax.Array:
+    """images [n, H, W, C] resampled (bilinear, 0 outside) through each one's affine map about the
+    centre: rotation, scale and shear (radians) [n], then its displacement field [n, 2, H, W] or none."""
+    n, h, w, c = images.shape
+    ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+
+    def one(image, angle, scale, shear, field):  # where each output pixel comes from: the inverse map
+        ux, uy = (xs - cx) / scale, (ys - cy) / scale
+        rx, ry = jnp.cos(angle) * ux + jnp.sin(angle) * uy, jnp.cos(angle) * uy - jnp.sin(angle) * ux
+        x, y = rx - jnp.tan(shear) * ry + cx, ry + cy
+        if field is not None:
+            y, x = y + field[0], x + field[1]
+        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, [y, x], order=1, mode="constant")
+        return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+    return jax.vmap(one)(images, angles, scales, shears, fields)
+
+
+def smooth_field(rng: jax.Array, n: int, shape: tuple, alpha: float, sigma: float) -> jax.Array:
+    """Simard et al.'s elastic distortion: uniform(-1, 1) displacements [n, 2, H, W] smoothed by a
+    Gaussian of `sigma` pixels (radius 2 sigma, zero outside), times `alpha` pixels. The blur is
+    two matmuls with banded matrices: a conv_bn step with it cost 1.28x one without here, against
+    1.48-1.66x through convolve2d (docs/performance.md)."""
+    r = max(1, int(2 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    band = lambda m: np.stack([np.pad(k, (i, m))[r : r + m] for i in range(m)])  # [m, m]: row i centred at i
+    rows, cols = (jnp.asarray(band(m) / k.sum(), jnp.float32) for m in shape)
+    fields = jax.random.uniform(rng, (n, 2, *shape), minval=-1.0, maxval=1.0)
+    return alpha * jnp.einsum("ij,abjk,lk->abil", rows, fields, cols)
+
+
+def random_warp(images: jax.Array, rng: jax.Array, augment: tuple) -> jax.Array:
+    """A random affine map (rotation and shear up to augment's degrees, scale within 1 +- its
+    fraction) and elastic distortion (alpha, sigma pixels; alpha 0: none) per image, keyed by rng.
+    augment: (rotate, scale, shear, elastic alpha, elastic sigma), config.data's (`augmentation`)."""
+    rotate, scale, shear, alpha, sigma = augment
+    n = images.shape[0]
+    ka, ks, kh, ke = jax.random.split(rng, 4)
+    uniform = lambda key, bound: jax.random.uniform(key, (n,), minval=-bound, maxval=bound)
+    angles, shears = uniform(ka, rotate) * (jnp.pi / 180), uniform(kh, shear) * (jnp.pi / 180)
+    fields = smooth_field(ke, n, images.shape[1:3], alpha, sigma) if alpha else None
+    return warp(images, angles, 1.0 + uniform(ks, scale), shears, fields)
+
+
+AUGMENTATION = ("augment_rotate", "augment_scale", "augment_shear", "augment_elastic", "augment_elastic_sigma")
+
+
+def augmentation(data_config) -> tuple:
+    """random_warp's static argument from config.data: () when off (older configs lack the fields)."""
+    values = tuple(float(data_config.get(k, 4.0 if k.endswith("sigma") else 0.0)) for k in AUGMENTATION)
+    return values if any(values[:4]) else ()
+
+
+def _train_on(state, images, labels, idx, rng, sharding, shift, step=train_step, augment=()):
+    """step on images[idx], labels[idx], normalised (and shifted, warped) on the device."""
     x = data.normalize(images[idx])
     if shift:  # augmentation: its own key stream, a function of (rng, step) as dropout's
         x = random_shift(x, jax.random.fold_in(jax.random.fold_in(rng, 1), state.step), shift)
+    if augment:  # a key stream of its own too: the shift's draws are those of before
+        x = random_warp(x, jax.random.fold_in(jax.random.fold_in(rng, 2), state.step), augment)
     return step(state, (_split(x, sharding), _split(labels[idx], sharding)), rng)
 
 
@@ -181,35 +238,40 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     return _train_on(state, images, labels, idx, rng, sharding, shift)
 
 
-def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step):
+def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step, augment=()):
     """`steps` steps on the batches order[start : start + steps]: (state, metrics [steps])."""
     rows = jax.lax.dynamic_slice_in_dim(order, start, steps)
-    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step)  # noqa: E731
+    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step, augment)  # noqa: E731
     if steps == 1:  # no loop: XLA:CPU compiles a convolution in a loop body slower
         state, m = one(state, rows[0])
         return state, jax.tree.map(lambda x: x[None], m)
     return jax.lax.scan(one, state, rows)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift", "step"))
-def train_steps(state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step):
+@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift", "step", "augment"))
+def train_steps(
+    state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step, augment=()
+):
     """`steps` steps (`step`: train_step's like) in a lax.scan over rows start.. of batch indices `order`
     [S, B], with each one's metrics. The CPU uses steps=1: a loop is ~9x slower there (jax-ml/jax#12868)."""
-    return _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step)
+    return _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step, augment)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift", "step"))
-def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step):
+@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift", "step", "augment"))
+def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step, augment=()):
     """train_steps vmapped over N seeds (states, orders [N, S, B], rngs [N]). On the CPU not bitwise a seed
     alone from N = 4 at batch 128 (YNNPACK, docs/performance.md): --seed-mode turn is exact."""
-    one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step)  # noqa: E731
+    one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step, augment)  # noqa: E731
     return jax.vmap(one)(states, orders, rngs)
 
 
 # --debug-nans re-runs a step op by op on its inputs when it finds a NaN: nothing donated there.
 UNDONATED = {
     fn: jax.jit(fn.__wrapped__, static_argnames=names)
-    for fn, names in ((train_steps, ("steps", "sharding", "shift", "step")), (train_seeds, ("steps", "shift", "step")))
+    for fn, names in (
+        (train_steps, ("steps", "sharding", "shift", "step", "augment")),
+        (train_seeds, ("steps", "shift", "step", "augment")),
+    )
 }
 
 

@@ -84,6 +84,7 @@ COMMANDS = {  # every other command: (module, the arguments its --help needs bef
     "experiments.speedrun": [],
     "experiments.report": [],
     "experiments.autograd": [],
+    "experiments.augment_cost": [],
 }
 
 
