@@ -90,3 +90,21 @@ def test_a_warped_run_resumes_bit_exactly_and_seeds_in_turn_are_their_runs_alone
     paths = plots.draw_all(tmp_path / "whole")
     assert (tmp_path / "whole/plots/augmented.png") in paths
     assert (tmp_path / "whole/plots/augmented.png").stat().st_size > 1000
+
+
+def test_vmapped_seeds_warp_as_their_runs_alone(mnist):
+    """Three dense seeds vmapped with the warp on, 4 steps: each its run alone within the bound
+    test_core states for vmapped seeds (here: bitwise on the CPU, a dense stage under YNNPACK's size)."""
+    from tests.conftest import assert_same_or_close
+
+    x, y = jax.device_put((mnist.train_images[:1024], mnist.train_labels[:1024]))
+    config = dense_relu.get_config()
+    orders = jnp.stack([jnp.asarray(np.random.default_rng(i).permutation(1024).reshape(8, 128), jnp.int32) for i in range(3)])  # noqa: E501
+    rngs = jnp.stack([jax.random.PRNGKey(10 + i) for i in range(3)])
+    states = lambda: [train.create_train_state(config, jax.random.PRNGKey(i), 8) for i in range(3)]  # noqa: E731
+    group = loop.Group([config] * 3, ["a", "b", "c"], None, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), {})  # noqa: E501
+    together, m = train.train_seeds(group.put(states()), x, y, orders, np.int32(0), rngs, 4, augment=AUGMENT)
+    for i, state in enumerate(states()):
+        alone, mi = train.train_steps(state, x, y, orders[i], np.int32(0), rngs[i], 4, augment=AUGMENT)
+        assert_same_or_close(group.take(i, together).params, alone.params, atol=0.005 * config.opt.lr)
+        assert_same_or_close(m["loss"][i], mi["loss"], atol=2e-6)
