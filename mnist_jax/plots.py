@@ -205,13 +205,9 @@ def draw_sweep(study, out: Path) -> list[Path]:
 
 def augmented(config, images, labels, out, n: int = 10) -> None:
     """Training images (top row) and an augmentation of each as the step draws them (below):
-    the shift, then the warp (train.random_shift, train.random_warp), from a fixed key."""
+    the shift, then the warp (train.augment_batch), from a fixed key."""
     x = data.normalize(images[:n])
-    y, rng = x, jax.random.PRNGKey(0)
-    if config.data.augment_shift:
-        y = train.random_shift(y, jax.random.fold_in(rng, 1), config.data.augment_shift)
-    if train.augmentation(config.data):
-        y = train.random_warp(y, jax.random.fold_in(rng, 2), train.augmentation(config.data))
+    y = train.augment_batch(x, jax.random.PRNGKey(0), 0, config.data.augment_shift, train.augmentation(config.data))
     both, labels = np.concatenate([x, y]) * 256, np.concatenate([labels[:n]] * 2)
     _digit_grid(both, labels, labels, "Training images (top) and their augmentation in the step (below)", out, cols=n)
 

@@ -222,13 +222,19 @@ def augmentation(data_config) -> tuple:
     return values if any(values[:4]) else ()
 
 
+def augment_batch(x: jax.Array, rng: jax.Array, step, shift: int = 0, augment: tuple = ()) -> jax.Array:
+    """Normalised images as the step at `step` augments them: shifted, then warped, each from a key
+    stream of its own, a function of (rng, step) as dropout's (the shift's draws are those of before)."""
+    if shift:
+        x = random_shift(x, jax.random.fold_in(jax.random.fold_in(rng, 1), step), shift)
+    if augment:
+        x = random_warp(x, jax.random.fold_in(jax.random.fold_in(rng, 2), step), augment)
+    return x
+
+
 def _train_on(state, images, labels, idx, rng, sharding, shift, step=train_step, augment=()):
     """step on images[idx], labels[idx], normalised (and shifted, warped) on the device."""
-    x = data.normalize(images[idx])
-    if shift:  # augmentation: its own key stream, a function of (rng, step) as dropout's
-        x = random_shift(x, jax.random.fold_in(jax.random.fold_in(rng, 1), state.step), shift)
-    if augment:  # a key stream of its own too: the shift's draws are those of before
-        x = random_warp(x, jax.random.fold_in(jax.random.fold_in(rng, 2), state.step), augment)
+    x = augment_batch(data.normalize(images[idx]), rng, state.step, shift, augment)
     return step(state, (_split(x, sharding), _split(labels[idx], sharding)), rng)
 
 
