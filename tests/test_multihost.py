@@ -26,8 +26,12 @@ pytestmark = pytest.mark.after_suite  # processes: run by .ci/run after the suit
 
 # conv_bn (batch norm: statistics of the global batch) made small (its layers 4, 8, 12 and 32
 # wide: the protocol does not need its size), 24 steps an epoch, a row every 4 steps (the chunks
-# at whose ends the processes agree to stop), a checkpoint every 8.
-FLAGS = ["--data-train-limit", "1536", "--data-test-limit", "500", "--epochs", "2",
+# at whose ends the processes agree to stop), a checkpoint every 8. Three epochs: a stop landed
+# 12 steps after its signal here (twice), and the chain takes three stops; with two epochs the
+# last signal could come after the last step (seen in CI: both processes ended the run, exit 0).
+EPOCHS = 3
+STEPS = EPOCHS * 1536 // 64
+FLAGS = ["--data-train-limit", "1536", "--data-test-limit", "500", "--epochs", str(EPOCHS),
          "--model-channels", "4,8,12", "--model-dense", "32",
          "--log-every", "4", "--checkpoint-every", "8",
          "--distributed-heartbeat-timeout", "10", "--distributed-shutdown-timeout", "60"]  # fmt: skip
@@ -120,7 +124,7 @@ def wait_for_checkpoint_after(workdir, step, procs, timeout=BOUND):
 def same_run(a, b):
     """Same final parameters, batch statistics and logs (wall times aside)."""
     ra, rb = mnist_jax.restore(a), mnist_jax.restore(b)
-    assert ra.step == rb.step == 2 * 1536 // 64
+    assert ra.step == rb.step == STEPS
     jax.tree.map(np.testing.assert_array_equal, ra.variables, rb.variables)
     for name in ("metrics.jsonl", "train_steps.jsonl"):
         rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in metrics.read(d / name)] for d in (a, b)]  # fmt: skip
@@ -150,7 +154,7 @@ def test_two_processes_train_as_one_and_end(reference, mnist_dir, tmp_path, caps
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
     rows = [metrics.read(d / "metrics.jsonl") for d in (workdir, tmp_path / "one")]
-    assert len(rows[0]) == len(rows[1]) == 2
+    assert len(rows[0]) == len(rows[1]) == EPOCHS
     for a, b in zip(*rows):
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
@@ -208,6 +212,6 @@ def test_a_lost_process_then_sigterm_to_one_then_to_both_then_resume(reference, 
     results = finish(launch(tmp_path, mnist_dir, "--plots", "false"))
     assert [r[0] for r in results] == [0, 0], results
     # Resumed, or (on a loaded machine the second stop can land on the last step) found done.
-    said = "Resumed" if second < 2 * 1536 // 64 else "nothing left to train"
+    said = "Resumed" if second < STEPS else "nothing left to train"
     assert said in results[0][1], (second, results[0][1][-2000:])
     same_run(reference[0], tmp_path)
