@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import data, loop, parallel, seeds, startup, train
+from mnist_jax.hooks import StopAt
 
 
 def _peak_rss_mib() -> float:
@@ -115,7 +116,7 @@ def time_to_accuracy(config, target: float, max_epochs: int, data_dir=None, stop
     if data_dir:
         config.data.dir = str(data_dir)
     with tempfile.TemporaryDirectory(prefix="mnist_jax_time_") as workdir:
-        (r,) = seeds.train(config, workdir, save=False, target=target if stop else None, dead_units=True)["runs"]
+        (r,) = seeds.train(config, workdir, save=False, hooks=[StopAt(target)] if stop else (), dead_units=True)["runs"]
     elapsed = 0.0
     for h in r["history"]:
         elapsed += h["seconds"]

@@ -65,11 +65,9 @@ def run(get_config: Callable, argv=None, *, hooks=(), step_fn=None, eval_metrics
 
 
 def lost(error: Exception, workdir: str) -> None:
-    """Another process is gone (a collective failed): say so in one line and leave now.
-
-    No exit handler runs: jax.distributed's shutdown and Orbax's would wait for a process that
-    will not come back. What the checkpoints hold is complete (Orbax renames a finished one).
-    """
+    """Another process is gone (a collective failed): one line, and leave now. No exit handler runs: jax.distributed's
+    shutdown and Orbax's would wait for a process that will not come back; the checkpoints are complete (Orbax renames
+    a finished one)."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     print(
         f"error: process {jax.process_index()}: a collective across the "

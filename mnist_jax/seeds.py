@@ -1,10 +1,7 @@
 """Several seeds of one stage in one command (`--seeds N`): each seed's result and their spread.
 
-Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run. `--seed-mode` vmap trains them in
-one vmapped program (its floats may differ from `--seed s` in the last bits, then drift within
-the seed spread), turn one after another (bit for bit `--seed s`), auto picks per backend
-(startup.resolve). The summary of the final test accuracy (and, with --data-val-split, of the
-test accuracy at each seed's best validation epoch) is printed and written to WORKDIR/seeds.json.
+Seeds S..S+N-1 train in WORKDIR/seed_<s>/, each a complete run, vmapped together or in turn (`--seed-mode`: turn is
+bit for bit `--seed s`); their summary goes to WORKDIR/seeds.json (design.md, Several seeds).
 """
 
 import signal
@@ -16,7 +13,6 @@ import ml_collections
 
 from mnist_jax import checkpoint, diagnostics, flags, loop, metrics, recipe, startup
 from mnist_jax.config import validate
-from mnist_jax.hooks import StopAt
 
 
 def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
@@ -27,9 +23,8 @@ def workdirs(config: ml_collections.ConfigDict, workdir) -> list[Path]:
 
 
 def result(run: loop.Run, dead_units: bool = False) -> dict:
-    """A trained run: its history (from metrics.jsonl) and final test accuracy; with a
-    validation split, also its best epoch, chosen on validation accuracy, and the test accuracy
-    there. dead_units: also its ReLUs 0 on every test image (counted in the last evaluation)."""
+    """A trained run's history and final test accuracy; with a validation split, its best epoch (chosen on validation)
+    and the test accuracy there. dead_units: its ReLUs 0 on every test image (in the last evaluation)."""
     test = run.evaluation["test"]
     history = metrics.read(run.workdir / metrics.EPOCHS_FILE)
     final = history[-1]
@@ -52,15 +47,12 @@ def result(run: loop.Run, dead_units: bool = False) -> dict:
 
 
 def in_groups(members: list, together: bool) -> list[list]:
-    """How a command's runs train (seeds here, a sweep's trials and their seeds): together, in
-    one vmapped program (loop.Group), or each alone, one after another."""
+    """How a command's runs (seeds, a sweep's trials) train: in one vmapped program (loop.Group), or each alone."""
     return [members] if together else [[m] for m in members]
 
 
 def summarize(results: list[dict]) -> dict:
-    """Mean, std (0 for one seed), median, min and max of the final test accuracy; with a
-    validation split, also of the final validation accuracy and of the test accuracy at each
-    seed's best validation epoch."""
+    """Mean, std (0 for one seed), median, min and max of each accuracy the results hold."""
     out = {}
     for key in ("test_accuracy", "val_accuracy", "best_test_accuracy"):
         xs = [r[key] for r in results]
@@ -84,31 +76,16 @@ def seed_line(r: dict) -> str:
 
 
 @loop.one_summary()  # the model's table once, not once a seed
-def train(
-    config,
-    workdir,
-    *,
-    runtime=None,
-    save=True,
-    target=None,
-    dead_units=False,
-    report=True,
-    hooks=(),
-    step_fn=None,
-    eval_metrics=None,
-) -> dict:
-    """Train config.seeds seeds from config.seed (see the module's doc): per-seed results and
-    their summary, also written to WORKDIR/seeds.json (several seeds, process 0); report=False:
-    the caller prints its own lines. runtime: the command's (default: resolved here). hooks,
-    step_fn and eval_metrics go to every group's loop.train."""
+def train(config, workdir, *, runtime=None, dead_units=False, report=True, **parts) -> dict:
+    """Train config.seeds seeds from config.seed: per-seed results and their summary, also in WORKDIR/seeds.json
+    (several seeds, process 0); report=False: the caller prints its own lines. runtime: the command's (default:
+    resolved here); parts (hooks, save, step_fn, eval_metrics) go to every group's loop.train."""
     if runtime is None:
         validate(config)
         runtime = startup.resolve(config)
     dirs = workdirs(config, workdir)
     if len(dirs) > 1:  # seeds.json's directory: one command at a time writes it
         recipe.lock_all([Path(workdir)])
-    extra = (*hooks, *([StopAt(target)] if target is not None else []))
-    parts = dict(runtime=runtime, hooks=extra, save=save, step_fn=step_fn, eval_metrics=eval_metrics)
     results, groups = [], in_groups(list(range(len(dirs))), runtime.seed_mode == "vmap")
     try:
         for k, group in enumerate(groups):
@@ -117,7 +94,7 @@ def train(
             if len(groups) > 1 and jax.process_index() == 0:
                 print(f"{where}, in {dirs[group[0]]}", flush=True)
             try:
-                trained = loop.train(config, [dirs[i] for i in group], members=members, **parts)
+                trained = loop.train(config, [dirs[i] for i in group], runtime=runtime, members=members, **parts)
                 if trained.signal is not None and k + 1 < len(groups):  # heard as it ended
                     raise loop.Interrupted(trained.signal, f"interrupted ({signal.Signals(trained.signal).name})")
             except loop.Interrupted as e:
@@ -132,14 +109,13 @@ def train(
     finally:
         if len(dirs) > 1:
             recipe.unlock(Path(workdir))
-    how = runtime.seed_mode
-    summary = {"stage": config.name, "mode": how, "seeds": [r["seed"] for r in results], **summarize(results)}
-    summary["runs"] = results
+    how, seeds = runtime.seed_mode, [r["seed"] for r in results]
+    summary = {"stage": config.name, "mode": how, "seeds": seeds, **summarize(results), "runs": results}
     if len(results) > 1 and jax.process_index() == 0:
-        together = " (the seeds together)" if how == "vmap" else ""
-        for r in results if report else []:
-            print(f"{seed_line(r)}, {r['seconds']:.1f}s{together}")
         if report:
+            together = " (the seeds together)" if how == "vmap" else ""
+            for r in results:
+                print(f"{seed_line(r)}, {r['seconds']:.1f}s{together}")
             print(summary_line(summary))
         flags.write_json(str(Path(workdir) / "seeds.json"), summary)
     return summary

@@ -44,12 +44,10 @@ def _leftover(unraisable) -> bool:
     return closed and unraisable.object is None
 
 
-class _DiskFullLogs(logging.Filter):
+def _not_disk_full(record: logging.LogRecord) -> bool:
     """Orbax logs a failed background save, then raises it; a full disk is said once (cli.run)."""
-
-    def filter(self, record):
-        error = record.exc_info[1] if record.exc_info else None
-        return error is None or flags.disk_full(error) is None
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or flags.disk_full(error) is None
 
 
 def quiet_orbax() -> None:
@@ -64,10 +62,7 @@ def quiet_orbax() -> None:
 
     hook.quiet_orbax = True
     sys.unraisablehook = hook
-    logging.getLogger("absl").addFilter(_DISK_FULL_LOGS)  # the same one: added once
-
-
-_DISK_FULL_LOGS = _DiskFullLogs()
+    logging.getLogger("absl").addFilter(_not_disk_full)  # the same one: added once
 
 
 def start(config: ml_collections.ConfigDict) -> None:
@@ -100,17 +95,10 @@ class Runtime:
 
 
 def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runtime:
-    """The settings left to the backend, decided (seeds: the runs trained together, default
-    config.seeds):
-
-    steps_per_call 0  1 on the CPU (XLA:CPU runs a convolution inside a loop body several times
-                      slower, jax-ml/jax#12868), else 0: the whole epoch in one call;
-    seed_mode auto    vmap on GPU/TPU; on the CPU vmap for the dense stages and turn for the
-                      convolutional ones (XLA:CPU makes a convolution vmapped over per-seed
-                      weights a grouped one, 4-5x slower); turn for one seed or several processes;
-    conv_grad auto    space_to_depth on the CPU (models.ConvNet: the stride-2 convolutions'
-                      input gradient as a stride-1 convolution, 4x faster on XLA:CPU), else xla.
-    """
+    """The settings left to the backend (seeds: the runs trained together, default config.seeds). On the CPU, XLA:CPU
+    runs a convolution in a loop body several times slower (jax-ml/jax#12868: one step a call), makes one vmapped over
+    per-seed weights a grouped one, 4-5x slower (the conv stages' seeds in turn), and computes the stride-2 input
+    gradient 4x faster as a stride-1 convolution (space_to_depth). Measured: performance.md."""
     cpu = jax.default_backend() == "cpu"
     alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
     auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"

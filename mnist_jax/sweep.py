@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
+from optuna.storages._heartbeat import is_heartbeat_enabled  # as Study.optimize asks (an RDB store's cache: yes)
 from optuna.trial import TrialState
 
 from mnist_jax import checkpoint, data, flags, loop, models, parallel, recipe, seeds, startup
@@ -32,7 +33,6 @@ SYNTAX = (
     "PATH a config field (opt.lr) or an element of a tuple field (model.channels[0])"
 )
 _SPEC = re.compile(r"^\s*([a-z_.]+)(?:\[(\d+)\])?\s*=\s*([a-z]+)\((.*)\)\s*$")
-_FINAL = {TrialState.COMPLETE, TrialState.PRUNED}
 _OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default study's, in WORKDIR
 _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)  # stateless: shared
 BEAT = "mnist_jax:heartbeat"  # a trial's last sign of life where the store keeps no heartbeats (journal, gRPC)
@@ -182,33 +182,26 @@ def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
 
 
-def grpc(url: str) -> optuna.storages.GrpcStorageProxy:
-    """A client of experiments.study_server at grpc://HOST:PORT, once it answers (10 s)."""
-    parts = urllib.parse.urlsplit(url)
-    if not parts.hostname or not parts.port:
-        raise ValueError("give grpc://HOST:PORT")
-    store = optuna.storages.GrpcStorageProxy(host=parts.hostname, port=parts.port)
-    try:
-        store.wait_server_ready(timeout=10)
-    except Exception:
-        where = f"{parts.hostname}:{parts.port}"
-        raise OSError(f"no study server answers at {where} (python -m experiments.study_server)") from None
-    return store
-
-
 def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         if not path.parent.is_dir():
             raise OSError(f"no directory {path.parent}")
         store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    elif url.startswith("grpc://"):  # its trials beat through a BEAT attribute (fail_stale)
-        store = grpc(url)
+    elif url.startswith("grpc://"):  # experiments.study_server, once it answers (10 s); BEAT its trials' heartbeats
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname or not parts.port:
+            raise ValueError("give grpc://HOST:PORT")
+        store = optuna.storages.GrpcStorageProxy(host=parts.hostname, port=parts.port)
+        try:
+            store.wait_server_ready(timeout=10)
+        except Exception:
+            where = f"{parts.hostname}:{parts.port}"
+            raise OSError(f"no study server answers at {where} (python -m experiments.study_server)") from None
     else:
         store = rdb(url, heartbeat)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(constant_liar=True), "random": optuna.samplers.RandomSampler}
-    pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
-    sampler, pruner = samplers[sampler](), pruners[pruner]()
+    sampler = optuna.samplers.TPESampler(constant_liar=True) if sampler == "tpe" else optuna.samplers.RandomSampler()
+    pruner = optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner()
     return optuna.create_study(
         storage=store, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
@@ -282,16 +275,11 @@ class Report:
         self.signal = group.signal  # heard after the group's last host sync: it ended anyway
 
 
-def _native(storage) -> bool:
-    """Whether the store keeps heartbeats (an RDB store's cache does too), asked as optimize asks."""
-    return optuna.storages._heartbeat.is_heartbeat_enabled(storage)
-
-
 class Heartbeat:
     """Record the trials' heartbeats every `interval` s in a thread (ask-and-tell leaves it to us): native, or BEAT."""
 
     def __init__(self, study: optuna.Study, ids: list, interval: int):
-        self.stop, storage, native = threading.Event(), study._storage, _native(study._storage)
+        self.stop, storage, native = threading.Event(), study._storage, is_heartbeat_enabled(study._storage)
 
         def beat():
             while True:
@@ -323,23 +311,15 @@ def _frozen(study, number: int):
     return study.get_trials(deepcopy=False)[number]
 
 
-def suggest(trial: optuna.Trial, name: str, dist):
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-
-
 def ask(study: optuna.Study, space: dict, config, workdir: Path) -> Entry:
     """The next trial, in WORKDIR/trial_<n>/; a retry in the directory its first trial recorded."""
-    trial = study.ask()
-    params = {name: suggest(trial, name, dist) for name, dist in space.items()}
-    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(study, trial.number))
+    trial = study.ask(space)  # Optuna suggests each parameter (a retry's: its first trial's)
+    frozen = _frozen(study, trial.number)
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     recorded = _frozen(study, retried).user_attrs.get("workdir") if retried is not None else None
     where = Path(recorded) if recorded else workdir / f"trial_{trial.number if retried is None else retried}"
     trial.set_user_attr("workdir", str(where))
-    return Entry(trial, trial_config(config, params), where)
+    return Entry(trial, trial_config(config, frozen.params), where)
 
 
 def requeue(study: optuna.Study, entries: list) -> None:
@@ -386,7 +366,7 @@ def tell(study, entry: Entry, pruned: dict) -> str:
 
 def fail_stale(study, interval: int) -> None:
     """Fail and queue again each trial silent for 2 x interval: Optuna's check, or BEAT (the clocks must agree)."""
-    if _native(study._storage):
+    if is_heartbeat_enabled(study._storage):
         return optuna.storages.fail_stale_trials(study)
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -394,13 +374,6 @@ def fail_stale(study, interval: int) -> None:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another process failed it first
                 if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                     _RETRY(study, study._storage.get_trial(t._trial_id))
-
-
-def tally(study) -> tuple[int, list]:
-    """Trials done (complete, pruned, or failed, not re-queued) and the numbers of those running."""
-    trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in _FINAL or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)
-    return done, [t.number for t in trials if t.state == TrialState.RUNNING]
 
 
 def _claim(entry: Entry) -> bool:
@@ -432,7 +405,9 @@ def optimize(
     try:
         while True:
             fail_stale(study, heartbeat)  # stale: failed, re-queued by the callback
-            done, running = tally(study)
+            now = study.get_trials(deepcopy=False)  # done: complete, pruned, or failed (not re-queued)
+            done = sum(t.state.is_finished() and (t.state != TrialState.FAIL or "error" in t.user_attrs) for t in now)
+            running = [t.number for t in now if t.state == TrialState.RUNNING]
             free = trials - done - len(running)
             if done >= trials:
                 return
