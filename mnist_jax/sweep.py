@@ -33,7 +33,6 @@ SYNTAX = (
     "PATH a config field (opt.lr) or an element of a tuple field (model.channels[0])"
 )
 _SPEC = re.compile(r"^\s*([a-z_.]+)(?:\[(\d+)\])?\s*=\s*([a-z]+)\((.*)\)\s*$")
-_OWN = re.compile(r"trial_\d+|plots|sweep\.json|study\.db.*")  # the default study's, in WORKDIR
 _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)  # stateless: shared
 BEAT = "mnist_jax:heartbeat"  # a trial's last sign of life where the store keeps no heartbeats (journal, gRPC)
 
@@ -168,7 +167,7 @@ def check_name(name: str) -> None:
     """A study's name becomes WORKDIR/NAME/: one path component, none the default study writes."""
     if not name or not name.isprintable() or "/" in name or name in (".", "..") or len(name.encode()) > 255:
         raise ConfigError(f"--study {name!r}: must be a name for a directory (one path component, printable)")
-    if _OWN.fullmatch(name):
+    if re.fullmatch(r"trial_\d+|plots|sweep\.json|study\.db.*", name):  # the default study's, in WORKDIR
         owner = "the default study's (trial_<n>, plots, sweep.json, study.db)"
         raise ConfigError(f"--study {name}: WORKDIR/{name} is {owner}: choose another name")
 
@@ -329,7 +328,7 @@ def requeue(study: optuna.Study, entries: list) -> None:
         _RETRY(study, _frozen(study, e.trial.number))
 
 
-def train_entries(study, entries: list, trial_seeds: int, runtime, pruned: dict, lost: dict, hooks) -> int | None:
+def train_entries(entries: list, trial_seeds: int, runtime, pruned: dict, lost: dict, hooks) -> int | None:
     """Train the runs (trial x seed), trials vmapped together; returns a signal heard too late to stop them."""
     members = [(i, s) for i in range(len(entries)) for s in range(trial_seeds)]
     for group in seeds.in_groups(members, len(entries) > 1 or runtime.seed_mode == "vmap"):
@@ -433,7 +432,7 @@ def optimize(
             entries = _drop_gone(study, entries, say)
             resumed = [e for e in entries if any(e.workdir.glob("**/checkpoints/*"))]  # each alone: its own checkpoint
             fresh = [e for e in entries if e not in resumed]
-            runs = [[e] for e in resumed] + ([fresh] if len(fresh) > 1 else [[e] for e in fresh])
+            runs = [[e] for e in resumed] + ([fresh] if fresh else [])
             beat = Heartbeat(study, [e.trial._trial_id for e in entries], heartbeat)  # Optuna's id
             try:
                 for k, group in enumerate(runs):
@@ -454,7 +453,7 @@ def optimize(
 def _train_and_tell(study, group, trial_seeds, runtime, hooks, later, say) -> None:
     pruned, lost = {}, {}  # lost: trials failed as stale by another process while this one slept
     try:
-        heard = train_entries(study, group, trial_seeds, runtime, pruned, lost, hooks)
+        heard = train_entries(group, trial_seeds, runtime, pruned, lost, hooks)
     except (loop.Diverged, ConfigError) as e:  # one trial diverged, or a combination of values no run can take
         failed = group if isinstance(e, ConfigError) else [group[(e.member or 0) // trial_seeds]]
         for entry in failed:
@@ -514,20 +513,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
 
-def importances(study) -> dict:
-    """Optuna's parameter importances (PED-ANOVA: no scikit-learn), or {} under 3 complete trials."""
-    if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) < 3:
-        return {}
-    with warnings.catch_warnings(action="ignore"):  # "too few trials": the importances say it, equal
-        return dict(optuna.importance.get_param_importances(study))
-
-
 def summarize(study, space: dict, workdir: Path, plots: bool = True, say=print) -> dict:
     """Print the table and the best trial (on validation), write sweep.json and plots/ in `workdir` (process 0)."""
     rows = table(study)
-    best = max((r for r in rows if r["state"] == "complete"), key=lambda r: r["val_accuracy"], default=None)
+    complete = [r for r in rows if r["state"] == "complete"]
+    best = max(complete, key=lambda r: r["val_accuracy"], default=None)
+    with warnings.catch_warnings(action="ignore"):  # "too few trials": the importances say it, equal
+        weights = dict(optuna.importance.get_param_importances(study)) if len(complete) >= 3 else {}  # PED-ANOVA
     dists = {k: repr(v) for k, v in space.items()}
-    out = {"study": study.study_name, "best": best, "importances": importances(study), "space": dists, "trials": rows}
+    out = {"study": study.study_name, "best": best, "importances": weights, "space": dists, "trials": rows}
     if not parallel.is_primary():
         return out
     say(format_table(rows))
