@@ -1,20 +1,14 @@
-"""Hooks: what a run does besides training, attached to the loop from outside.
+"""Hooks: what a run does besides training, attached to the loop from outside (docs/design.md,
+"The loop and its hooks").
 
 A hook has some of `Hook`'s methods, written for one run (loop.Run); `loop.train` calls them for
 each run of its group, on every process: the built-in hooks (`defaults`) first, then the caller's.
-
-  on_train_start(run)                 after set-up and resume, before the first step
-  after_steps(run, metrics)           at each host sync: the run's step metrics {name: [steps]}
-                                      since the last (every --log-every steps on the CPU)
-  on_epoch_end(run, row, evaluation)  row: the epoch's metrics.jsonl row; evaluation: {"test",
-                                      "val"?: metrics, predictions, units alive}
-  on_train_end(run)                   at the end, or a stop (run.group.error says why)
-
 A hook may set run.stop = "epoch" (done after this epoch; the group stops when every run is).
 What reports over a group's runs together (printed lines, a signal's stop, a sweep's pruning)
 is a group callback: the same methods, called once with the group before the runs' hooks.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -47,17 +41,10 @@ class Interrupted(Exception):
 class Hook:
     """The protocol, doing nothing: subclass it and override what you need."""
 
-    def on_train_start(self, run) -> None:
-        pass
-
-    def after_steps(self, run, metrics: dict) -> None:
-        pass
-
-    def on_epoch_end(self, run, row: dict, evaluation: dict) -> None:
-        pass
-
-    def on_train_end(self, run) -> None:
-        pass
+    def on_train_start(self, run) -> None: ...  # after set-up and resume, before the first step
+    def after_steps(self, run, metrics: dict) -> None: ...  # each host sync: {name: [steps]} since the last
+    def on_epoch_end(self, run, row: dict, evaluation: dict) -> None: ...  # evaluation: {"test", "val"?: ...}
+    def on_train_end(self, run) -> None: ...  # at the end, or a stop (run.group.error says why)
 
 
 def call(hooks, method: str, *args) -> None:
@@ -102,53 +89,45 @@ class Preemption:
             signal.signal(s, handler)
 
 
-def _named(what: str):
-    """A hook method whose OSError names `what` ("{where}": the work directory) when it names
-    no file (a full disk at close, Orbax's metadata save)."""
-
-    def wrap(method):
-        def named(self, run, *args):
-            try:
-                return method(self, run, *args)
-            except OSError as e:
-                if e.filename is None:
-                    e.filename = what.format(where=run.workdir)
-                raise
-
-        return named
-
-    return wrap
+@contextlib.contextmanager
+def _naming(run, what: str):
+    """An OSError that names no file (a full disk at close, Orbax's metadata save) names the run's `what`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = f"{run.workdir} ({what})"
+        raise
 
 
 class Checkpoints(Hook):
     """Save the run (asynchronously) at epoch ends, every --checkpoint-every steps and at a stop."""
 
-    @_named("{where} (its checkpoints)")
     def after_steps(self, run, metrics):
         every = run.config.checkpoint_every
         due = every and run.step % every == 0
         if run.group.done < run.group.steps_per_epoch and (due or isinstance(run.stop, int)):
             self.save(run)  # the epoch's end saves below
 
-    @_named("{where} (its checkpoints)")
     def on_epoch_end(self, run, row, evaluation):
         self.save(run)
 
     def save(self, run):
-        run.mngr.wait_until_finished()  # one save in flight a run
-        if run.primary:
-            checkpoint.mark_committed(run.workdir)
-        saved = {"last_epoch": run.row, "partial": {k: v.tolist() for k, v in run.partial.items()} or None}
-        checkpoint.save(run.mngr, run.state, saved, run.step, json.loads(run.config.to_json()))
+        with _naming(run, "its checkpoints"):
+            run.mngr.wait_until_finished()  # one save in flight a run
+            if run.primary:
+                checkpoint.mark_committed(run.workdir)
+            saved = {"last_epoch": run.row, "partial": {k: v.tolist() for k, v in run.partial.items()} or None}
+            checkpoint.save(run.mngr, run.state, saved, run.step, json.loads(run.config.to_json()))
 
-    @_named("{where} (its checkpoints)")
     def on_train_end(self, run):
         if isinstance(run.group.error, Interrupted) and run.mngr.latest_step() != run.step:
             self.save(run)  # the signal came after this run's hooks had run at the stop step
-        run.mngr.wait_until_finished()
-        if run.primary:
-            checkpoint.mark_committed(run.workdir)
-        run.mngr.close()
+        with _naming(run, "its checkpoints"):
+            run.mngr.wait_until_finished()
+            if run.primary:
+                checkpoint.mark_committed(run.workdir)
+            run.mngr.close()
 
 
 class MetricsFiles(Hook):
@@ -158,26 +137,22 @@ class MetricsFiles(Hook):
     def __init__(self):
         self.writers = {}
 
-    @_named("{where} (its metrics files)")
     def on_train_start(self, run):
-        writer = self.writers[run.index] = metrics.Writer(run.workdir) if run.primary else metrics.NullWriter()
-        writer.truncate(run.row, run.step)  # rows after the checkpoint: again
+        with _naming(run, "its metrics files"):
+            writer = self.writers[run.index] = metrics.Writer(run.workdir) if run.primary else metrics.NullWriter()
+            writer.truncate(run.row, run.step)  # rows after the checkpoint: again
 
-    @_named("{where} (its metrics files)")
     def after_steps(self, run, new):
         every, spe, done = run.config.log_every, run.group.steps_per_epoch, run.group.done
-        first = done - len(new["loss"])
-        for end in [b for b in range(first + 1, done + 1) if b % every == 0 or b == spe]:
+        for end in [b for b in range(done - len(new["loss"]) + 1, done + 1) if b % every == 0 or b == spe]:
             start = (end - 1) // every * every
-            row = {"step": run.step - done + end}
-            row.update(
-                {k: float(v[end - 1] if k in metrics.LAST else v[start:end].mean()) for k, v in run.partial.items()}
-            )
-            self.writers[run.index].step(row)
+            row = {k: float(v[end - 1] if k in metrics.LAST else v[start:end].mean()) for k, v in run.partial.items()}
+            with _naming(run, "its metrics files"):
+                self.writers[run.index].step({"step": run.step - done + end, **row})
 
-    @_named("{where} (its metrics files)")
     def on_epoch_end(self, run, row, evaluation):
-        self.writers[run.index].epoch(row)
+        with _naming(run, "its metrics files"):
+            self.writers[run.index].epoch(row)
 
     def on_train_end(self, run):
         self.writers[run.index].close()
@@ -197,15 +172,9 @@ class ProgressBar:
 
         b, spe = group.runs[0].config.batch_size, group.steps_per_epoch
         if self.bar is None:
-            self.bar = tqdm(
-                total=spe * b,
-                initial=self.at * b,
-                unit="img",
-                unit_scale=True,
-                desc=f"epoch {(group.step - 1) // spe + 1}/{group.runs[0].config.epochs}",
-                leave=False,
-                disable=None if group.primary else True,
-            )
+            desc = f"epoch {(group.step - 1) // spe + 1}/{group.runs[0].config.epochs}"
+            style = dict(unit="img", unit_scale=True, leave=False, disable=None if group.primary else True)
+            self.bar = tqdm(total=spe * b, initial=self.at * b, desc=desc, **style)
         self.bar.update((group.done - self.at) * b)
         self.at = group.done
         shown = dict(loss=("loss", ".4f"), accuracy=("acc", ".2%"), learning_rate=("lr", ".3g"))
@@ -234,9 +203,19 @@ class Printer:
             return
         if group.show_summary:  # once a command, not for a finished run (loop.train)
             print(group.summary)
-        for line in group.describe():
-            print(line)
-        spe, epochs = group.steps_per_epoch, group.runs[0].config.epochs
+        runs, devices, n = group.runs, group.mesh.size, len(group.runs)
+        if group.vmap:
+            per = f", {n // devices} per device on {devices} devices" if devices > 1 else ""
+            which = f"{n} seeds ({runs[0].config.seed}-{runs[-1].config.seed})"
+            if not runs[0].label.startswith("seed "):  # a sweep's trials
+                which = f"{n} members ({', '.join(r.label for r in runs)})"
+            print(f"{which} in one vmapped program{per}")
+        elif devices > 1:
+            per, platform = runs[0].config.batch_size // devices, group.mesh.devices.flat[0].platform
+            print(
+                f"Data-parallel over {devices} {platform} devices in {jax.process_count()} process(es): {per} images per device per step"
+            )
+        spe, epochs = group.steps_per_epoch, runs[0].config.epochs
         if group.step >= epochs * spe:
             print(f"{group.where}: trained to epoch {epochs} already (step {group.step}); nothing left to train")
         elif group.step:
@@ -244,24 +223,35 @@ class Printer:
                 f"Resumed {group.where} at step {group.step} (epoch {group.step // spe + 1}, step {group.step % spe} of it)"
             )
 
+    @staticmethod
+    def spread(rows, key: str, fmt: str, full: bool = False) -> str:
+        """The rows' values: the one, or their median (and range: full)."""
+        values = np.asarray([r[key] for r in rows], np.float64)
+        if len(values) == 1:
+            return format(values[0], fmt)
+        extra = f" ({format(values.min(), fmt)} to {format(values.max(), fmt)})" if full else ""
+        return f"{format(np.median(values), fmt)} median{extra}"
+
     def on_epoch_end(self, group):
         if not group.primary:
             return
-        spread, rows = group.spread, [r.row for r in group.runs]
+        spread, rows = self.spread, [r.row for r in group.runs]
         line = f"epoch {rows[0]['epoch']:3d}/{group.runs[0].config.epochs}"
-        line += f"  loss {spread([r['train_loss'] for r in rows], '.4f')}"
-        line += f"  acc {spread([r['train_accuracy'] for r in rows], '.2%')}"
+        line += f"  loss {spread(rows, 'train_loss', '.4f')}  acc {spread(rows, 'train_accuracy', '.2%')}"
         for split in ("val", "test"):  # the validation split, when there is one
             if split in group.runs[0].evaluation:
-                line += f"  {split}_loss {spread([r[f'{split}_loss'] for r in rows], '.4f')}"
-                line += f"  {split}_acc {spread([r[f'{split}_accuracy'] for r in rows], '.2%', full=True)}"
+                line += f"  {split}_loss {spread(rows, f'{split}_loss', '.4f')}"
+                line += f"  {split}_acc {spread(rows, f'{split}_accuracy', '.2%', full=True)}"
         print(f"{line}  lr {rows[0]['learning_rate']:.3g}  {rows[0]['seconds']:.1f}s", flush=True)
 
     def on_train_end(self, group):
         if group.primary and group.error is None:
-            print(
-                f"Done in {time.perf_counter() - self.start:.1f}s (compiling {group.compile_s:.1f}s); {group.where_all}"
-            )
+            runs, where = group.runs, f"work directories {group.where}/seed_*"
+            if len(runs) == 1:
+                where = f"work directory {group.where}"
+            elif not runs[0].label.startswith("seed "):  # a sweep's trials
+                where = f"work directories {', '.join(str(r.workdir) for r in runs)}"
+            print(f"Done in {time.perf_counter() - self.start:.1f}s (compiling {group.compile_s:.1f}s); {where}")
 
 
 class CollapseWarning(Hook):

@@ -3,8 +3,6 @@
 A run is a function of (config, seed): the data order of an epoch comes from (seed, epoch), the
 dropout key of a step from (seed, step), and a checkpoint holds the unfinished epoch's metrics,
 so a resumed run ends bit for bit as the uninterrupted one (tests/test_resume.py kills runs).
-A `Run` is one member (a seed, a sweep's trial); a `Group` trains N runs in one compiled call,
-vmapped when N > 1, the plain program when N = 1, and gives each run its slice of the metrics.
 """
 
 import contextlib
@@ -51,8 +49,8 @@ class Run:
 
 
 class Group:
-    """Runs trained together in one compiled program, and what they share: the state (stacked
-    over the runs when there are several), the data on the devices, the compiled calls."""
+    """Runs trained together in one compiled call, vmapped when N > 1, the plain program when N = 1, and what
+    they share: the state (stacked over the runs when there are several), the data on the devices, the calls."""
 
     def __init__(
         self, configs, workdirs, runtime, mesh, arrays, labels=None, summary="", step_fn=None, eval_metrics=()
@@ -76,25 +74,15 @@ class Group:
         keys = [tuple(jax.random.split(jax.random.PRNGKey(c.seed), 3)) for c in configs]
         self.init_rngs, self.data_rngs, dropout = zip(*keys)
         self.dropout_rngs = self.put(dropout)
-        self.sharding = parallel.batch_sharding(mesh) if mesh.size > 1 and not self.vmap else None
-        self.shift, self.debug_nans = first.data.augment_shift, first.debug_nans
-        self.augment = train_lib.augmentation(first.data)
-        self.primary, self.compiled, self.compile_s = parallel.is_primary(), {}, 0.0
+        # One run's batch is split over the devices; vmapped runs are spread whole.
+        self.sharded = {} if self.vmap else {"sharding": parallel.batch_sharding(mesh) if mesh.size > 1 else None}
+        self.shift, self.augment = first.data.augment_shift, train_lib.augmentation(first.data)
+        self.primary, self.debug_nans, self.compiled, self.compile_s = parallel.is_primary(), first.debug_nans, {}, 0.0
         self.state, self.hooks, self.callbacks, self.error, self.show_summary = None, [], [], None, True
 
-    @property
-    def step(self) -> int:
-        return int(np.ravel(parallel.to_host(self.state.step))[0])
-
-    @property
-    def signal(self) -> int | None:
-        """The signal a run stops at, if any."""
-        return next((r.stop for r in self.runs if isinstance(r.stop, int)), None)
-
-    @property
-    def done(self) -> int:
-        """Steps done in the unfinished epoch."""
-        return len(next(iter(self.runs[0].partial.values()), ()))
+    step = property(lambda self: int(np.ravel(parallel.to_host(self.state.step))[0]))
+    signal = property(lambda self: next((r.stop for r in self.runs if isinstance(r.stop, int)), None))  # a run's stop
+    done = property(lambda self: len(next(iter(self.runs[0].partial.values()), ())))  # steps of the unfinished epoch
 
     def put(self, trees: list):
         """One tree per run, placed: stacked over the devices, or replicated (one run)."""
@@ -128,20 +116,17 @@ class Group:
 
     def train(self, order, start: int, steps: int):
         """`steps` steps from row `start` of `order` (Group.order): the metrics on the device."""
-        static = dict(steps=steps, shift=self.shift, step=self.step_fn, augment=self.augment)
         fn = train_lib.train_seeds if self.vmap else train_lib.train_steps
-        if not self.vmap:
-            static["sharding"] = self.sharding
+        static = dict(steps=steps, shift=self.shift, step=self.step_fn, augment=self.augment, **self.sharded)
         args = (self.state, *self.arrays["train"], order, np.int32(start), self.dropout_rngs)
         self.state, m = self._call(("train", steps), fn, *args, **static)
         return m
 
     def evaluate(self, split: str) -> list[dict]:
         """`train.eval_dataset` on a split, on the host: a dict per run."""
-        fn, static = train_lib.eval_seeds, dict(metrics=self.eval_metrics)
-        if not self.vmap:
-            fn, static = train_lib.eval_dataset, dict(static, sharding=self.sharding)
+        fn = train_lib.eval_seeds if self.vmap else train_lib.eval_dataset
         images, labels = self.arrays[split]
+        static = dict(metrics=self.eval_metrics, **self.sharded)
         return self.per_run(self._call(("eval", images.shape), fn, self.state, images, labels, **static))
 
     def order(self, epoch: int):
@@ -155,44 +140,11 @@ class Group:
         for run in self.runs:
             call(self.hooks, method, run, *args(run))
 
-    # What a person reads: one run is the run; several are seeds (or trials) and their spread.
+    # What a person reads: one run is the run; several are seeds (or trials).
     def label(self, i: int) -> str:
         return f"{self.runs[i].label}: " if len(self.runs) > 1 else ""
 
-    @property
-    def where(self) -> Path:
-        return self.runs[0].workdir if len(self.runs) == 1 else self.runs[0].workdir.parent
-
-    @property
-    def where_all(self) -> str:
-        if len(self.runs) == 1:
-            return f"work directory {self.where}"
-        if not self.runs[0].label.startswith("seed "):  # a sweep's trials
-            return f"work directories {', '.join(str(r.workdir) for r in self.runs)}"
-        return f"work directories {self.where}/seed_*"
-
-    def spread(self, values, fmt: str, full: bool = False) -> str:
-        """Runs' values: the one, or their median (and range: full)."""
-        values = np.asarray(values, np.float64)
-        if len(values) == 1:
-            return format(values[0], fmt)
-        extra = f" ({format(values.min(), fmt)} to {format(values.max(), fmt)})" if full else ""
-        return f"{format(np.median(values), fmt)} median{extra}"
-
-    def describe(self) -> list[str]:
-        n, devices, labels = len(self.runs), self.mesh.size, [r.label for r in self.runs]
-        if self.vmap:
-            per = f", {n // devices} per device on {devices} devices" if devices > 1 else ""
-            seeds = [r.config.seed for r in self.runs]
-            seeded = labels[0].startswith("seed ")
-            which = f"{n} seeds ({seeds[0]}-{seeds[-1]})" if seeded else f"{n} members ({', '.join(labels)})"
-            return [f"{which} in one vmapped program{per}"]
-        if devices == 1:
-            return []
-        per, platform = self.runs[0].config.batch_size // devices, self.mesh.devices.flat[0].platform
-        return [
-            f"Data-parallel over {devices} {platform} devices in {jax.process_count()} process(es): {per} images per device per step"
-        ]
+    where = property(lambda self: self.runs[0].workdir if len(self.runs) == 1 else self.runs[0].workdir.parent)
 
 
 def member_configs(config, given: list | None, n: int) -> list:
@@ -250,9 +202,8 @@ def setup(config, workdirs: list, runtime, members=None, labels=None, step_fn=No
     dataset = data.identity(ds, config.data.digits)  # resumes on the same data
     for c in configs:
         c.dataset = dataset
-    model = train_lib.model_of(configs[0], runtime.conv_grad)
     step_fn = step_fn or train_lib.step_for(config.loss.name)
-    summary = models.summary(model, dataset["image_shape"])
+    summary = models.summary(train_lib.model_of(configs[0], runtime.conv_grad), dataset["image_shape"])
     metric_fns = sorted((eval_metrics or {}).items())
     group = Group(
         configs, workdirs, runtime, mesh, parallel.put_replicated(arrays, mesh), labels, summary, step_fn, metric_fns
@@ -284,14 +235,11 @@ _printed: list[set] = []
 @contextlib.contextmanager
 def one_summary():
     """Within, loop.train prints each model table once; nested, the outermost's set counts."""
-    outer = bool(_printed)
-    if not outer:
-        _printed.append(set())
+    _printed.append(_printed[-1] if _printed else set())
     try:
         yield
     finally:
-        if not outer:
-            _printed.pop()
+        _printed.pop()
 
 
 def resume(group: Group) -> None:
@@ -312,15 +260,6 @@ def resume(group: Group) -> None:
         for run, (_, saved) in zip(group.runs, found):
             run.row = metrics.upgrade(saved["last_epoch"])
             run.partial = {k: np.asarray(v, np.float32) for k, v in (saved["partial"] or {}).items()}
-
-
-def call_end(config, k: int, done: int, step: int, steps_per_epoch: int) -> int:
-    """The step of the epoch where the call starting at `done` ends: the next multiple of K, a
-    checkpoint or the epoch's end. A function of the step alone, so resuming keeps the calls."""
-    ends = [steps_per_epoch, (done // k + 1) * k]
-    if config.checkpoint_every:
-        ends.append(done + config.checkpoint_every - step % config.checkpoint_every)
-    return min(ends)
 
 
 def fetch(group: Group, chunk: list, epoch: int) -> list[dict]:
@@ -345,20 +284,21 @@ def fetch(group: Group, chunk: list, epoch: int) -> list[dict]:
 
 
 def train_epoch(group: Group, epoch: int) -> None:
-    """The epoch's steps (its rest, after a resume); stops early at a signal."""
-    config, spe = group.runs[0].config, group.steps_per_epoch
-    k = min(group.runtime.steps_per_call or spe, spe)
+    """The epoch's steps (its rest, after a resume); stops early at a signal. A call ends at the next
+    multiple of K, a checkpoint or the epoch's end: a function of the step alone, so resuming keeps the calls."""
+    config, spe, first = group.runs[0].config, group.steps_per_epoch, epoch * group.steps_per_epoch
+    k, every = min(group.runtime.steps_per_call or spe, spe), config.checkpoint_every
     order = group.order(epoch)
     while group.done < spe and group.signal is None:
         done, chunk = group.done, []
         while True:  # calls until host work is due: a log row, a checkpoint, the end, a signal
-            end = call_end(config, k, done, epoch * spe + done, spe)
+            end = min(spe, (done // k + 1) * k, done + every - (first + done) % every if every else spe)
             try:
                 chunk.append(group.train(order, done, end - done))
             except FloatingPointError as e:  # raised under --debug-nans
-                steps, kept = f"{epoch * spe + done + 1}-{epoch * spe + end}", group.runs[0].mngr.latest_step()
+                steps, kept = f"{first + done + 1}-{first + end}", group.runs[0].mngr.latest_step()
                 raise Diverged(f"{e} at epoch {epoch + 1}, steps {steps}; last good checkpoint: step {kept}") from None
-            due = config.checkpoint_every and (epoch * spe + end) % config.checkpoint_every == 0
+            due = every and (first + end) % every == 0
             logged = end // config.log_every > done // config.log_every
             done = end
             if end == spe or due or logged or group.signal is not None:
@@ -403,14 +343,10 @@ def train(
 ) -> Group:
     """Train runs config.seed, config.seed + 1, ... (a work directory each, in one program) for
     config.epochs epochs, evaluating after each; resume if possible. Returns the group.
-
-    runtime: the command's choices (default: validate and startup.resolve here). hooks: each
-    run's, after hooks.defaults (save=False: no checkpoints); callbacks: the group's, after
-    hooks.callbacks. step_fn: the step (train.train_step with config.loss's loss; one's own may
-    return more metrics, logged by name). eval_metrics: {name: fn(logits, labels)} beside loss
-    and accuracy. members: each run's config (a sweep's trials), differing only in
-    MEMBER_FIELDS; labels: how lines name them.
-    """
+    runtime: the command's choices (default: validate and resolve here); hooks, callbacks: after
+    hooks.defaults (save=False: no checkpoints) and hooks.callbacks; step_fn: the step (one's own
+    may return more metrics, logged by name); eval_metrics: {name: fn(logits, labels)}; members:
+    each run's config (a sweep's trials), differing only in MEMBER_FIELDS; labels: how lines name them."""
     if runtime is None:
         validate(config)
         runtime = startup.resolve(config, len(workdirs))
