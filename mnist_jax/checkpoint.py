@@ -32,10 +32,6 @@ class Damaged(Exception):
 BUGS = (TypeError, AttributeError, NameError, AssertionError, ImportError, NotImplementedError)
 
 
-def is_damage(e: Exception) -> bool:
-    return not isinstance(e, BUGS)
-
-
 def steps(workdir: Path) -> list[int]:
     """The committed checkpoints' steps, newest first (Orbax renames a finished one to its step)."""
     found = (p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit() and p.is_dir())
@@ -95,7 +91,7 @@ def mismatch(step_dir: Path, items: dict) -> str | None:
             raise Damaged(f"its {name} metadata: {reason(e)}") from None
         tree = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), tree)
         ours = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)  # a fresh state's step is 0
-        is_leaf = lambda x: _empty(x) or hasattr(x, "shape")  # noqa: E731
+        is_leaf = lambda x: _empty(x) or hasattr(x, "shape")
         diff = ocp.tree.tree_difference(ours, saved, is_leaf=is_leaf, leaves_equal=_same)
         if diff is not None:
             flat = ocp.tree.to_flat_dict(diff, is_leaf=lambda x: type(x).__name__ == "Diff")  # Orbax's, not exported
@@ -149,8 +145,7 @@ def mark_committed(workdir: Path) -> None:
 
 def model_item(state) -> dict:
     """The model a run publishes (evaluate, predict, --init-from): the weights' average with --opt-ema."""
-    ema = getattr(state, "ema", None)
-    source = ema if ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    source = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
     return {"params": source["params"], "batch_stats": source["batch_stats"]}
 
 
@@ -244,8 +239,8 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path}: not found; is {workdir} a training work directory?")
     try:
         tree = json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not a readable config ({e})") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable config ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: not a run's config (a JSON {type(tree).__name__}, not an object)")
     return ml_collections.ConfigDict(tree)
@@ -284,8 +279,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
         model = models.build(**config.model, num_classes=num_classes)
     except ConfigError as e:
         raise ConfigError(f"{workdir / 'config.json'}: this code cannot build its model ({e})") from None
-    x = jax.numpy.zeros((1, *image_shape))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
     target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
     variables, step = _restore_model(workdir, step, target)
     return Restored(model, variables, config, step)
@@ -311,6 +305,6 @@ def init_from(state, source: Path, seed: int):
     except (FileNotFoundError, ConfigError) as e:
         raise ConfigError(f"--init-from: {e}") from None
     state = state.replace(**variables)
-    if getattr(state, "ema", None) is not None:  # the average starts from them too
+    if state.ema is not None:  # the average starts from them too
         state = state.replace(ema={**state.ema, **jax.tree.map(jnp.copy, variables)})
     return state, {"dir": str(source.resolve()), "step": step}

@@ -29,44 +29,33 @@ ARITHMETIC = "arithmetic"  # the same recipe computed in another order: allowed,
 LENGTH = "length"  # epochs: a recipe field when the schedule spans the run, else allowed, recorded
 NEITHER = "neither"  # how the run is watched, or where its files are: allowed, recorded
 FIELD_CLASSES = {
-    **dict.fromkeys(("name", "workdir"), NEITHER),  # neither: the stage's name (its recipe is in the other fields)
+    # Recipe: the seed, the batches, the weights it starts from, the images and how they train (data.test_limit:
+    # those every epoch's metrics measure), the model, optimizer and loss, what they compute in.
     "seed": RECIPE,
-    "seeds": NEITHER,  # each seed's run is its own work directory, with seeds = 1
-    "seed_mode": ARITHMETIC,
     "epochs": LENGTH,
-    **dict.fromkeys(("batch_size", "init_from"), RECIPE),  # recipe: the batches, the weights it starts from
-    **dict.fromkeys(("data.dir", "data.tfds"), NEITHER),  # neither: where the files are; what they hold is dataset.*
-    "data.num_classes": RECIPE,
-    "data.digits": NEITHER,  # how plots and predict show the classes
-    # Recipe: the images and how they train (data.test_limit: those every epoch's metrics measure), model, opt, loss.
-    **dict.fromkeys(("data.val_split", "data.train_limit", "data.test_limit", "data.augment_shift"), RECIPE),
-    **dict.fromkeys(("data.augment_rotate", "data.augment_scale", "data.augment_shear"), RECIPE),
-    **dict.fromkeys(("data.augment_elastic", "data.augment_elastic_sigma"), RECIPE),
+    **dict.fromkeys(("batch_size", "init_from", "data.num_classes", "data.val_split", "data.train_limit"), RECIPE),
+    **dict.fromkeys(("data.test_limit", "data.augment_shift", "data.augment_rotate", "data.augment_scale"), RECIPE),
+    **dict.fromkeys(("data.augment_shear", "data.augment_elastic", "data.augment_elastic_sigma"), RECIPE),
     **dict.fromkeys(("model.name", "model.features", "model.activation", "model.dropout", "model.channels"), RECIPE),
     **dict.fromkeys(("model.kernels", "model.strides", "model.dense", "model.batch_norm", "model.bn_momentum"), RECIPE),
-    **dict.fromkeys(("model.padding", "model.pool", "model.gap"), RECIPE),
-    **dict.fromkeys(("opt.name", "opt.lr", "opt.decay", "opt.schedule", "opt.warmup", "opt.momentum"), RECIPE),
-    **dict.fromkeys(
-        ("opt.nesterov", "opt.weight_decay", "opt.clip_norm", "opt.ema", "loss.name", "loss.label_smoothing"), RECIPE
-    ),
-    "steps_per_call": ARITHMETIC,
-    **dict.fromkeys(("log_every", "plots"), NEITHER),  # neither: how the run is watched
-    "checkpoint_every": ARITHMETIC,
-    # Neither: debug_nans checks each operation's output, and computes the same values.
-    **dict.fromkeys(("restart", "compile_cache", "debug_nans"), NEITHER),
-    **dict.fromkeys(("xla_cpu", "conv_grad"), ARITHMETIC),  # arithmetic: other kernels, the same recipe
-    "dtype": RECIPE,
-    "devices": ARITHMETIC,
-    # Neither: how the processes find each other, and how long they wait for each other.
-    **dict.fromkeys(("distributed.auto", "distributed.coordinator", "distributed.process_id"), NEITHER),
-    **dict.fromkeys(("distributed.heartbeat_timeout", "distributed.shutdown_timeout"), NEITHER),
-    "distributed.init_timeout": NEITHER,
+    **dict.fromkeys(("model.padding", "model.pool", "model.gap", "opt.name", "opt.lr", "opt.decay"), RECIPE),
+    **dict.fromkeys(("opt.schedule", "opt.warmup", "opt.momentum", "opt.nesterov", "opt.weight_decay"), RECIPE),
+    **dict.fromkeys(("opt.clip_norm", "opt.ema", "loss.name", "loss.label_smoothing", "dtype"), RECIPE),
+    # Arithmetic: other kernels, devices, processes or steps per call, the same recipe.
+    **dict.fromkeys(("seed_mode", "steps_per_call", "checkpoint_every", "xla_cpu", "conv_grad", "devices"), ARITHMETIC),
     "distributed.num_processes": ARITHMETIC,
-    # Not flags: what the data are, found when the run starts (data.identity).
-    "dataset.source": NEITHER,
-    **dict.fromkeys(("dataset.sha256", "dataset.num_train", "dataset.num_test"), RECIPE),  # recipe: the data trained on
-    **dict.fromkeys(("dataset.image_shape", "dataset.num_classes"), RECIPE),
-    **dict.fromkeys(("dataset.names", "dataset.digits"), NEITHER),  # neither: how the classes are shown
+    # Neither: the stage's name (its recipe is in the other fields); where the files are (what they hold is
+    # dataset.*); seeds (each seed's run is its own work directory, with seeds = 1); how the run is watched and
+    # the classes shown; debug_nans (it checks each operation's output, and computes the same values); how the
+    # processes find each other, and how long they wait for each other.
+    **dict.fromkeys(("name", "workdir", "seeds", "data.dir", "data.tfds", "data.digits", "log_every"), NEITHER),
+    **dict.fromkeys(("plots", "restart", "compile_cache", "debug_nans", "distributed.auto"), NEITHER),
+    **dict.fromkeys(("distributed.coordinator", "distributed.process_id", "distributed.init_timeout"), NEITHER),
+    **dict.fromkeys(("distributed.heartbeat_timeout", "distributed.shutdown_timeout"), NEITHER),
+    # Not flags: what the data are, found when the run starts (data.identity): the data trained on, and how shown.
+    **dict.fromkeys(("dataset.sha256", "dataset.num_train", "dataset.num_test", "dataset.image_shape"), RECIPE),
+    "dataset.num_classes": RECIPE,
+    **dict.fromkeys(("dataset.source", "dataset.names", "dataset.digits"), NEITHER),
 }
 SPANNING_SCHEDULES = ("onecycle", "cosine")  # the learning rate at a step depends on the run's length (epochs x steps)
 
@@ -189,6 +178,16 @@ def flag_name(path: str) -> str:
     return "--" + path.replace(".", "-").replace("_", "-")
 
 
+def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted path, value) for every leaf field."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaves(value, path + ".")
+        else:
+            yield path, value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the flag for values no run can use; models.build checks the model's fields."""
 
@@ -196,15 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ConfigError(f"{flag_name(path)}: {what}, got {config[path]!r}")  # a dotted path reads nested fields
 
-    def floats(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, ml_collections.ConfigDict):
-                yield from floats(value, f"{prefix}{key}.")
-            elif isinstance(value, float):
-                yield f"{prefix}{key}", value
-
-    for path, value in floats(config):  # inf and nan pass every comparison below but one
-        check(math.isfinite(value), path, "must be a finite number")
+    for path, value in leaves(config):  # inf and nan pass every comparison below but one
+        check(not isinstance(value, float) or math.isfinite(value), path, "must be a finite number")
     check(config.epochs >= 1, "epochs", "must be at least 1")
     check(config.seeds >= 1, "seeds", "must be at least 1")
     check(config.seed_mode in SEED_MODES, "seed_mode", f"must be one of {', '.join(SEED_MODES)}")

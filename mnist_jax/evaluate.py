@@ -24,7 +24,7 @@ def restore(workdir: str | Path, step: int | None = None) -> checkpoint.Restored
     except (FileNotFoundError, ConfigError):
         raise
     except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-        if not checkpoint.is_damage(e):
+        if isinstance(e, checkpoint.BUGS):
             raise
         where = Path(workdir) / "checkpoints" / (str(step) if step is not None else "")
         raise FileNotFoundError(f"{where}: damaged checkpoint ({checkpoint.reason(e)})") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_collections
 
 from mnist_jax import config as config_lib
-from mnist_jax.config import flag_name
+from mnist_jax.config import flag_name, leaves  # leaves: also flags.leaves, as its callers know it
 
 EXIT_USAGE = 2  # bad flags, data or work directory
 EXIT_DIVERGED = 3  # the loss became NaN or infinite
@@ -127,19 +127,8 @@ def _parser_for(default):
     return parse
 
 
-def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
-    """(dotted path, value) for every leaf field."""
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from leaves(value, path + ".")
-        else:
-            yield path, value
-
-
-def field_help(path: str, default, choices: dict | None = None) -> str:
-    """A config field's --help: its line (config.HELP), its choices if a fixed set, its default."""
-    choices = config_lib.choices() if choices is None else choices
+def field_help(path: str, default, choices: dict) -> str:
+    """A config field's --help: its line (config.HELP), its choices (config.choices()) if a fixed set, its default."""
     text = config_lib.HELP.get(path, f"config {path}")  # a field a stage adds without a line
     if path in choices:
         text += f"; one of {', '.join(map(str, choices[path]))}"
@@ -150,21 +139,18 @@ def field_help(path: str, default, choices: dict | None = None) -> str:
 def parse_config(config: ml_collections.ConfigDict, argv=None, prog=None, description=None):
     """Override `config` from command-line flags; returns the config."""
     parser = Parser(prog=prog, description=description)
-    paths, choices = {}, config_lib.choices()
+    choices = config_lib.choices()
     for path, value in leaves(config):
         if path == "name":
             continue
-        flag = flag_name(path)
-        paths[flag[2:].replace("-", "_")] = path
         kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}
         kwargs.update(type=_parser_for(value), default=argparse.SUPPRESS, metavar=type(value).__name__.upper())
-        parser.add_argument(flag, **kwargs, help=field_help(path, value, choices))
-    args = parser.parse_args(argv)
-    for dest, value in vars(args).items():
+        parser.add_argument(flag_name(path), dest=path, **kwargs, help=field_help(path, value, choices))
+    for path, value in vars(parser.parse_args(argv)).items():
         try:
-            config.update_from_flattened_dict({paths[dest]: value})
+            config.update_from_flattened_dict({path: value})
         except (TypeError, ValueError):  # argparse hands `--flag=--` over as []
-            parser.error(f"argument {flag_name(paths[dest])}: invalid value {value!r}")
+            parser.error(f"argument {flag_name(path)}: invalid value {value!r}")
     return config
 
 

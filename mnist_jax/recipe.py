@@ -266,8 +266,8 @@ def lock(workdir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
             raise Busy(
                 f"--workdir {workdir}: another run is training there ({holder(workdir)}); wait for it to end, or use another --workdir"
             ) from None
@@ -275,7 +275,6 @@ def lock(workdir: Path) -> None:
             _UNLOCKABLE.add(key)
             warning = f"warning: --workdir {workdir}: its filesystem takes no locks ({e.strerror}); nothing stops a second command from training there at the same time"
             print(warning, file=sys.stderr)
-        fd = os.open(workdir, os.O_RDONLY)
     _LOCKS[key] = [fd, 1]
 
 
@@ -330,14 +329,8 @@ def check_workdir(workdir, writes: tuple = ("", *RUN_DIRS), restart: bool = Fals
         if path.exists() and path.is_dir() != want_dir:
             what = "a directory where a file" if path.is_dir() else "a file where a directory"
             raise ConfigError(f"{path}: is {what} belongs; move it away (or add --restart to a training command)")
-    config = workdir / "config.json"
-    if config.is_file() and not restart:
-        try:
-            tree = json.loads(config.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{config}: not a readable config ({getattr(e, 'strerror', None) or e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{config}: not a run's config (a JSON {type(tree).__name__}, not an object)")
+    if (workdir / "config.json").is_file() and not restart:
+        checkpoint.read_config(workdir)
     for directory in [workdir / name for name in writes]:
         if directory.is_dir() and (reason := flags.cannot_write(directory)):
             raise ConfigError(f"--workdir {workdir}: cannot write in {directory} ({reason})")

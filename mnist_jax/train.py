@@ -49,17 +49,14 @@ def create_train_state(
     steps_per_epoch = steps_per_epoch or num_train // config.batch_size
     model = model_of(config, conv_grad)
     variables = _init(model, rng, jnp.zeros((1, *shape), jnp.float32))
-    params, stats = variables["params"], variables.get("batch_stats", {})
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     decay = config.opt.get("ema", 0.0)  # a number in the state: members may differ in it
     return TrainState.create(
         apply_fn=model.apply,
-        params=params,
-        batch_stats=stats,
+        **variables,
         tx=optim.optimizer(config.opt, steps_per_epoch, config.epochs),
         loss_args={"label_smoothing": jnp.float32((config.get("loss") or {}).get("label_smoothing", 0.0))},
-        ema=dict(decay=jnp.float32(decay), **jax.tree.map(jnp.copy, {"params": params, "batch_stats": stats}))
-        if decay
-        else None,
+        ema=dict(decay=jnp.float32(decay), **jax.tree.map(jnp.copy, variables)) if decay else None,
     )
 
 
@@ -82,30 +79,21 @@ def update_ema(old: TrainState, new: TrainState) -> TrainState:
 
 def inference_state(model, variables: dict) -> TrainState:
     """A TrainState around a model's variables (mnist_jax.restore's), for `eval_dataset`."""
-    return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.identity()
-    )
+    return TrainState.create(apply_fn=model.apply, **variables, tx=optax.identity())
 
 
 def train_step(
     state: TrainState, batch: tuple[jax.Array, jax.Array], rng: jax.Array, loss_fn=optim.cross_entropy
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on (images float32 [B, H, W, C], labels int [B]).
-
-    jax.value_and_grad of loss_fn(logits, labels, **state.loss_args): a scalar, or (scalar, {name:
-    extra metric}) logged beside. Dropout draws from fold_in(rng, step): a function of key and step.
-    """
+    """One optimizer step on (images float32 [B, H, W, C], labels int [B]): jax.value_and_grad of
+    loss_fn(logits, labels, **state.loss_args), a scalar or (scalar, {name: extra metric}) logged
+    beside. Dropout draws from fold_in(rng, step): a function of key and step."""
     images, labels = batch
-    dropout_rng = jax.random.fold_in(rng, state.step)
+    rngs = {"dropout": jax.random.fold_in(rng, state.step)}
 
     def loss_of(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": dropout_rng},
-            mutable=["batch_stats"],
-        )
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = state.apply_fn(variables, images, train=True, rngs=rngs, mutable=["batch_stats"])
         out = loss_fn(logits, labels, **(state.loss_args or {}))
         loss, extra = out if isinstance(out, tuple) else (out, {})
         return loss, (logits, updates, extra)
@@ -131,8 +119,7 @@ def fired(activations):
 def _eval_batch(state: TrainState, images: jax.Array) -> tuple[jax.Array, dict]:
     """Logits (batch norm in inference mode) and per example which sown hidden units fired."""
     logits, sown = state.apply_fn(eval_variables(state), images, train=False, mutable=["intermediates"])
-    hidden = sown.get("intermediates", {})
-    return logits, {k: jax.vmap(fired)(a) for k, (a,) in hidden.items()}  # [B, units]
+    return logits, {k: jax.vmap(fired)(a) for k, (a,) in sown.get("intermediates", {}).items()}  # [B, units]
 
 
 def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
@@ -188,10 +175,8 @@ def warp(images: jax.Array, angles, scales, shears, fields=None) -> jax.Array:
 
 
 def smooth_field(rng: jax.Array, n: int, shape: tuple, alpha: float, sigma: float) -> jax.Array:
-    """Simard et al.'s elastic distortion: uniform(-1, 1) displacements [n, 2, H, W] smoothed by a
-    Gaussian of `sigma` pixels (radius 2 sigma, zero outside), times `alpha` pixels. The blur is
-    two matmuls with banded matrices: a conv_bn step with it cost 1.28x one without here, against
-    1.48-1.66x through convolve2d (docs/performance.md)."""
+    """Simard et al.'s elastic distortion: uniform(-1, 1) displacements [n, 2, H, W] smoothed by a Gaussian
+    of `sigma` pixels (radius 2 sigma, zero outside), times `alpha`; the blur: banded matmuls (docs/performance.md)."""
     r = max(1, int(2 * sigma + 0.5))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     band = lambda m: np.stack([np.pad(k, (i, m))[r : r + m] for i in range(m)])  # [m, m]: row i centred at i
@@ -213,12 +198,10 @@ def random_warp(images: jax.Array, rng: jax.Array, augment: tuple) -> jax.Array:
     return warp(images, angles, 1.0 + uniform(ks, scale), shears, fields)
 
 
-AUGMENTATION = ("augment_rotate", "augment_scale", "augment_shear", "augment_elastic", "augment_elastic_sigma")
-
-
 def augmentation(data_config) -> tuple:
     """random_warp's static argument from config.data: () when off (older configs lack the fields)."""
-    values = tuple(float(data_config.get(k, 4.0 if k.endswith("sigma") else 0.0)) for k in AUGMENTATION)
+    names = ("augment_rotate", "augment_scale", "augment_shear", "augment_elastic", "augment_elastic_sigma")
+    values = tuple(float(data_config.get(k, 4.0 if k.endswith("sigma") else 0.0)) for k in names)
     return values if any(values[:4]) else ()
 
 
@@ -244,46 +227,43 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     return _train_on(state, images, labels, idx, rng, sharding, shift)
 
 
-def _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step, augment=()):
-    """`steps` steps on the batches order[start : start + steps]: (state, metrics [steps])."""
+_STEPS_STATIC = ("steps", "sharding", "shift", "step", "augment")
+_SEEDS_STATIC = ("steps", "shift", "step", "augment")
+
+
+@partial(jax.jit, donate_argnums=0, static_argnames=_STEPS_STATIC)
+def train_steps(
+    state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step, augment=()
+):
+    """`steps` steps (`step`: train_step's like) in a lax.scan over rows start.. of batch indices `order`
+    [S, B], with each one's metrics. The CPU uses steps=1: a loop is ~9x slower there (jax-ml/jax#12868)."""
     rows = jax.lax.dynamic_slice_in_dim(order, start, steps)
-    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step, augment)  # noqa: E731
+    one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step, augment)
     if steps == 1:  # no loop: XLA:CPU compiles a convolution in a loop body slower
         state, m = one(state, rows[0])
         return state, jax.tree.map(lambda x: x[None], m)
     return jax.lax.scan(one, state, rows)
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "sharding", "shift", "step", "augment"))
-def train_steps(
-    state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step, augment=()
-):
-    """`steps` steps (`step`: train_step's like) in a lax.scan over rows start.. of batch indices `order`
-    [S, B], with each one's metrics. The CPU uses steps=1: a loop is ~9x slower there (jax-ml/jax#12868)."""
-    return _train_rows(state, images, labels, order, start, rng, steps, sharding, shift, step, augment)
-
-
-@partial(jax.jit, donate_argnums=0, static_argnames=("steps", "shift", "step", "augment"))
+@partial(jax.jit, donate_argnums=0, static_argnames=_SEEDS_STATIC)
 def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step, augment=()):
     """train_steps vmapped over N seeds (states, orders [N, S, B], rngs [N]). On the CPU not bitwise a seed
     alone from N = 4 at batch 128 (YNNPACK, docs/performance.md): --seed-mode turn is exact."""
-    one = lambda s, o, r: _train_rows(s, images, labels, o, start, r, steps, None, shift, step, augment)  # noqa: E731
+    one = lambda s, o, r: train_steps.__wrapped__(s, images, labels, o, start, r, steps, None, shift, step, augment)
     return jax.vmap(one)(states, orders, rngs)
 
 
 # --debug-nans re-runs a step op by op on its inputs when it finds a NaN: nothing donated there.
 UNDONATED = {
-    fn: jax.jit(fn.__wrapped__, static_argnames=names)
-    for fn, names in (
-        (train_steps, ("steps", "sharding", "shift", "step", "augment")),
-        (train_seeds, ("steps", "shift", "step", "augment")),
-    )
+    train_steps: jax.jit(train_steps.__wrapped__, static_argnames=_STEPS_STATIC),
+    train_seeds: jax.jit(train_seeds.__wrapped__, static_argnames=_SEEDS_STATIC),
 }
 
 
-def _forward(state, images, batch_size: int = 1000, sharding=None):
-    """Logits [n, classes] of uint8 images [n, ...] in batches (of a multiple of the devices), and
-    the hidden units alive on some image (for diagnostics)."""
+@partial(jax.jit, static_argnames=("batch_size", "sharding", "metrics"))
+def eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None, metrics=EVAL_METRICS) -> dict:
+    """`metrics` over uint8 images [n, ...] and labels, in batches (of a multiple of the devices); the
+    predictions, and the hidden units alive on some image (for diagnostics)."""
     if sharding is not None:
         batch_size = -(-batch_size // sharding.mesh.size) * sharding.mesh.size
     n = images.shape[0]
@@ -291,20 +271,12 @@ def _forward(state, images, batch_size: int = 1000, sharding=None):
     batches = data.normalize(jnp.pad(images, pad)).reshape(-1, batch_size, *images.shape[1:])
     logits, per_unit = jax.lax.map(lambda x: _eval_batch(state, _split(x, sharding)), batches)
     alive = {k: v.reshape(-1, v.shape[-1])[:n].any(0) for k, v in per_unit.items()}
-    return logits.reshape(-1, logits.shape[-1])[:n], alive
-
-
-def _eval_dataset(state, images, labels, batch_size: int = 1000, sharding=None, metrics=EVAL_METRICS) -> dict:
-    """`metrics` over uint8 images [n, ...] and labels, the predictions and the hidden units alive."""
-    logits, alive = _forward(state, images, batch_size, sharding)
+    logits = logits.reshape(-1, logits.shape[-1])[:n]
     scores = {name: fn(logits, labels) for name, fn in metrics}
     return {**scores, "predictions": jnp.argmax(logits, -1), "alive": alive}
-
-
-eval_dataset = jax.jit(_eval_dataset, static_argnames=("batch_size", "sharding", "metrics"))
 
 
 @partial(jax.jit, static_argnames=("batch_size", "metrics"))
 def eval_seeds(states, images, labels, batch_size: int = 1000, metrics=EVAL_METRICS):
     """eval_dataset of N stacked seeds by lax.map, bitwise each run's (vmapped: 824/1000 gave 0.82400006)."""
-    return jax.lax.map(lambda s: _eval_dataset(s, images, labels, batch_size, None, metrics), states)
+    return jax.lax.map(lambda s: eval_dataset.__wrapped__(s, images, labels, batch_size, None, metrics), states)
