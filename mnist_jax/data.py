@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IDX_UBYTE = 0x08  # the one IDX type code read: unsigned bytes
 IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -76,7 +75,7 @@ def read_idx(path: str | os.PathLike, dims: tuple[int, ...]) -> np.ndarray:
     if len(raw) < 4 or raw[0] or raw[1]:
         raise DataError(f"{path}: not an IDX file (bad magic number {int.from_bytes(raw[:4], 'big')})")
     code, ndim = raw[2], raw[3]
-    if code != IDX_UBYTE:
+    if code != 0x08:  # unsigned bytes, the one type read
         what = IDX_TYPES.get(code, "unknown")
         raise DataError(f"{path}: IDX type code 0x{code:02X} ({what}) is not handled; only 0x08, unsigned bytes")
     if ndim not in dims:

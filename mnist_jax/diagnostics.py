@@ -55,11 +55,8 @@ def dead_counts(alive: dict) -> dict[str, tuple[int, int]]:
 
 
 def dead_units(state, images, batch_size: int = 1000) -> dict[str, tuple[int, int]]:
-    """{hidden layer: (dead units, units)}: units (relu channels) that are 0 on every image
-    (for a sigmoid layer: units saturated at exactly 0, see `dead_what`).
-
-    The count `train.eval_dataset` makes in its pass over the test set, which the training
-    loop and `evaluate` read without this second pass."""
+    """{hidden layer: (dead units, units)} of `images` (see `dead_what`): the count that
+    `train.eval_dataset` makes in its pass, which the loop and `evaluate` read without this one."""
     labels = jnp.zeros(len(images), jnp.int32)  # unused: only the activations count here
     alive = train.eval_dataset(state, images, labels, batch_size)["alive"]
     return dead_counts(parallel.to_host(alive))  # to_host: arrays may span other processes

@@ -58,19 +58,17 @@ def test_data(restored: checkpoint.Restored, data_dir: str | None = None):
     return ds.test_images[:limit], ds.test_labels[:limit]
 
 
-def evaluate_restored(restored: checkpoint.Restored, data_dir: str | None = None, test=None):
-    """(test images, labels, `train.eval_dataset` output) of a restored run on its test images
-    (`test`, else `test_data`)."""
-    test_x, test_y = test or test_data(restored, data_dir)
+def evaluate_restored(restored: checkpoint.Restored, test: tuple) -> dict:
+    """`train.eval_dataset` of a restored run on `test`: (images, labels)."""
     state = train.inference_state(restored.model, restored.variables)
-    out = train.eval_dataset(state, *jax.device_put((test_x, test_y)))
-    return test_x, test_y, out
+    return train.eval_dataset(state, *jax.device_put(test))
 
 
 def evaluate_checkpoint(workdir: str | Path, data_dir: str | None = None, step: int | None = None):
     """Metrics of checkpoint `step` (default latest) on the run's test images."""
     restored = restore(workdir, step)
-    test_x, test_y, out = evaluate_restored(restored, data_dir)
+    test_x, test_y = test_data(restored, data_dir)
+    out = evaluate_restored(restored, (test_x, test_y))
     return {
         "step": restored.step,
         "accuracy": float(out["accuracy"]),

@@ -62,15 +62,13 @@ def write(path: str | Path, rows: list[dict]) -> None:
 def summary_writer():
     """tensorboardX's SummaryWriter without importing torch (2.7 s of a command's start-up,
     for tensors we never pass): a None in sys.modules makes `import torch` fail, as handled."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None
+    hide = "torch" not in sys.modules
+    sys.modules.setdefault("torch", None)
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 

@@ -68,7 +68,6 @@ def conv_s2d_grad(lhs, rhs, window_strides, padding, **keywords):
 Dense = partial(nn.Dense, kernel_init=nn.initializers.glorot_uniform())
 Conv = partial(nn.Conv, kernel_init=nn.initializers.glorot_uniform(), padding="SAME")
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
-SHAPE_FLAGS = "--model-kernels, --model-strides, --model-padding, --model-pool"
 
 
 def _no_pixels(x, before, what: str) -> None:
@@ -76,7 +75,7 @@ def _no_pixels(x, before, what: str) -> None:
     if 0 in x.shape[1:]:
         shape = lambda s: "x".join(map(str, s[1:3]))  # noqa: E731
         raise ConfigError(
-            f"{SHAPE_FLAGS}: {what} turns the {shape(before)} pixels into {shape(x.shape)}, leaving none; use SAME padding or smaller kernels, strides or pools"
+            f"--model-kernels, --model-strides, --model-padding, --model-pool: {what} turns the {shape(before)} pixels into {shape(x.shape)}, leaving none; use SAME padding or smaller kernels, strides or pools"
         )
 
 

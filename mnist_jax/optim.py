@@ -32,11 +32,6 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EP
     return optax.GradientTransformation(init, update)
 
 
-def keras_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = ADAM_EPS):
-    """keras.optimizers.Adam: scale_by_keras_adam, then the learning rate (a schedule allowed)."""
-    return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
-
-
 def shape(schedule: str, decay: float, warmup: float, steps_per_epoch: int, epochs: int):
     """The schedule with peak 1 (rate opt.lr * shape(t)): exponential (decay ** epoch, Keras's), onecycle
     (up over 20%, cosine down to 1/1000), cosine (linear warm-up over `warmup`, down to 0), constant."""
@@ -81,8 +76,9 @@ class Optimizer:
     key: tuple  # the names and shapes: what the program is
     numbers: dict = dataclasses.field(compare=False)  # what init puts in the state
 
-    def init(self, params):
-        return with_hyperparams(_transform(*self.key).init(params), **self.numbers)
+    def init(self, params):  # the numbers as data in the state, not constants of the program
+        state = _transform(*self.key).init(params)
+        return optax.tree.set(state, **{k: jnp.float32(v) for k, v in self.numbers.items()})
 
     def update(self, updates, state, params=None, **extra_args):
         return _transform(*self.key).update(updates, state, params, **extra_args)
@@ -91,20 +87,9 @@ class Optimizer:
 def optimizer(opt, steps_per_epoch: int, epochs: int = 1) -> Optimizer:
     """The transformation of config `opt` (see the module's doc)."""
     get = opt.get  # .get: config.json of runs from before these fields
-    key = (
-        opt.name,
-        get("momentum", 0.0),
-        get("nesterov", False),
-        get("clip_norm", 0.0),
-        get("schedule", "exponential"),
-    )
-    key = (*key, opt.decay, get("warmup", 0.0), steps_per_epoch, epochs)
+    static = (opt.name, get("momentum", 0.0), get("nesterov", False), get("clip_norm", 0.0))
+    key = (*static, get("schedule", "exponential"), opt.decay, get("warmup", 0.0), steps_per_epoch, epochs)
     return Optimizer(key, {"lr": opt.lr, "weight_decay": get("weight_decay", 0.0)})
-
-
-def with_hyperparams(opt_state, lr: float, weight_decay: float = 0.0):
-    """`opt_state` with these numbers: data in the state, not constants of the program."""
-    return optax.tree.set(opt_state, lr=jnp.float32(lr), weight_decay=jnp.float32(weight_decay))
 
 
 def learning_rate(opt_state) -> jax.Array:

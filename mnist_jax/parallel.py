@@ -33,10 +33,9 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
         heartbeat_timeout_seconds=dist.get("heartbeat_timeout", 100),
         shutdown_timeout_seconds=dist.get("shutdown_timeout", 300),
     )
-    if dist.coordinator:
-        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id, **timeouts)
-    else:  # the cluster (SLURM, Open MPI, Kubernetes) says who is who
-        jax.distributed.initialize(**timeouts)
+    # Without a coordinator, the cluster (SLURM, Open MPI, Kubernetes) says who is who.
+    who = (dist.coordinator, dist.num_processes, dist.process_id) if dist.coordinator else ()
+    jax.distributed.initialize(*who, **timeouts)
 
 
 def make_mesh(devices: int = 0) -> Mesh:
@@ -57,10 +56,6 @@ def make_mesh(devices: int = 0) -> Mesh:
     return Mesh(np.array(available), (AXIS,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the devices."""
     return NamedSharding(mesh, P(AXIS))
@@ -72,7 +67,7 @@ seed_sharding = batch_sharding  # vmapped runs: the leading (run) axis split ove
 def put_replicated(tree, mesh: Mesh):
     """Host arrays -> global arrays with a full copy on every device of the mesh (arrays already
     so are kept). Works with several processes: each supplies the copies of its own devices."""
-    sharding = replicated(mesh)
+    sharding = NamedSharding(mesh, P())
 
     def put(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:

@@ -33,6 +33,13 @@ def _name(workdir: Path) -> str:
         return workdir.name
 
 
+def _save(fig, out: Path, tight_layout: bool = True) -> None:
+    if tight_layout:
+        fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def _epochs_axis(rows_steps, rows_epochs, steps_per_epoch=None):
     if steps_per_epoch is None:
         steps_per_epoch = rows_epochs[0]["step"] / rows_epochs[0]["epoch"] if rows_epochs else 1
@@ -59,9 +66,7 @@ def curves(workdir: Path, out: Path, steps_per_epoch: int | None = None) -> None
     axes[2].set_ylim(low, min(1.0, best + 0.005))
     axes[0].legend()
     fig.suptitle(f"{_name(workdir)}: training curves")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def schedule(config, steps_per_epoch: int, out: Path) -> None:
@@ -75,16 +80,7 @@ def schedule(config, steps_per_epoch: int, out: Path) -> None:
     title = f"{config.name}: the learning-rate schedule ({opt.name}, {opt.schedule})"
     ax.set(yscale="log", xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-def learning_rate(workdir: Path, out: Path) -> None:
-    epochs, steps = metrics.read(workdir / metrics.EPOCHS_FILE), metrics.read(workdir / metrics.STEPS_FILE)
-    fig = learning_rate_figure(steps, epochs, _name(workdir))
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def learning_rate_figure(steps: list[dict], epochs: list[dict], name: str):
@@ -97,7 +93,6 @@ def learning_rate_figure(steps: list[dict], epochs: list[dict], name: str):
     ax.set(yscale="log", xlabel="epoch", ylabel="learning rate", title=f"{name}: learning-rate schedule")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
     return fig
 
 
@@ -107,12 +102,6 @@ def render_digit(digit: int, font: str) -> np.ndarray:
     image = Image.new("L", (160, 160), 255)
     ImageDraw.Draw(image).text((80, 80), str(digit), fill=0, anchor="mm", font=ImageFont.truetype(path, 110))
     return predict.to_mnist(image)
-
-
-def font_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images [F*10, 28, 28, 1], true labels and font names of the rendered digits."""
-    images = np.stack([render_digit(d, f) for f in FONTS for d in range(10)])
-    return images, np.tile(np.arange(10), len(FONTS)), FONTS
 
 
 def digit_titles(labels, predicted, names=()) -> list[tuple[str, str]]:
@@ -146,8 +135,7 @@ def _digit_grid(images, labels, predicted, title, out, cols=10, names=()) -> Non
         size = 12 if not names else 8
         ax.text(col * cell_w + cell_w / 2, r * cell_h + h + 3, text, color=color, fontsize=size, ha="center", va="top")
     fig.suptitle(title)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out, tight_layout=False)
 
 
 def test_digit_order(predictions: np.ndarray, labels: np.ndarray, n: int = 100) -> np.ndarray:
@@ -172,9 +160,7 @@ def confusion(matrix: np.ndarray, title: str, out: Path, names=()) -> None:
     ax.set_xticks(range(n), labels, rotation=90 if names else 0)
     ax.set_yticks(range(n), labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def draw_sweep(study, out: Path) -> list[Path]:
@@ -216,38 +202,36 @@ def draw_all(workdir: str | Path, data_dir: str | None = None) -> list[Path]:
     """Draw the figures into WORKDIR/plots/; returns their paths."""
     workdir = Path(workdir).expanduser()
     restored = evaluate.restore(workdir)  # first: a run it cannot restore is left untouched
-    info = restored.config.get("dataset") or {}
+    config, info = restored.config, restored.config.get("dataset") or {}
     digits, names = info.get("digits", True), tuple(info.get("names") or ())
-    test = evaluate.test_data(restored, data_dir)  # data that do not fit: refused, nothing drawn
-    out = workdir / "plots"
-    out.mkdir(exist_ok=True)
+    test_x, test_y = evaluate.test_data(restored, data_dir)  # data that do not fit: refused, nothing drawn
+    (workdir / "plots").mkdir(exist_ok=True)
     images_name = "test_digits" if digits else "test_images"
-    names_drawn = ["curves", "learning_rate", *(["font_digits"] if digits else []), images_name, "confusion"]
-    paths = {name: out / f"{name}.png" for name in names_drawn}
+    drawn = ["curves", "learning_rate", *(["font_digits"] if digits else []), images_name, "confusion"]
+    paths = {name: workdir / "plots" / f"{name}.png" for name in drawn}
     curves(workdir, paths["curves"])
-    learning_rate(workdir, paths["learning_rate"])
-    if digits:
-        images, labels, _ = font_digits()
-        shape = data.spec(restored.config)[0]  # digits of another size (--data-digits yes)
-        images = np.stack([predict.fit(image, shape) for image in images])
+    rows = metrics.read(workdir / metrics.STEPS_FILE), metrics.read(workdir / metrics.EPOCHS_FILE)
+    _save(learning_rate_figure(*rows, _name(workdir)), paths["learning_rate"])
+    shape, num_classes, _ = data.spec(config)
+    if digits:  # rendered from fonts, made the data's shape (digits of another size: --data-digits yes)
+        images = np.stack([predict.fit(render_digit(d, font), shape) for font in FONTS for d in range(10)])
+        labels = np.tile(np.arange(10), len(FONTS))
         predicted = predict.probabilities(restored, images).argmax(-1)
         wrong = int((predicted != labels).sum())
         title = f"Digits rendered from fonts: {wrong} of {len(labels)} misrecognised, in red: guess (true digit)"
         _digit_grid(images, labels, predicted, title, paths["font_digits"])
 
-    test_x, test_y, out = evaluate.evaluate_restored(restored, data_dir, test)
-    predictions = np.asarray(out["predictions"])
+    predictions = np.asarray(evaluate.evaluate_restored(restored, (test_x, test_y))["predictions"])
     errors = int((predictions != test_y).sum())
     shown = test_digit_order(predictions, test_y)
     title = f"Test {'digits' if digits else 'images'}: {errors} errors out of {len(test_y):,}; misrecognised first, in red: guess (truth)"
     _digit_grid(test_x[shown], test_y[shown], predictions[shown], title, paths[images_name], names=names)
-    matrix = confusion_matrix(predictions, test_y, data.spec(restored.config)[1])
+    matrix = confusion_matrix(predictions, test_y, num_classes)
     confusion(matrix, f"Confusion matrix, {errors} errors out of {len(test_y):,}", paths["confusion"], names)
-    config = restored.config
     if config.data.get("augment_shift") or train.augmentation(config.data):
         ds = data.load(data_dir) if data_dir else data.from_config(config.data)
         paths["augmented"] = workdir / "plots" / "augmented.png"
-        augmented(config, ds.train_images, ds.train_labels, paths["augmented"], n=10)
+        augmented(config, ds.train_images, ds.train_labels, paths["augmented"])
     return list(paths.values())
 
 

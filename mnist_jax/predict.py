@@ -68,24 +68,17 @@ def fit(digit: np.ndarray, image_shape) -> np.ndarray:
     return np.asarray(image.convert(mode_for(image_shape)), np.uint8).reshape(image_shape)
 
 
-def like_data(image: Image.Image, image_shape=(28, 28, 1), digits: bool = True) -> np.ndarray:
-    """uint8 [H, W, C] like the run's images: to_mnist for digits (then fit to the data's
-    shape), else resized to H x W in the data's mode (L, LA, RGB or RGBA)."""
-    image_shape = tuple(image_shape)
-    if digits:
-        return fit(to_mnist(image), image_shape)
-    h, w, c = image_shape
-    resized = image.convert(mode_for(image_shape)).resize((w, h), Image.BILINEAR)
-    return np.asarray(resized, np.uint8).reshape(h, w, c)
-
-
 def load_image(path: str | Path, image_shape=(28, 28, 1), digits: bool = True) -> np.ndarray:
-    """like_data of an image file; ValueError with a one-line reason if it is not one."""
-    path = Path(path)
+    """uint8 [H, W, C] like the run's images: to_mnist for digits (then `fit`), else resized to
+    H x W in the data's mode; ValueError with a one-line reason if the file is not an image."""
+    path, (h, w, c) = Path(path), image_shape
     try:
         with Image.open(path) as image:
             image.load()
-            return like_data(image, image_shape, digits)
+            if digits:
+                return fit(to_mnist(image), image_shape)
+            resized = image.convert(mode_for(image_shape)).resize((w, h), Image.BILINEAR)
+            return np.asarray(resized, np.uint8).reshape(h, w, c)
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
     except IsADirectoryError:
