@@ -25,6 +25,7 @@ STAGES = [
     "conv",
     "conv_dropout",
     "conv_bn",
+    "conv_best",  # beyond the codelab (issue #45)
 ]
 
 
