@@ -127,9 +127,9 @@ def test_conv_bests_own_sweep_space_parses_and_each_end_is_its_field():
     config = conv_best.get_config()
     space = sweep_lib.parse_space(conv_best.get_sweep(), config)
     assert space == {
-        "model.channels[0]": IntDistribution(12, 32),
-        "model.channels[1]": IntDistribution(24, 64),
-        "model.channels[2]": IntDistribution(32, 96),
+        "model.channels[0]": IntDistribution(12, 24),
+        "model.channels[1]": IntDistribution(24, 48),
+        "model.channels[2]": IntDistribution(32, 64),
         "model.dense": CategoricalDistribution([200, 400]),
         "model.dropout": FloatDistribution(0.1, 0.5),
         "data.augment_rotate": FloatDistribution(0.0, 15.0),
@@ -139,8 +139,8 @@ def test_conv_bests_own_sweep_space_parses_and_each_end_is_its_field():
     }
     leaves = dict(flags.leaves(config))
     assert all(name.split("[")[0] in leaves for name in space)
-    high = sweep_lib.trial_config(config, {"model.channels[2]": 96, "model.dense": 400, "opt.ema": 0.99})
-    assert tuple(high.model.channels) == (12, 24, 96) and high.model.dense == 400 and high.opt.ema == 0.99
+    high = sweep_lib.trial_config(config, {"model.channels[2]": 64, "model.dense": 400, "opt.ema": 0.99})
+    assert tuple(high.model.channels) == (12, 24, 64) and high.model.dense == 400 and high.opt.ema == 0.99
     assert type(high.model.dense) is int and type(high.opt.ema) is float
     assert not sweep_lib.batchable(space)  # widths change the program: one trial at a time
 
