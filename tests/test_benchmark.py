@@ -175,3 +175,49 @@ def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
             "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / "cli")])  # fmt: skip
     assert_runs_alike(tmp_path / "cli", tmp_path / "w" / "seed_1")
     assert metrics.read(tmp_path / "w" / "seed_1" / "metrics.jsonl")[-1]["test_accuracy"] == accs[1]
+
+
+def test_dtype_reaches_our_worker_only(monkeypatch, capsys):
+    """--dtype bfloat16 is what our worker's conv_bn computes in; the references keep theirs."""
+    seen = {}
+    monkeypatch.setattr(timing, "measure_ours", lambda config, *a: seen.setdefault("ours", config.dtype) and {})
+    monkeypatch.setattr(benchmark.references, "measure_torch", lambda *a: seen.setdefault("torch", a) and {})
+    for name in ("mnist_jax", "pytorch"):
+        benchmark.main(["--worker", name, "--batch", "64", "--dtype", "bfloat16"])
+    assert seen["ours"] == "bfloat16" and seen["torch"][0] == 64
+    args = benchmark.parse_args(["--dtype", "bfloat16"])
+    cmd = []
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda c, **k: cmd.extend(c) or _Done())
+    benchmark.run_worker(args, "mnist_jax", 64)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+
+
+class _Done:
+    returncode, stdout, stderr = 0, "{}", ""
+
+
+def test_profile_ops_times_the_same_convolutions_in_both_frameworks(tmp_path, capsys):
+    """experiments.profile_ops: PyTorch's NCHW convolutions with its symmetric padding compute what
+    ours (NHWC, SAME, the CPU's stride-2 path) do on conv_bn's shapes, so its table compares like
+    with like; then one round of each, every operation timed in both columns."""
+    import torch
+    import torch.nn.functional as F
+
+    from experiments import profile_ops
+    from mnist_jax import models
+
+    rng = np.random.default_rng(0)
+    for hw, c, k, o, s in profile_ops.CONVS:
+        x, w = rng.standard_normal((2, hw, hw, c), np.float32), rng.standard_normal((k, k, c, o), np.float32)
+        ours = models.conv_s2d_grad(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)
+        theirs = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 2, 0, 1),
+                          stride=s, padding=(k - s) // 2).permute(0, 2, 3, 1).numpy()  # fmt: skip
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+    out = tmp_path / "p.json"
+    profile_ops.main(["--rounds", "1", "--calls", "1", "--json", str(out)])
+    table = capsys.readouterr().out.split("| operation | jax default | pytorch |")[1].strip().splitlines()[1:-1]
+    runs = json.loads(out.read_text())["runs"]
+    ops = list(runs["jax default"][0]["ops"])
+    assert ops == list(runs["pytorch"][0]["ops"]) and len(ops) == 3 * 2 + 2 + 2 * 2 + 4  # no input grad for the images
+    assert [row.split(" | ")[0].strip("| ") for row in table] == ops + ["sum", "matmul peak, GFLOP/s (2048^3, the best round)"]  # fmt: skip
+    assert all(float(cell) > 0 for row in table for cell in row.strip("| ").split(" | ")[1:]), table
