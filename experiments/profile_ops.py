@@ -12,7 +12,8 @@ loop). Each framework and XLA_FLAGS setting (experiments.xla_cpu.SETTINGS) runs 
 process, alternating --rounds times; each operation's figure is the median of --calls timed
 calls, and the table gives the fastest round's. The sum leaves out relus, dropout, the loss and
 Adam, so compare it with the benchmark's ms per step to see what they cost. Each child also
-measures the cores' matmul peak as its framework reaches it (a 2048^3 product). Results in --json.
+measures the cores' matmul peak as its framework reaches it (a 2048^3 product), and JAX's (in
+float32) times other ways to compute its slowest operations (`alternatives`). Results in --json.
 """
 
 import argparse
@@ -81,6 +82,50 @@ def ops_jax(dtype: str, calls: int) -> dict:
         y = arr(B, hw, hw, c) if hw > 1 else arr(B, c)
         off, g = jnp.zeros(c, jnp.float32), arr(*y.shape)
         timed(f"batch norm{i} forward+backward", lambda y, off, g: jax.vjp(norm, y, off)[1](g), y, off, g)
+    return out
+
+
+def alternatives(calls: int) -> dict:
+    """Other ways to compute our slowest operations against the way the CPU computes them now: ms
+    for each, and the worst relative error against the plain path (float32, conv_bn's shapes)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnist_jax import models
+
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    conv = lambda x, w, s: models.conv_s2d_grad(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
+
+    def shifts(x, w):  # the 3x3 convolution of one-channel images: 9 shifted multiply-adds, one fusion
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(xp[:, i : i + 28, j : j + 28, :] * w[i, j, 0] for i in range(3) for j in range(3))
+
+    def col2im(x, w, g):  # conv2's input gradient: one matmul into patches, then 9 shifted adds (space-to-depth)
+        d = jnp.einsum("bhwo,ijco->bhwijc", g, models._kernel_to_depth(w))  # [B,14,14,3,3,48]
+        out = jnp.zeros((B, 16, 16, 48), g.dtype)
+        for i in range(3):
+            for j in range(3):
+                out = out.at[:, i : i + 14, j : j + 14, :].add(d[:, :, :, i, j, :])
+        return out[:, 1:15, 1:15, :].reshape(B, 14, 14, 2, 2, 12).transpose(0, 1, 3, 2, 4, 5).reshape(B, 28, 28, 12)
+
+    x1, w1 = arr(B, 28, 28, 1), arr(3, 3, 1, 12)
+    x2, w2, g2 = arr(B, 28, 28, 12), arr(6, 6, 12, 24), arr(B, 14, 14, 24)
+    pairs = {  # name: (the plain path, the alternative, arguments)
+        "conv1 forward: 9 shifted multiply-adds": (lambda x, w: conv(x, w, 1), shifts, (x1, w1)),
+        "conv2 input grad: matmul + col2im": (
+            lambda x, w, g: jax.vjp(lambda x: conv(x, w, 2), x)[1](g)[0], col2im, (x2, w2, g2)),
+    }  # fmt: skip
+    out = {}
+    for name, (plain, alt, args) in pairs.items():
+        plain, alt = jax.jit(plain), jax.jit(alt)
+        a, b = np.asarray(plain(*args), np.float64), np.asarray(alt(*args), np.float64)
+        out[name] = {
+            "plain_ms": _median_ms(lambda: jax.block_until_ready(plain(*args)), calls),
+            "alternative_ms": _median_ms(lambda: jax.block_until_ready(alt(*args)), calls),
+            "error": float(np.max(np.abs(a - b)) / np.max(np.abs(a))),
+        }
     return out
 
 
@@ -154,8 +199,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         fn = ops_torch if args.child == "pytorch" else ops_jax
-        ops = fn(args.dtype, args.calls)
-        print(json.dumps({"ops": ops, "peak_gflops": peak_gflops(args.child, args.dtype)}))
+        result = {"ops": fn(args.dtype, args.calls), "peak_gflops": peak_gflops(args.child, args.dtype)}
+        if args.child == "jax" and args.dtype == "float32":
+            result["alternatives"] = alternatives(args.calls)
+        print(json.dumps(result))
         return
     settings = [s for s in args.settings.split(",") if s]
     frameworks = [f for f in args.frameworks.split(",") if f]
@@ -191,6 +238,14 @@ def main(argv=None):
         print(f"| {op} | " + " | ".join(cells) + " |")
     peaks = [f"{max(run['peak_gflops'] for run in runs[c]):.0f}" for c in columns]
     print("| matmul peak, GFLOP/s (2048^3, the best round) | " + " | ".join(peaks) + " |")
+    alts = [(c, run["alternatives"]) for c in columns for run in runs[c] if "alternatives" in run]
+    if alts:
+        print(
+            "\nJAX alternatives to its slowest operations, ms (plain path -> alternative), error against the plain path"
+        )
+        for name in alts[0][1]:
+            cells = ", ".join(f"{c} {a[name]['plain_ms']:.2f} -> {a[name]['alternative_ms']:.2f}" for c, a in alts)
+            print(f"  {name}: {cells}; error {max(a[name]['error'] for _, a in alts):.1e}")
     flags.write_json(args.json, {"dtype": args.dtype, "calls": args.calls, "runs": runs})
 
 

@@ -221,3 +221,5 @@ def test_profile_ops_times_the_same_convolutions_in_both_frameworks(tmp_path, ca
     assert ops == list(runs["pytorch"][0]["ops"]) and len(ops) == 3 * 2 + 2 + 2 * 2 + 4  # no input grad for the images
     assert [row.split(" | ")[0].strip("| ") for row in table] == ops + ["sum", "matmul peak, GFLOP/s (2048^3, the best round)"]  # fmt: skip
     assert all(float(cell) > 0 for row in table for cell in row.strip("| ").split(" | ")[1:]), table
+    alternatives = runs["jax default"][0]["alternatives"]  # the same values as the plain path, to float32's rounding
+    assert len(alternatives) == 2 and all(a["error"] < 1e-5 and a["alternative_ms"] > 0 for a in alternatives.values())
