@@ -6,7 +6,7 @@
 Each operation of one conv_bn step (the convolutions' forward, kernel and input gradients, the
 dense layers' dots and both gradients, batch norm's forward and backward in training mode) runs
 alone on conv_bn's shapes: for JAX one jitted function per operation (the stride-2 input
-gradients through models.conv_s2d_grad, as the CPU trains), for PyTorch the same aten kernels
+gradients through models.conv_on_cpu, as the CPU trains), for PyTorch the same aten kernels
 that its autograd calls (torch.nn.functional, torch.nn.grad; NCHW, as the benchmark's PyTorch
 loop). Each framework and XLA_FLAGS setting (experiments.xla_cpu.SETTINGS) runs in its own
 process, alternating --rounds times; each operation's figure is the median of --calls timed
@@ -59,7 +59,7 @@ def ops_jax(dtype: str, calls: int) -> dict:
 
     for i, (hw, c, k, o, s) in enumerate(CONVS, 1):
         x, kern, g = arr(B, hw, hw, c), arr(k, k, c, o), arr(B, hw // s, hw // s, o)
-        conv = lambda x, w, s=s: models.conv_s2d_grad(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
+        conv = lambda x, w, s=s: models.conv_on_cpu(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
         timed(f"conv{i} forward", conv, x, kern)
         kernel_grad = lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]  # noqa: E731
         input_grad = lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]  # noqa: E731
@@ -86,8 +86,8 @@ def ops_jax(dtype: str, calls: int) -> dict:
 
 
 def alternatives(calls: int) -> dict:
-    """Other ways to compute our slowest operations against the way the CPU computes them now: ms
-    for each, and the worst relative error against the plain path (float32, conv_bn's shapes)."""
+    """Other ways to compute our slowest operations against the way the CPU computes them by default:
+    ms for each, and the worst relative error against it (float32, conv_bn's shapes)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -96,11 +96,7 @@ def alternatives(calls: int) -> dict:
 
     rng = np.random.default_rng(0)
     arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    conv = lambda x, w, s: models.conv_s2d_grad(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
-
-    def shifts(x, w):  # the 3x3 convolution of one-channel images: 9 shifted multiply-adds, one fusion
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return sum(xp[:, i : i + 28, j : j + 28, :] * w[i, j, 0] for i in range(3) for j in range(3))
+    conv = lambda x, w, s: models.conv_on_cpu(x, w, (s, s), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
 
     def col2im(x, w, g):  # conv2's input gradient: one matmul into patches, then 9 shifted adds (space-to-depth)
         d = jnp.einsum("bhwo,ijco->bhwijc", g, models._kernel_to_depth(w))  # [B,14,14,3,3,48]
@@ -113,7 +109,7 @@ def alternatives(calls: int) -> dict:
     x1, w1 = arr(B, 28, 28, 1), arr(3, 3, 1, 12)
     x2, w2, g2 = arr(B, 28, 28, 12), arr(6, 6, 12, 24), arr(B, 14, 14, 24)
     pairs = {  # name: (the plain path, the alternative, arguments)
-        "conv1 forward: 9 shifted multiply-adds": (lambda x, w: conv(x, w, 1), shifts, (x1, w1)),
+        "conv1 forward: 9 shifted multiply-adds (conv_grad shifts)": (lambda x, w: conv(x, w, 1), models.conv_shifts, (x1, w1)),
         "conv2 input grad: matmul + col2im": (
             lambda x, w, g: jax.vjp(lambda x: conv(x, w, 2), x)[1](g)[0], col2im, (x2, w2, g2)),
     }  # fmt: skip

@@ -72,7 +72,7 @@ def errors(data_dir: str | None) -> dict:
         x = np.abs(rng.standard_normal((64, hw, hw, c)))  # after a relu: non-negative
         kern = glorot((k, k, c, o))
         g = rng.standard_normal((64, hw // s, hw // s, o)) / (64 * hw * hw)
-        conv = lambda x, k, s=s: models.conv_s2d_grad(  # noqa: E731  (the CPU path)
+        conv = lambda x, k, s=s: models.conv_on_cpu(  # noqa: E731  (the CPU path)
             x, k, (s, s), "SAME", dimension_numbers=models.NHWC
         )
         for i, name in enumerate(result):

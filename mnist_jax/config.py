@@ -13,7 +13,7 @@ OPTIMIZERS = ("sgd", "adam", "optax_adam", "adamw")  # adam: Keras's, as the cod
 SCHEDULES = ("exponential", "onecycle", "cosine", "constant")
 LOSSES = ("cross_entropy",)
 SEED_MODES = ("auto", "vmap", "turn")
-CONV_GRADS = ("auto", "space_to_depth", "xla")
+CONV_GRADS = ("auto", "space_to_depth", "shifts", "xla")
 DTYPES = ("float32", "bfloat16")
 DIGITS = ("auto", "yes", "no")
 PADDINGS = ("SAME", "VALID")  # the values models._check accepts for model.padding
@@ -114,7 +114,7 @@ HELP = {
     "compile_cache": "JAX's persistent compilation cache, so a second run skips compiling ('': off; $JAX_COMPILATION_CACHE_DIR wins)",
     "debug_nans": "stop at the first operation that makes a NaN (slow; to find it)",
     "xla_cpu": "XLA:CPU kernel settings, set as XLA_FLAGS (experiments.xla_cpu measures them)",
-    "conv_grad": "stride-2 convolutions' input gradient: space_to_depth (4x faster on XLA:CPU) or xla's; auto: per backend",
+    "conv_grad": "convolutions' forms for XLA:CPU: space_to_depth (stride-2 input gradients as stride-1 convolutions, 4x faster), shifts (also one-channel first layers as shifted multiply-adds) or xla's; auto: per backend",
     "dtype": "what convolutions and matmuls compute in (bfloat16: for GPUs); parameters stay float32",
     "devices": "data-parallel over this many devices (0: all)",
     "distributed.auto": "several processes: let JAX find the cluster (SLURM, Open MPI, Kubernetes)",

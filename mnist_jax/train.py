@@ -36,9 +36,10 @@ _one = lru_cache(maxsize=None)(lambda model: model)  # one object per equal mode
 
 def model_of(config: ml_collections.ConfigDict, conv_grad: str | None = None):
     """The config's model for its data and conv_grad (default config.conv_grad); one object per equal model."""
-    s2d = (conv_grad or config.get("conv_grad")) == "space_to_depth"
+    path = conv_grad or config.get("conv_grad")
+    path = "xla" if path in (None, "auto") else path
     dtype = config.get("dtype", "float32")
-    return _one(models.build(**config.model, num_classes=data.spec(config)[1], dtype=dtype, s2d_grad=s2d))
+    return _one(models.build(**config.model, num_classes=data.spec(config)[1], dtype=dtype, conv_grad=path))
 
 
 def create_train_state(

@@ -155,25 +155,53 @@ def test_conv_layers_take_the_stride2_path_when_asked(monkeypatch):
     init = lambda model: jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))  # noqa: E731
     init(models.build(**stage_config("conv_bn").model))
     assert calls == []  # by default, XLA's own convolution and gradient
-    init(models.build(**stage_config("conv_bn").model, s2d_grad=True))  # the CPU's choice
+    init(models.build(**stage_config("conv_bn").model, conv_grad="space_to_depth"))  # the CPU's choice
     assert calls == [(2, 28, 28, 12), (2, 14, 14, 24)]
+    shifted = []
+    monkeypatch.setattr(models, "conv_shifts", lambda x, k: shifted.append(k.shape) or models._conv_s1(x, k))
+    init(models.build(**stage_config("conv_bn").model, conv_grad="shifts"))  # also the one-channel first layer
+    assert shifted == [(3, 3, 1, 12)] and calls[2:] == [(2, 28, 28, 12), (2, 14, 14, 24)]
     # A 4x4 kernel pads half a block: the plain lax path, same values.
     x, k = np.ones((1, 8, 8, 1), np.float32), np.ones((4, 4, 1, 1), np.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, models.NHWC)
-    out = models.conv_s2d_grad(x, k, (2, 2), "SAME", dimension_numbers=dn)
-    assert len(calls) == 2 and out[0, 0, 0, 0] == 9 and out[0, 1, 1, 0] == 16
+    out = models.conv_on_cpu(x, k, (2, 2), "SAME", dimension_numbers=dn)
+    assert len(calls) == 4 and out[0, 0, 0, 0] == 9 and out[0, 1, 1, 0] == 16
 
 
-@pytest.mark.parametrize("name", PARAMS)
-def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name):
-    """jvp in the parameters and jacfwd in a batch of two images, on the path the CPU takes by
-    default (space-to-depth input gradients, asked for: the same path on every backend), agree
-    with reverse mode."""
+@pytest.mark.parametrize(
+    "x_shape, k_shape", [((4, 28, 28, 1), (3, 3, 1, 12)), ((2, 9, 7, 1), (5, 3, 1, 4)), ((2, 6, 6, 1), (1, 1, 1, 3))]
+)
+def test_conv_shifts_matches_lax_with_gradients(x_shape, k_shape):
+    """conv_grad shifts' first layer: the same function as lax's convolution, its gradients XLA's."""
+    from jax import lax
+
+    from mnist_jax import models
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(k_shape).astype(np.float32)
+    plain = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=models.NHWC)  # noqa: E731
+    loss = lambda conv: lambda x, k: (conv(x, k) ** 2 * np.arange(1, 1 + k_shape[-1])).sum()  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        # conv_bn's layer: 2.4e-7 of the largest output here (sums in another order), 6.3e-8 in profile_ops
+        out, want = models.conv_shifts(x, k), plain(x, k)
+        np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * np.abs(want).max())
+        got = jax.grad(loss(models.conv_shifts), argnums=(0, 1))(x, k)
+        want = jax.grad(loss(plain), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("name, path", [(n, "space_to_depth") for n in PARAMS] + [("conv_bn", "shifts")])
+def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name, path):
+    """jvp in the parameters and jacfwd in a batch of two images, on the paths the CPU takes
+    (space-to-depth input gradients by default, and shifts; asked for: the same path on every
+    backend), agree with reverse mode."""
     import jax.numpy as jnp
     import optax
 
     config = stage_config(name)
-    config.conv_grad = "space_to_depth"
+    config.conv_grad = path
     state = train.create_train_state(config, jax.random.PRNGKey(0), 10)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
