@@ -243,7 +243,10 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: not a readable config ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: not a run's config (a JSON {type(tree).__name__}, not an object)")
-    return ml_collections.ConfigDict(tree)
+    try:
+        return ml_collections.ConfigDict(tree)
+    except ValueError as e:  # a hand-edited key such as "opt.lr"
+        raise ConfigError(f"{path}: not a run's config ({e})") from None
 
 
 def _restore_model(workdir: Path, step: int | None, target: dict) -> tuple[dict, int]:

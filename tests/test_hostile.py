@@ -275,6 +275,7 @@ ROWS = [
     Row("tensorboard-is-a-file-evaluate", replace_with("tensorboard", "file"), "evaluate", ["--workdir", "{run}"], 0, [], False, "test accuracy"),  # not its to read
     Row("config-json-list", replace_with("config.json", "file", "[]"), "linear", MORE, 2, ["config.json: not a run's config (a JSON list"]),
     Row("config-json-list-evaluate", replace_with("config.json", "file", "[]"), "evaluate", ["--workdir", "{run}"], 2, ["not a run's config"]),
+    Row("config-json-dotted-key", replace_with("config.json", "file", '{"opt.lr": 0.1}'), "linear", MORE, 2, ["config.json: not a run's config (ConfigDict does not accept dots"]),
     Row("config-json-dir-predict", replace_with("config.json", "dir"), "predict", ["--workdir", "{run}", "{seven}"], 2, ["config.json: is a directory where a file belongs"]),
     # 4. Sizes past what fits: a decompression bomb among images, an IDX header of 2^66 bytes.
     Row("predict-bomb-png", nothing, "predict", ["--workdir", "{run}", "{bomb}", "{seven}"], 2, ["bomb.png: image too large"], out="seven.png: "),
