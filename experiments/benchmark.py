@@ -36,7 +36,7 @@ import sys
 
 from experiments import conv_bn, references, timing
 from mnist_jax import flags, startup
-from mnist_jax.config import ConfigError
+from mnist_jax.config import CONV_GRADS, ConfigError
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="subset of " + ",".join(FRAMEWORKS))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="what our convolutions and matmuls compute in (default float32)")  # fmt: skip
+    p.add_argument("--conv-grad", choices=CONV_GRADS, default="auto",
+                   help="our convolutions' forms (the stages' --conv-grad; default auto)")  # fmt: skip
     p.add_argument("--windows", type=int, default=5, help="timed windows per run (default 5)")
     p.add_argument("--window-images", type=int, default=6400, help="images per window (default 6400)")
     flags.add(p, json="runs/benchmark.json")
@@ -91,7 +93,7 @@ def worker(args) -> None:
         raise SystemExit(EXIT_MISSING)
     data_dir = args.data_dir or None
     config = conv_bn.get_config()
-    config.batch_size, config.seed, config.dtype = args.batch, args.seed, args.dtype
+    config.batch_size, config.seed, config.dtype, config.conv_grad = args.batch, args.seed, args.dtype, args.conv_grad
     if args.worker == "mnist_jax":
         result = timing.measure_ours(config, data_dir, args.windows, args.window_images, args.seeds)
     elif args.worker == "keras":
@@ -105,7 +107,8 @@ def run_worker(args, name: str, batch: int, seeds: int = 1) -> dict | str:
     """A result dict, or the line that says why there is none."""
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name, "--batch", str(batch),
            "--windows", str(args.windows), "--window-images", str(args.window_images),
-           "--seed", str(args.seed), "--seeds", str(seeds), "--dtype", args.dtype] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
+           "--seed", str(args.seed), "--seeds", str(seeds), "--dtype", args.dtype,
+           "--conv-grad", args.conv_grad] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == EXIT_MISSING:

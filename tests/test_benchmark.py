@@ -178,18 +178,19 @@ def test_speedrun_reports_every_seed_and_the_mean(mnist_dir, tmp_path, capsys):
 
 
 def test_dtype_reaches_our_worker_only(monkeypatch, capsys):
-    """--dtype bfloat16 is what our worker's conv_bn computes in; the references keep theirs."""
+    """--dtype bfloat16 is what our worker's conv_bn computes in, --conv-grad its convolutions'
+    forms; the references keep theirs."""
     seen = {}
-    monkeypatch.setattr(timing, "measure_ours", lambda config, *a: seen.setdefault("ours", config.dtype) and {})
+    monkeypatch.setattr(timing, "measure_ours", lambda c, *a: seen.setdefault("ours", (c.dtype, c.conv_grad)) and {})
     monkeypatch.setattr(benchmark.references, "measure_torch", lambda *a: seen.setdefault("torch", a) and {})
     for name in ("mnist_jax", "pytorch"):
-        benchmark.main(["--worker", name, "--batch", "64", "--dtype", "bfloat16"])
-    assert seen["ours"] == "bfloat16" and seen["torch"][0] == 64
-    args = benchmark.parse_args(["--dtype", "bfloat16"])
+        benchmark.main(["--worker", name, "--batch", "64", "--dtype", "bfloat16", "--conv-grad", "shifts"])
+    assert seen["ours"] == ("bfloat16", "shifts") and seen["torch"][0] == 64
+    args = benchmark.parse_args(["--dtype", "bfloat16", "--conv-grad", "shifts"])
     cmd = []
     monkeypatch.setattr(benchmark.subprocess, "run", lambda c, **k: cmd.extend(c) or _Done())
     benchmark.run_worker(args, "mnist_jax", 64)
-    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--conv-grad") + 1] == "shifts"
 
 
 class _Done:
