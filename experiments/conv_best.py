@@ -1,24 +1,23 @@
-"""Beyond the codelab, conv_best: the speedrun's recipe, with richer augmentation and weight averaging (issue #45).
+"""Beyond the codelab, conv_best: conv_bn's kind of network, wider, with rotations, shifts and an
+average of the weights, its recipe chosen by a study on a validation split (issue #45).
 
-Changed from the speedrun (conv_bn's network, one-cycle Adam peaking at 0.01, random shifts of up
-to 2 pixels): each training image is also rotated by up to 10 degrees either way and scaled by
-1 +- up to 0.1 (train.random_warp, on the device, inside the step); the weights and batch-norm
-statistics are averaged over the steps (EMA, decay 0.999), and the average is what is evaluated
-and saved; 20 epochs instead of 6. These values are provisional: the recipe (widths, dense layer,
-dropout, augmentation, peak rate, EMA decay) is to be chosen by the study below, on a validation
-split; the test set chooses nothing.
+Changed from the speedrun (conv_bn's network, one-cycle Adam, shifts of up to 2 pixels, 6 epochs):
+what a 12-trial study on 10,000 held-out training images chose (docs/results.md): wider layers
+(16, 26, 50 channels, a dense layer of 400), dropout 0.25, each training image also rotated by up
+to 11 degrees either way and scaled by up to 0.6% (train.random_warp, on the device, inside the
+step), a lower peak rate (0.0044), and the weights and batch-norm statistics averaged over the
+steps (EMA, decay 0.99: the average is what is evaluated and saved); 12 epochs, twice the trials'.
 
-  [28x28x1] -> Conv 3x3x12 BN relu -> Conv 6x6x24 /2 BN relu -> Conv 6x6x32 /2 BN relu
-            -> Dense 200 BN relu -> Dropout .3 -> Dense 10 -> softmax
-  354,002 trainable params (+ 536 batch-norm statistics), as conv_bn. Batch 64, Adam one-cycle
-  to 0.01; shift 2 px, rotate 10 degrees, scale 0.1; EMA 0.999.
+  [28x28x1] -> Conv 3x3x16 BN relu -> Conv 6x6x26 /2 BN relu -> Conv 6x6x50 /2 BN relu
+            -> Dense 400 BN relu -> Dropout .25 -> Dense 10 -> softmax
+  1,046,422 trainable params (+ 984 batch-norm statistics). Batch 64, one-cycle Adam to 0.0044.
 
   python -m experiments.conv_best --data-dir ../shared/data/mnist              # seed 0
   python -m experiments.conv_best --seeds 5 --data-dir ../shared/data/mnist    # seeds 0-4
   python -m experiments.sweep conv_best --epochs 6 --data-val-split 10000 --trials 12   # the study
 
-Chosen by the study: (to be filled in)
-Measured: (to be filled in, after the recipe is frozen: seeds 0-4, final test accuracy, minutes per seed)
+The study's trials were 6 epochs; the best on validation (99.46%) is frozen here, the test set
+chose nothing. Measured: docs/results.md ("Beyond the codelab").
 """
 
 from experiments import speedrun
@@ -29,10 +28,10 @@ TARGET = 0.9965  # the final test accuracy's median over seeds 0-4 (issue #45)
 
 def get_config():
     config = speedrun.get_config()
-    config.data.augment_rotate = 10.0
-    config.data.augment_scale = 0.1
-    config.opt.ema = 0.999
-    config.epochs = 20
+    config.model.update(channels=(16, 26, 50), dense=400, dropout=0.2492)  # the study's trial 9
+    config.data.update(augment_rotate=11.09, augment_scale=0.006451)
+    config.opt.update(lr=0.004426, ema=0.99)
+    config.epochs = 12
     return config
 
 
