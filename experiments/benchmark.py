@@ -20,10 +20,13 @@ alternating windows in one process; the machine's figures wander by about 10%):
     (jax-ml/jax#12868); so one jitted call per step, data on the device, metrics fetched every
     50 steps.
   - XLA flags (oneDNN, XNNPACK, YNNPACK fusions, fast math, the old runtime, no fusion
-    emitters): within the noise; single-threaded Eigen: 20% slower. None kept.
-Where the rest goes (ms, batch 64, each measured alone): forward convs 2.1 + 4.3 + 3.8, kernel
-gradients 1.9 + 8.5 + 4.2, input gradients 4.4 + 2.6, the dense layers about 2; XLA's matmuls
-reach 60-120 GFLOP/s of the 157 peak on these shapes.
+    emitters): convolutions kept from YNNPACK 1.2x (opt-in, --xla-cpu ynn-no-conv; the rest
+    within the noise); single-threaded Eigen: 20% slower.
+  - bfloat16 (--dtype): slower; XLA:CPU has no bf16 kernels here (PyTorch's reach 425 GFLOP/s).
+  - conv1's forward as shifted multiply-adds: 1.10x the step, kept as --conv-grad shifts (opt-in).
+  - conv2's input gradient as matmul + col2im: 2x slower than the space-to-depth path.
+Where the time goes, each operation against PyTorch's: `python -m experiments.profile_ops`
+(docs/performance.md); the cores' float32 matmul peak is 190-207 GFLOP/s.
 """
 
 import argparse
