@@ -185,7 +185,7 @@ def main(argv=None):
     from mnist_jax import flags
 
     p = flags.Parser(prog="python -m experiments.profile_ops", description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="what both compute in")
     p.add_argument("--settings", default="default", help="XLA_FLAGS settings for JAX: " + ",".join(SETTINGS))
     p.add_argument("--frameworks", default="jax,pytorch", help="subset of jax,pytorch")
     p.add_argument("--rounds", type=int, default=3, help="each framework's runs, alternating (default 3)")

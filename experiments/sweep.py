@@ -51,6 +51,7 @@ def stages() -> list[str]:
         "speedrun",
         "references",
         "xla_cpu",
+        "profile_ops",
         "augment_cost",
         "timing",
         "study_server",

@@ -85,6 +85,7 @@ COMMANDS = {  # every other command: (module, the arguments its --help needs bef
     "experiments.report": [],
     "experiments.autograd": [],
     "experiments.augment_cost": [],
+    "experiments.profile_ops": [],
 }
 
 

@@ -140,7 +140,7 @@ def test_conv_bests_own_sweep_space_parses_and_each_end_is_its_field():
     leaves = dict(flags.leaves(config))
     assert all(name.split("[")[0] in leaves for name in space)
     high = sweep_lib.trial_config(config, {"model.channels[2]": 64, "model.dense": 400, "opt.ema": 0.99})
-    assert tuple(high.model.channels) == (12, 24, 64) and high.model.dense == 400 and high.opt.ema == 0.99
+    assert tuple(high.model.channels) == (16, 26, 64) and high.model.dense == 400 and high.opt.ema == 0.99
     assert type(high.model.dense) is int and type(high.opt.ema) is float
     assert not sweep_lib.batchable(space)  # widths change the program: one trial at a time
 
