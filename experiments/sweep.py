@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how Optuna picks the next trial's values: tpe (learns from the trials so far) or random (default %(default)s)")  # fmt: skip
     p.add_argument("--pruner", choices=("median", "none"), default="median",
                    help="stop a trial early: median (below the median of earlier trials at the same epoch) or none (default %(default)s)")  # fmt: skip
+    p.add_argument("--pruner-warmup", type=int, default=0,
+                   help="epochs the median pruner lets every trial train before it judges one (default %(default)s: from the first)")  # fmt: skip
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (default %(default)s)")  # fmt: skip
     return p
 
@@ -106,6 +108,8 @@ def main(argv=None) -> dict:
     config.plots, plots = False, config.plots  # the sweep's plots, not each trial's
     say = print
     with flags.user_errors(ConfigError, DataError):
+        if args.pruner_warmup < 0:
+            raise ConfigError(f"--pruner-warmup: must be 0 or more epochs, got {args.pruner_warmup}")
         for flag in ("trials", "trial_seeds", "heartbeat"):
             if getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")  # fmt: skip
@@ -126,7 +130,7 @@ def main(argv=None) -> dict:
             raise ConfigError(f"--workdir {workdir}: cannot create ({e.strerror})") from None
         try:
             study = sweep_lib.open_study(args.storage, args.study or args.stage, workdir, args.heartbeat,
-                                         args.sampler, args.pruner, space, config)  # fmt: skip
+                                         args.sampler, args.pruner, space, config, warmup=args.pruner_warmup)  # fmt: skip
         except ConfigError:
             if created and not any(workdir.iterdir()):
                 shutil.rmtree(workdir)  # a bad storage writes nothing

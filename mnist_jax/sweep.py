@@ -181,7 +181,7 @@ def rdb(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
 
 
-def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> optuna.Study:
+def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str, warmup: int = 0) -> optuna.Study:
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         if not path.parent.is_dir():
@@ -200,23 +200,27 @@ def _create(url: str, name: str, heartbeat: int, sampler: str, pruner: str) -> o
     else:
         store = rdb(url, heartbeat)
     sampler = optuna.samplers.TPESampler(constant_liar=True) if sampler == "tpe" else optuna.samplers.RandomSampler()
-    pruner = optuna.pruners.MedianPruner() if pruner == "median" else optuna.pruners.NopPruner()
+    # Epochs are the trials' steps, from 1: warmup W judges a trial from epoch W + 1 (an average of the weights,
+    # a one-cycle schedule: behind at epoch 1, ahead later).
+    median = optuna.pruners.MedianPruner(n_warmup_steps=warmup + 1)
+    pruner = median if pruner == "median" else optuna.pruners.NopPruner()
     return optuna.create_study(
         storage=store, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
 
 
 def open_study(
-    storage: str, name: str, workdir: Path, heartbeat: int, sampler, pruner, space: dict, config, tries: int = 5
+    storage: str, name: str, workdir: Path, heartbeat: int, sampler, pruner, space: dict, config, tries=5, warmup=0
 ) -> optuna.Study:
     """Create or load the study `name` ("": WORKDIR/study.db); refused if made with another space or recipe, a new one
-    records them (give only checked ones). Creating a new store races: retried `tries` times, a moment apart."""
+    records them (give only checked ones). Creating a new store races: retried `tries` times, a moment apart.
+    warmup: the median pruner's epochs before it judges a trial."""
     check_name(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or f"sqlite:///{workdir / 'study.db'}"
     for attempt in range(tries):
         try:
-            study = _create(url, name, heartbeat, sampler, pruner)
+            study = _create(url, name, heartbeat, sampler, pruner, warmup)
             break
         except Exception as e:  # sqlalchemy's, OSError, ...: the reason's first line
             if attempt + 1 == tries or not _racing(e):

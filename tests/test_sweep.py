@@ -91,6 +91,21 @@ def test_a_pruned_trial_stops_alone_and_trains_on_masked_in_a_batch(mnist_dir, t
     assert [r["state"] for r in table] == ["complete", "complete", "pruned", "pruned", "complete"]
 
 
+def test_the_pruner_warmup_lets_every_trial_train_its_epochs_first(mnist_dir, tmp_path):
+    config = dense_relu.get_config()
+    config.update(epochs=4, batch_size=100, plots=False, workdir=str(tmp_path))
+    config.data.update(dir=str(mnist_dir), train_limit=2000, val_split=1000, test_limit=1000)
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-7,1e-1)"], config)
+    study = sweep_lib._create(f"sqlite:///{tmp_path / 'study.db'}", "s", 0, "tpe", "median", warmup=2)
+    study.pruner._n_startup_trials = 2  # Optuna's 5 would need 5 finished trials first
+    for lr in (0.003, 0.0003, 1e-7):  # the third is far below the median from its first epoch
+        study.enqueue_trial({"opt.lr": lr})
+    sweep_lib.optimize(study, space, config, tmp_path, 3, batch=1, say=lambda _: None)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+    assert list(study.trials[2].intermediate_values) == [1, 2, 3]  # judged first after epoch 3
+    assert [r["epoch"] for r in rows(tmp_path / "trial_2/metrics.jsonl")] == [1, 2, 3]
+
+
 def sweep_process(tmp_path, mnist_dir, out, more=()):
     command = [sys.executable, "-m", "experiments.sweep", "dense_relu", "--trials", "4",
                "--heartbeat", "1", "--batch-trials", "1", "--pruner", "none", "--workdir", str(tmp_path / "s"),
@@ -158,6 +173,7 @@ def test_a_killed_sweep_continues_and_two_processes_share_its_study(mnist_dir, t
         ),  # fmt: skip
         (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open"),
         (["--seeds", "3"], "--seeds: a sweep's trials take --trial-seeds"),
+        (["--pruner-warmup", "-1"], "--pruner-warmup: must be 0 or more epochs, got -1"),
         (["--space", "opt.lr=loguniform(1e-4,inf)"], "must be finite numbers, got (1e-4,inf)"),
         (["--space", "opt.lr=uniform(nan,0.1)"], "the bounds must be finite numbers"),
         (["--space", "seed=int(0,100000000000000000000000)"], "does not fit in 64 bits"),
