@@ -39,7 +39,7 @@ import sys
 
 from experiments import conv_bn, references, timing
 from mnist_jax import flags, startup
-from mnist_jax.config import CONV_GRADS, ConfigError
+from mnist_jax.config import CONV_GRADS, XLA_CPU, ConfigError
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="what our convolutions and matmuls compute in (default float32)")  # fmt: skip
     p.add_argument("--conv-grad", choices=CONV_GRADS, default="auto",
                    help="our convolutions' forms (the stages' --conv-grad; default auto)")  # fmt: skip
+    p.add_argument("--xla-cpu", choices=("auto", *XLA_CPU), default="auto",
+                   help="our XLA:CPU kernels (the stages' --xla-cpu; default auto)")  # fmt: skip
     p.add_argument("--windows", type=int, default=5, help="timed windows per run (default 5)")
     p.add_argument("--window-images", type=int, default=6400, help="images per window (default 6400)")
     flags.add(p, json="runs/benchmark.json")
@@ -97,7 +99,9 @@ def worker(args) -> None:
     data_dir = args.data_dir or None
     config = conv_bn.get_config()
     config.batch_size, config.seed, config.dtype, config.conv_grad = args.batch, args.seed, args.dtype, args.conv_grad
+    config.xla_cpu = args.xla_cpu
     if args.worker == "mnist_jax":
+        startup.set_xla_cpu(config)
         result = timing.measure_ours(config, data_dir, args.windows, args.window_images, args.seeds)
     elif args.worker == "keras":
         result = references.measure_keras(config, data_dir, args.windows, args.window_images)
@@ -111,7 +115,7 @@ def run_worker(args, name: str, batch: int, seeds: int = 1) -> dict | str:
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name, "--batch", str(batch),
            "--windows", str(args.windows), "--window-images", str(args.window_images),
            "--seed", str(args.seed), "--seeds", str(seeds), "--dtype", args.dtype,
-           "--conv-grad", args.conv_grad] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
+           "--conv-grad", args.conv_grad, "--xla-cpu", args.xla_cpu] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == EXIT_MISSING:

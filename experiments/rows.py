@@ -6,8 +6,8 @@
 
 A record holds the row's figures (the final test accuracy over the seeds), the command and its
 wall time, and the first steps of seed 0 as that run logged them (train_steps.jsonl up to step
-100) with the runtime choices that computed them (steps per call, the stride-2 path, the XLA:CPU
-setting, the seed mode). tests/test_rows.py trains those steps again with today's code: when a
+100) with the runtime choices that computed them (steps per call, the convolutions' forms, the
+XLA:CPU kernels, the seed mode). tests/test_rows.py trains those steps again with today's code: when a
 change to the recipe, the data order or the initialisation moves them, it fails and says to
 re-run the row, and whoever re-runs a row records it again.
 """
@@ -35,7 +35,7 @@ def record(stage: str, workdir: Path, wall: float) -> dict:
         "test_accuracy": summary["test_accuracy"],
         "final": [r["test_accuracy"] for r in summary["runs"]],
         "wall_s": wall,
-        "runtime": {**runtime, "xla_cpu": config["xla_cpu"]},
+        "runtime": {"xla_cpu": config["xla_cpu"], **runtime},  # runs before the runtime recorded it: the config's
         "first_steps": [
             {"step": r["step"], "loss": r["loss"]}
             for r in metrics.read(first / metrics.STEPS_FILE)

@@ -96,7 +96,7 @@ def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int 
     name = "mnist_jax" if seeds == 1 else f"mnist_jax x{seeds}"
     summary = _summary(name, f"jax {jax.__version__}", b, group.compile_s, seconds, per_window * k * seeds)  # fmt: skip
     summary["epoch_s"] = round(60_000 // b * b * seeds / summary["images_per_s"], 2)  # every seed
-    summary.update(device=jax.default_backend(), steps_per_call=k, seeds=seeds)
+    summary.update(device=jax.default_backend(), steps_per_call=k, seeds=seeds, conv_grad=runtime.conv_grad, xla_cpu=runtime.xla_cpu)  # fmt: skip
     return summary
 
 

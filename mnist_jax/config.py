@@ -18,7 +18,8 @@ DTYPES = ("float32", "bfloat16")
 DIGITS = ("auto", "yes", "no")
 PADDINGS = ("SAME", "VALID")  # the values models._check accepts for model.padding
 # XLA:CPU kernel-library settings, as XLA_FLAGS (--xla-cpu NAME); docs/performance.md has each's speed and error.
-# ynn-no-conv: conv_bn 1.2x faster on the CPU; opt-in: its 5-seed median fell to 99.38% (docs/performance.md).
+# default: XLA's own; ynn-no-conv: convolutions kept from YNNPACK, conv_bn's step 1.2x faster. auto (the
+# config's): ynn-no-conv where the process can still choose (startup.set_xla_cpu).
 XLA_CPU = {"default": "", "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
 
 
@@ -113,8 +114,8 @@ HELP = {
     "restart": "start over: delete the work directory's checkpoints and metrics first",
     "compile_cache": "JAX's persistent compilation cache, so a second run skips compiling ('': off; $JAX_COMPILATION_CACHE_DIR wins)",
     "debug_nans": "stop at the first operation that makes a NaN (slow; to find it)",
-    "xla_cpu": "XLA:CPU kernel settings, set as XLA_FLAGS (experiments.xla_cpu measures them)",
-    "conv_grad": "convolutions' forms for XLA:CPU: space_to_depth (stride-2 input gradients as stride-1 convolutions, 4x faster), shifts (also one-channel first layers as shifted multiply-adds) or xla's; auto: per backend",
+    "xla_cpu": "XLA:CPU kernel settings, set as XLA_FLAGS: default (XLA's own) or ynn-no-conv; auto: ynn-no-conv unless XLA_FLAGS choose, or JAX has started (experiments.xla_cpu measures them)",
+    "conv_grad": "convolutions' forms for XLA:CPU: space_to_depth (stride-2 input gradients as stride-1 convolutions, 4x faster), shifts (also one-channel first layers as shifted multiply-adds) or xla's; auto: shifts on the CPU, xla's elsewhere",
     "dtype": "what convolutions and matmuls compute in (bfloat16: for GPUs); parameters stay float32",
     "devices": "data-parallel over this many devices (0: all)",
     "distributed.auto": "several processes: let JAX find the cluster (SLURM, Open MPI, Kubernetes)",
@@ -133,8 +134,8 @@ MODEL_CHOICES: dict[str, tuple] = {}  # models.py's names and activations, regis
 def choices() -> dict:
     """{field: its values} of the fields with a fixed set, from their registries: --help is never stale."""
     fixed = {"seed_mode": SEED_MODES, "data.digits": DIGITS, **MODEL_CHOICES, "model.padding": PADDINGS}
-    fixed.update({"opt.name": OPTIMIZERS, "opt.schedule": SCHEDULES, "loss.name": LOSSES, "xla_cpu": tuple(XLA_CPU)})
-    return {**fixed, "conv_grad": CONV_GRADS, "dtype": DTYPES}
+    fixed.update({"opt.name": OPTIMIZERS, "opt.schedule": SCHEDULES, "loss.name": LOSSES})
+    return {**fixed, "xla_cpu": ("auto", *XLA_CPU), "conv_grad": CONV_GRADS, "dtype": DTYPES}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -161,8 +162,8 @@ def base() -> ml_collections.ConfigDict:
     config.init_from = ""  # with --seeds, its seed_<s>/ when it has them
     config.compile_cache = "~/.cache/mnist_jax"  # $JAX_COMPILATION_CACHE_DIR wins (the test suite sets one)
     config.debug_nans = False
-    config.xla_cpu = "default"  # XLA_FLAGS set before JAX's backend starts
-    config.conv_grad = "auto"  # the same values either way (startup.resolve picks)
+    config.xla_cpu = "auto"  # XLA_FLAGS set before JAX's backend starts
+    config.conv_grad = "auto"  # startup.resolve picks per backend
     config.dtype = "float32"
     config.devices = 0  # see parallel.py
     # Several processes (hosts): jax.distributed.initialize() from these, or auto-detected.
@@ -208,7 +209,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
     check(config.dtype in DTYPES, "dtype", f"must be {' or '.join(DTYPES)}")
-    check(config.xla_cpu in XLA_CPU, "xla_cpu", f"must be one of {', '.join(XLA_CPU)}")
+    check(config.xla_cpu in choices()["xla_cpu"], "xla_cpu", f"must be one of {', '.join(choices()['xla_cpu'])}")
     check(config.conv_grad in CONV_GRADS, "conv_grad", f"must be one of {', '.join(CONV_GRADS)}")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")

@@ -17,21 +17,40 @@ import ml_collections
 from mnist_jax import flags, parallel
 from mnist_jax.config import XLA_CPU, ConfigError, flag_name, validate
 
+# The flags XLA_CPU's settings set, by name: XLA_FLAGS holding one of them has chosen the kernels.
+KERNEL_FLAGS = {f.split("=")[0] for flags_ in XLA_CPU.values() for f in flags_.split()}
+
+
+def _kernel_flags() -> list[str]:
+    return [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] in KERNEL_FLAGS]
+
+
+def xla_cpu_in_effect() -> str:
+    """The XLA_CPU setting this process's XLA_FLAGS give ("custom": kernel flags of no setting's)."""
+    chosen = sorted(_kernel_flags())
+    return next((name for name, f in XLA_CPU.items() if sorted(f.split()) == chosen), "custom")
+
 
 def set_xla_cpu(config: ml_collections.ConfigDict) -> None:
-    """Add config.xla_cpu's XLA_FLAGS (config.XLA_CPU), before the backend starts and reads them."""
-    wanted = XLA_CPU[config.xla_cpu].split()
-    current = os.environ.get("XLA_FLAGS", "")
-    if all(f in current.split() for f in wanted):
-        return
+    """Set config.xla_cpu's XLA_FLAGS (config.XLA_CPU) before the backend starts and reads them. auto: ynn-no-conv
+    (conv_bn's step 1.2x faster on the CPU, docs/performance.md), unless XLA_FLAGS choose the kernels already or
+    the backend has started (a notebook, a script that used JAX first): then what it has, recorded (resolve)."""
     from jax._src import xla_bridge  # no public way to ask whether the backend has started
 
-    if xla_bridge.backends_are_initialized():
+    started, chosen = xla_bridge.backends_are_initialized(), _kernel_flags()
+    if config.xla_cpu == "auto" and (started or chosen):
+        return
+    wanted = XLA_CPU["ynn-no-conv" if config.xla_cpu == "auto" else config.xla_cpu].split()
+    if sorted(chosen) == sorted(wanted):
+        return
+    if started:
+        instead = f"set XLA_FLAGS={' '.join(wanted)!r}" if wanted else f"leave {' '.join(chosen)} out of XLA_FLAGS"
         raise ConfigError(
             f"{flag_name('xla_cpu')} {config.xla_cpu}: JAX's backend has already started in this "
-            f"process; set XLA_FLAGS={' '.join(wanted)!r} before JAX starts instead"
+            f"process; {instead} before JAX starts instead"
         )
-    os.environ["XLA_FLAGS"] = " ".join([current, *wanted]).strip()
+    others = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in chosen]
+    os.environ["XLA_FLAGS"] = " ".join(others + wanted)
 
 
 def _leftover(unraisable) -> bool:
@@ -91,19 +110,22 @@ class Runtime:
 
     steps_per_call: int  # 0: the whole epoch in one compiled call
     seed_mode: str  # "vmap" or "turn"
-    conv_grad: str  # "space_to_depth" or "xla"
+    conv_grad: str  # "shifts", "space_to_depth" or "xla"
+    xla_cpu: str  # the XLA:CPU kernels this process runs (XLA_CPU's name): what config.xla_cpu set, or found
 
 
 def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runtime:
     """The settings left to the backend (seeds: the runs trained together, default config.seeds). On the CPU, XLA:CPU
     runs a convolution in a loop body several times slower (jax-ml/jax#12868: one step a call), makes one vmapped over
     per-seed weights a grouped one, 4-5x slower (the conv stages' seeds in turn), and computes the stride-2 input
-    gradient 4x faster as a stride-1 convolution (space_to_depth). Measured: performance.md."""
+    gradient 4x faster as a stride-1 convolution (space_to_depth), and a one-channel first layer's 6x faster as shifted
+    multiply-adds (shifts, which does both). Measured: performance.md."""
     cpu = jax.default_backend() == "cpu"
     alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
     auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"
     return Runtime(
         steps_per_call=1 if config.steps_per_call == 0 and cpu else config.steps_per_call,
         seed_mode=auto_mode if config.seed_mode == "auto" else config.seed_mode,
-        conv_grad=("space_to_depth" if cpu else "xla") if config.conv_grad == "auto" else config.conv_grad,
+        conv_grad=("shifts" if cpu else "xla") if config.conv_grad == "auto" else config.conv_grad,
+        xla_cpu=xla_cpu_in_effect(),
     )

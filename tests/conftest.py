@@ -33,8 +33,13 @@ if os.environ.get("JAX_PLATFORMS", "") != "cpu":
     # Two pytest workers (pyproject's addopts) share the GPU: neither takes 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from mnist_jax import data
+from mnist_jax import config as config_lib
+from mnist_jax import data, startup
 from tests.helpers import postgres as postgres_helper
+
+# The kernels a command picks on its own (config.xla_cpu auto), in XLA_FLAGS before JAX's backend starts: a
+# command run in this process trains as one it starts does, whichever test started JAX first.
+startup.set_xla_cpu(config_lib.base())
 
 ROOT = Path(__file__).resolve().parents[1]
 

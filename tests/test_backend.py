@@ -2,10 +2,14 @@
 machine, for a GPU; the suite's other tests state these choices as a function of the backend."""
 
 import importlib
+import os
 
 import pytest
+from jax._src import xla_bridge
 
+from mnist_jax import config as config_lib
 from mnist_jax import startup
+from mnist_jax.config import XLA_CPU, ConfigError
 
 
 def resolved(stage: str, seeds: int = 1, seed_mode: str = "auto", **settings):
@@ -29,7 +33,8 @@ def test_the_backends_choices(backend):
         assert config.steps_per_call == (1 if cpu else 0)
         # The CPU makes a convolution vmapped over per-seed weights a grouped one: in turn.
         assert config.seed_mode == ("turn" if cpu and stage == "conv_bn" else "vmap"), stage
-        assert config.conv_grad == ("space_to_depth" if cpu else "xla")
+        assert config.conv_grad == ("shifts" if cpu else "xla")
+        assert config.xla_cpu == startup.xla_cpu_in_effect()  # recorded: what this process runs
         assert resolved(stage, seeds=1).seed_mode == "turn"  # one seed: nothing to vmap
 
 
@@ -43,3 +48,25 @@ def test_a_choice_made_is_kept_and_the_config_stays_as_typed(backend, monkeypatc
     # Several processes: each trains its share of the batch, the seeds one after another.
     monkeypatch.setattr(startup.jax, "process_count", lambda: 2)
     assert resolved("dense_relu", seeds=3).seed_mode == "turn"
+
+
+def test_the_cpus_kernels_are_set_before_jax_starts_and_what_ran_is_recorded(monkeypatch):
+    ynn, other = XLA_CPU["ynn-no-conv"], "--xla_force_host_platform_device_count=2"
+
+    def setting(xla_cpu: str, flags: str, started: bool = False):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: started)
+        config = config_lib.base()
+        config.xla_cpu = xla_cpu
+        startup.set_xla_cpu(config)
+        return os.environ["XLA_FLAGS"], startup.xla_cpu_in_effect()
+
+    assert setting("auto", other) == (f"{other} {ynn}", "ynn-no-conv")  # the CPU's faster kernels
+    assert setting("auto", "", started=True) == ("", "default")  # too late to choose: what it has
+    choosing = "--xla_cpu_experimental_ynn_fusion_type=invalid"
+    assert setting("auto", choosing) == (choosing, "custom")  # XLA_FLAGS that choose win
+    assert setting("default", f"{ynn} {other}") == (other, "default")  # XLA's own, the old setting
+    assert setting("ynn-no-conv", "", started=False) == (ynn, "ynn-no-conv")
+    assert setting("ynn-no-conv", ynn, started=True) == (ynn, "ynn-no-conv")  # has it already
+    with pytest.raises(ConfigError, match=f"--xla-cpu default: JAX's backend has already started.*leave {ynn} out"):
+        setting("default", ynn, started=True)

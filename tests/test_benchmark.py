@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from experiments import benchmark, dense_relu, speedrun, timing
+from experiments import benchmark, dense_relu, speedrun, timing, xla_cpu
 from mnist_jax import cli, loop, metrics
 from tests.conftest import ROOT, assert_runs_alike
 
@@ -186,11 +186,12 @@ def test_dtype_reaches_our_worker_only(monkeypatch, capsys):
     for name in ("mnist_jax", "pytorch"):
         benchmark.main(["--worker", name, "--batch", "64", "--dtype", "bfloat16", "--conv-grad", "shifts"])
     assert seen["ours"] == ("bfloat16", "shifts") and seen["torch"][0] == 64
-    args = benchmark.parse_args(["--dtype", "bfloat16", "--conv-grad", "shifts"])
+    args = benchmark.parse_args(["--dtype", "bfloat16", "--conv-grad", "shifts", "--xla-cpu", "default"])
     cmd = []
     monkeypatch.setattr(benchmark.subprocess, "run", lambda c, **k: cmd.extend(c) or _Done())
     benchmark.run_worker(args, "mnist_jax", 64)
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and cmd[cmd.index("--conv-grad") + 1] == "shifts"
+    assert cmd[cmd.index("--xla-cpu") + 1] == "default"  # the worker's process sets it before JAX starts
 
 
 class _Done:
@@ -233,3 +234,19 @@ def test_profile_ops_times_every_operation_in_both_frameworks(tmp_path, capsys):
     assert all(float(cell) > 0 for row in table for cell in row.strip("| ").split(" | ")[1:]), table
     alternatives = runs["jax default"][0]["alternatives"]  # the same values as the plain path, to float32's rounding
     assert len(alternatives) == 2 and all(a["error"] < 1e-5 and a["alternative_ms"] > 0 for a in alternatives.values())
+
+
+@pytest.mark.after_suite  # two processes computing every operation in float32 and float64: run after the suite
+def test_each_xla_cpu_setting_is_near_float64(mnist_dir, tmp_path):
+    """experiments.xla_cpu's precision pass: XLA's own kernels (default) and the CPU's default since
+    ynn-no-conv, each operation of conv_bn's step on its shapes against float64, within 4x of the
+    figures measured (docs/performance.md: at most 2.0e-6 per operation, 2.5e-6 the whole gradient)."""
+    out = tmp_path / "x.json"
+    xla_cpu.main(["--settings", "default,ynn-no-conv", "--repeats", "1", "--windows", "0",
+                  "--data-dir", str(mnist_dir), "--json", str(out)])  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["default", "ynn-no-conv"]
+    for name, (run,) in runs.items():
+        errors = {k: v for k, v in run["errors"].items() if k != "worst tensor"}
+        assert len(errors) == 6 and max(errors.values()) <= 1e-5, (name, errors)
+        assert all(errors[op] <= 8e-6 for op in errors if op != "whole gradient"), (name, errors)

@@ -49,7 +49,7 @@ def test_help_lists_every_config_field(capsys):
         (["--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
         (["--batch-size", "70000"], "--batch-size: 70000 is larger than the 60000 training images"),
         (["--data-dir", "/nonexistent"], "/nonexistent: directory not found"),
-        (["--xla-cpu", "fast"], "--xla-cpu: must be one of default, ynn-no-conv, got 'fast'"),
+        (["--xla-cpu", "fast"], "--xla-cpu: must be one of auto, default, ynn-no-conv, got 'fast'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, args, message, capsys):

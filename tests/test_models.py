@@ -155,11 +155,11 @@ def test_conv_layers_take_the_stride2_path_when_asked(monkeypatch):
     init = lambda model: jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))  # noqa: E731
     init(models.build(**stage_config("conv_bn").model))
     assert calls == []  # by default, XLA's own convolution and gradient
-    init(models.build(**stage_config("conv_bn").model, conv_grad="space_to_depth"))  # the CPU's choice
+    init(models.build(**stage_config("conv_bn").model, conv_grad="space_to_depth"))  # the stride-2 layers only
     assert calls == [(2, 28, 28, 12), (2, 14, 14, 24)]
     shifted = []
     monkeypatch.setattr(models, "conv_shifts", lambda x, k: shifted.append(k.shape) or models._conv_s1(x, k))
-    init(models.build(**stage_config("conv_bn").model, conv_grad="shifts"))  # also the one-channel first layer
+    init(models.build(**stage_config("conv_bn").model, conv_grad="shifts"))  # the CPU's: also the first layer
     assert shifted == [(3, 3, 1, 12)] and calls[2:] == [(2, 28, 28, 12), (2, 14, 14, 24)]
     # A 4x4 kernel pads half a block: the plain lax path, same values.
     x, k = np.ones((1, 8, 8, 1), np.float32), np.ones((4, 4, 1, 1), np.float32)
@@ -192,10 +192,10 @@ def test_conv_shifts_matches_lax_with_gradients(x_shape, k_shape):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
 
 
-@pytest.mark.parametrize("name, path", [(n, "space_to_depth") for n in PARAMS] + [("conv_bn", "shifts")])
+@pytest.mark.parametrize("name, path", [(n, "shifts") for n in PARAMS] + [("conv_bn", "space_to_depth")])
 def test_forward_mode_differentiates_every_stage_on_the_cpus_path(name, path):
     """jvp in the parameters and jacfwd in a batch of two images, on the paths the CPU takes
-    (space-to-depth input gradients by default, and shifts; asked for: the same path on every
+    (shifts by default, space-to-depth input gradients alone; asked for: the same path on every
     backend), agree with reverse mode."""
     import jax.numpy as jnp
     import optax
