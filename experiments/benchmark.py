@@ -20,10 +20,10 @@ alternating windows in one process; the machine's figures wander by about 10%):
     (jax-ml/jax#12868); so one jitted call per step, data on the device, metrics fetched every
     50 steps.
   - XLA flags (oneDNN, XNNPACK, YNNPACK fusions, fast math, the old runtime, no fusion
-    emitters): convolutions kept from YNNPACK 1.2x (opt-in, --xla-cpu ynn-no-conv; the rest
-    within the noise); single-threaded Eigen: 20% slower.
+    emitters): convolutions kept from YNNPACK 1.2x (the CPU's default, --xla-cpu ynn-no-conv;
+    the rest within the noise); single-threaded Eigen: 20% slower.
   - bfloat16 (--dtype): slower; XLA:CPU has no bf16 kernels here (PyTorch's reach 425 GFLOP/s).
-  - conv1's forward as shifted multiply-adds: 1.10x the step, kept as --conv-grad shifts (opt-in).
+  - conv1's forward as shifted multiply-adds: 1.10x the step (the CPU's default, --conv-grad shifts).
   - conv2's input gradient as matmul + col2im: 2x slower than the space-to-depth path.
 Where the time goes, each operation against PyTorch's: `python -m experiments.profile_ops`
 (docs/performance.md); the cores' float32 matmul peak is 190-207 GFLOP/s.

@@ -11,8 +11,8 @@ dropout 0.3.
   python -m experiments.conv_bn --data-dir ../shared/data/mnist
 
 Measured (2-core CPU, seed 0, `python -m experiments.conv_bn --data-dir ../shared/data/mnist`):
-  final test accuracy 99.53%; 10 epochs in 291 s (training, compilation
-  and evaluation); 515 s before the faster strided-convolution gradient (models.conv_stride2).
+  final test accuracy 99.43%; 10 epochs in 152 s (training, compilation and evaluation) on the
+  CPU's default kernels and forms (startup.resolve; docs/performance.md). Seeds 0-4: the README.
   One H100, measured before the switch to Keras's Adam: 99.48% in 22 s (docs/performance.md).
 """
 
