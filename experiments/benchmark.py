@@ -39,7 +39,7 @@ import sys
 
 from experiments import conv_bn, references, timing
 from mnist_jax import flags, startup
-from mnist_jax.config import CONV_GRADS, XLA_CPU, ConfigError
+from mnist_jax.config import CONV_GRADS, XLA_CPUS, ConfigError
 from mnist_jax.data import DataError
 
 FRAMEWORKS = ("mnist_jax", "keras", "pytorch")
@@ -56,7 +56,7 @@ def parse_args(argv=None):
                    help="what our convolutions and matmuls compute in (default float32)")  # fmt: skip
     p.add_argument("--conv-grad", choices=CONV_GRADS, default="auto",
                    help="our convolutions' forms (the stages' --conv-grad; default auto)")  # fmt: skip
-    p.add_argument("--xla-cpu", choices=("auto", *XLA_CPU), default="auto",
+    p.add_argument("--xla-cpu", choices=XLA_CPUS, default="auto",
                    help="our XLA:CPU kernels (the stages' --xla-cpu; default auto)")  # fmt: skip
     p.add_argument("--windows", type=int, default=5, help="timed windows per run (default 5)")
     p.add_argument("--window-images", type=int, default=6400, help="images per window (default 6400)")

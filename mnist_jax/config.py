@@ -21,6 +21,7 @@ PADDINGS = ("SAME", "VALID")  # the values models._check accepts for model.paddi
 # default: XLA's own; ynn-no-conv: convolutions kept from YNNPACK, conv_bn's step 1.2x faster. auto (the
 # config's): ynn-no-conv where the process can still choose (startup.set_xla_cpu).
 XLA_CPU = {"default": "", "ynn-no-conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
+XLA_CPUS = ("auto", *XLA_CPU)  # config.xla_cpu's values
 
 
 # What a change to each field means when a command finds a run in its work directory (recipe.py;
@@ -135,7 +136,7 @@ def choices() -> dict:
     """{field: its values} of the fields with a fixed set, from their registries: --help is never stale."""
     fixed = {"seed_mode": SEED_MODES, "data.digits": DIGITS, **MODEL_CHOICES, "model.padding": PADDINGS}
     fixed.update({"opt.name": OPTIMIZERS, "opt.schedule": SCHEDULES, "loss.name": LOSSES})
-    return {**fixed, "xla_cpu": ("auto", *XLA_CPU), "conv_grad": CONV_GRADS, "dtype": DTYPES}
+    return {**fixed, "xla_cpu": XLA_CPUS, "conv_grad": CONV_GRADS, "dtype": DTYPES}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -209,7 +210,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config.distributed[key] >= 1, f"distributed.{key}", "must be at least 1 second")
     check(config.devices >= 0, "devices", "must be 0 (all) or positive")
     check(config.dtype in DTYPES, "dtype", f"must be {' or '.join(DTYPES)}")
-    check(config.xla_cpu in choices()["xla_cpu"], "xla_cpu", f"must be one of {', '.join(choices()['xla_cpu'])}")
+    check(config.xla_cpu in XLA_CPUS, "xla_cpu", f"must be one of {', '.join(XLA_CPUS)}")
     check(config.conv_grad in CONV_GRADS, "conv_grad", f"must be one of {', '.join(CONV_GRADS)}")
     check(config.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or positive")
     check(config.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or positive")

@@ -18,11 +18,11 @@ from mnist_jax import flags, parallel
 from mnist_jax.config import XLA_CPU, ConfigError, flag_name, validate
 
 # The flags XLA_CPU's settings set, by name: XLA_FLAGS holding one of them has chosen the kernels.
-KERNEL_FLAGS = {f.split("=")[0] for flags_ in XLA_CPU.values() for f in flags_.split()}
+_KERNEL_FLAGS = {f.split("=")[0] for flags_ in XLA_CPU.values() for f in flags_.split()}
 
 
 def _kernel_flags() -> list[str]:
-    return [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] in KERNEL_FLAGS]
+    return [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] in _KERNEL_FLAGS]
 
 
 def xla_cpu_in_effect() -> str:

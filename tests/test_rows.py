@@ -8,7 +8,6 @@ by far more (test_the_tolerance_tells_a_changed_recipe_from_rounding measures bo
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,6 @@ import pytest
 
 from experiments import rows
 from mnist_jax import startup
-from mnist_jax.config import XLA_CPU
 from tests.helpers import first_steps as helper
 
 RECORDS = sorted(rows.ROWS.glob("*.json"))
@@ -33,10 +31,8 @@ def first_steps(rec: dict, mnist_dir, workdir, **changes) -> list[dict]:
     setting = rec["runtime"]["xla_cpu"]
     if setting == startup.xla_cpu_in_effect():
         return helper.first_steps(rec, mnist_dir, workdir, **changes)
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in startup.KERNEL_FLAGS]
-    env = dict(os.environ, XLA_FLAGS=" ".join(kept + XLA_CPU[setting].split()))
     args = [json.dumps(rec), str(mnist_dir), str(workdir), json.dumps(changes)]
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.first_steps", *args], capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.first_steps", *args], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.splitlines()[-1])
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from experiments import rows
-from mnist_jax import hooks, metrics, seeds
+from mnist_jax import hooks, metrics, seeds, startup
 
 
 class _Enough(Exception):
@@ -37,6 +37,8 @@ def first_steps(rec: dict, mnist_dir, workdir, **changes) -> list[dict]:
     config.seed, config.seeds = rec["seeds"][0], len(rec["seeds"]) if vmapped else 1
     config.seed_mode = runtime["seed_mode"]
     config.steps_per_call, config.conv_grad = runtime["steps_per_call"], runtime["conv_grad"]
+    config.xla_cpu = runtime["xla_cpu"]
+    startup.set_xla_cpu(config)  # in a fresh process, before JAX starts; in one that runs them, nothing to do
     for path, value in changes.items():
         config.update_from_flattened_dict({path: value})
     with pytest.raises(_Enough):
