@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    help="our convolutions' forms (the stages' --conv-grad; default auto)")  # fmt: skip
     p.add_argument("--xla-cpu", choices=XLA_CPUS, default="auto",
                    help="our XLA:CPU kernels (the stages' --xla-cpu; default auto)")  # fmt: skip
+    p.add_argument("--steps-per-call", type=int, default=0,
+                   help="our steps per compiled call (the stages' --steps-per-call; default 0, per backend)")  # fmt: skip
     p.add_argument("--windows", type=int, default=5, help="timed windows per run (default 5)")
     p.add_argument("--window-images", type=int, default=6400, help="images per window (default 6400)")
     flags.add(p, json="runs/benchmark.json")
@@ -99,7 +101,7 @@ def worker(args) -> None:
     data_dir = args.data_dir or None
     config = conv_bn.get_config()
     config.batch_size, config.seed, config.dtype, config.conv_grad = args.batch, args.seed, args.dtype, args.conv_grad
-    config.xla_cpu = args.xla_cpu
+    config.xla_cpu, config.steps_per_call = args.xla_cpu, args.steps_per_call
     if args.worker == "mnist_jax":
         startup.set_xla_cpu(config)
         result = timing.measure_ours(config, data_dir, args.windows, args.window_images, args.seeds)
@@ -115,7 +117,8 @@ def run_worker(args, name: str, batch: int, seeds: int = 1) -> dict | str:
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name, "--batch", str(batch),
            "--windows", str(args.windows), "--window-images", str(args.window_images),
            "--seed", str(args.seed), "--seeds", str(seeds), "--dtype", args.dtype,
-           "--conv-grad", args.conv_grad, "--xla-cpu", args.xla_cpu] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
+           "--conv-grad", args.conv_grad, "--xla-cpu", args.xla_cpu,
+           "--steps-per-call", str(args.steps_per_call)] + (["--data-dir", args.data_dir] if args.data_dir else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == EXIT_MISSING:

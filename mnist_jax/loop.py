@@ -77,6 +77,7 @@ class Group:
         # One run's batch is split over the devices; vmapped runs are spread whole.
         self.sharded = {} if self.vmap else {"sharding": parallel.batch_sharding(mesh) if mesh.size > 1 else None}
         self.shift, self.augment = first.data.augment_shift, train_lib.augmentation(first.data)
+        self.unroll = mesh.devices.flat[0].platform == "cpu"  # train_steps' unroll: a loop is slow on the CPU
         self.primary, self.debug_nans, self.compiled, self.compile_s = parallel.is_primary(), first.debug_nans, {}, 0.0
         self.state, self.hooks, self.callbacks, self.error, self.show_summary = None, [], [], None, True
 
@@ -117,7 +118,9 @@ class Group:
     def train(self, order, start: int, steps: int):
         """`steps` steps from row `start` of `order` (Group.order): the metrics on the device."""
         fn = train_lib.train_seeds if self.vmap else train_lib.train_steps
-        static = dict(steps=steps, shift=self.shift, step=self.step_fn, augment=self.augment, **self.sharded)
+        static = dict(
+            steps=steps, shift=self.shift, step=self.step_fn, augment=self.augment, unroll=self.unroll, **self.sharded
+        )
         args = (self.state, *self.arrays["train"], order, np.int32(start), self.dropout_rngs)
         self.state, m = self._call(("train", steps), fn, *args, **static)
         return m
@@ -205,6 +208,7 @@ def setup(config, workdirs: list, runtime, members=None, labels=None, step_fn=No
     step_fn = step_fn or train_lib.step_for(config.loss.name)
     summary = models.summary(train_lib.model_of(configs[0], runtime.conv_grad), dataset["image_shape"])
     metric_fns = sorted((eval_metrics or {}).items())
+    runtime = startup.fit_to_run(runtime, config, config.epochs * (len(arrays["train"][1]) // config.batch_size))
     group = Group(
         configs, workdirs, runtime, mesh, parallel.put_replicated(arrays, mesh), labels, summary, step_fn, metric_fns
     )

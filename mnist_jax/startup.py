@@ -103,6 +103,12 @@ def start(config: ml_collections.ConfigDict) -> None:
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 
 
+# On the CPU, steps a call, unrolled (train.train_steps): a call's fixed costs shared by 8 steps made conv_bn's
+# step ~10% faster (~1.5 ms), and its first call ~3 s slower to compile, repaid after ~2,000 steps: a shorter
+# run takes one step a call (fit_to_run). Measured: docs/performance.md.
+CPU_STEPS_PER_CALL, UNROLL_REPAID = 8, 2000
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """The choices a command makes once, at its start, for the backend it runs on; the config
@@ -116,7 +122,7 @@ class Runtime:
 
 def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runtime:
     """The settings left to the backend (seeds: the runs trained together, default config.seeds). On the CPU, XLA:CPU
-    runs a convolution in a loop body several times slower (jax-ml/jax#12868: one step a call), makes one vmapped over
+    runs a convolution in a loop body several times slower (jax-ml/jax#12868: steps a call unrolled), makes one vmapped over
     per-seed weights a grouped one, 4-5x slower (the conv stages' seeds in turn), and computes the stride-2 input
     gradient 4x faster as a stride-1 convolution (space_to_depth), and a one-channel first layer's 6x faster as shifted
     multiply-adds (shifts, which does both). Measured: performance.md."""
@@ -124,8 +130,15 @@ def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runt
     alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
     auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"
     return Runtime(
-        steps_per_call=1 if config.steps_per_call == 0 and cpu else config.steps_per_call,
+        steps_per_call=CPU_STEPS_PER_CALL if config.steps_per_call == 0 and cpu else config.steps_per_call,
         seed_mode=auto_mode if config.seed_mode == "auto" else config.seed_mode,
         conv_grad=("shifts" if cpu else "xla") if config.conv_grad == "auto" else config.conv_grad,
         xla_cpu=xla_cpu_in_effect(),
     )
+
+
+def fit_to_run(runtime: Runtime, config: ml_collections.ConfigDict, steps: int) -> Runtime:
+    """runtime for a run of `steps` steps: the CPU's unrolled calls (config.steps_per_call 0) only where the
+    steps repay compiling them."""
+    auto = config.steps_per_call == 0 and runtime.steps_per_call == CPU_STEPS_PER_CALL
+    return dataclasses.replace(runtime, steps_per_call=1) if auto and steps < UNROLL_REPAID else runtime

@@ -228,29 +228,36 @@ def train_batch(state, images, labels, idx, rng, sharding=None, shift=0):
     return _train_on(state, images, labels, idx, rng, sharding, shift)
 
 
-_STEPS_STATIC = ("steps", "sharding", "shift", "step", "augment")
-_SEEDS_STATIC = ("steps", "shift", "step", "augment")
+_STEPS_STATIC = ("steps", "sharding", "shift", "step", "augment", "unroll")
+_SEEDS_STATIC = ("steps", "shift", "step", "augment", "unroll")
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=_STEPS_STATIC)
 def train_steps(
-    state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step, augment=()
-):
+    state, images, labels, order, start, rng, steps: int, sharding=None, shift=0, step=train_step, augment=(),
+    unroll=False,
+):  # fmt: skip
     """`steps` steps (`step`: train_step's like) in a lax.scan over rows start.. of batch indices `order`
-    [S, B], with each one's metrics. The CPU uses steps=1: a loop is ~9x slower there (jax-ml/jax#12868)."""
+    [S, B], with each one's metrics. unroll: the steps as straight-line code, the CPU's choice: XLA:CPU runs
+    a convolution in a loop body ~9x slower (jax-ml/jax#12868), and unrolled, the steps of a call share
+    its fixed costs (docs/performance.md)."""
     rows = jax.lax.dynamic_slice_in_dim(order, start, steps)
     one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step, augment)
-    if steps == 1:  # no loop: XLA:CPU compiles a convolution in a loop body slower
+    if steps == 1:
         state, m = one(state, rows[0])
         return state, jax.tree.map(lambda x: x[None], m)
-    return jax.lax.scan(one, state, rows)
+    return jax.lax.scan(one, state, rows, unroll=unroll)
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=_SEEDS_STATIC)
-def train_seeds(states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step, augment=()):
+def train_seeds(
+    states, images, labels, orders, start, rngs, steps: int, shift=0, step=train_step, augment=(), unroll=False
+):  # fmt: skip
     """train_steps vmapped over N seeds (states, orders [N, S, B], rngs [N]). On the CPU not bitwise a seed
     alone from N = 4 at batch 128 (YNNPACK, docs/performance.md): --seed-mode turn is exact."""
-    one = lambda s, o, r: train_steps.__wrapped__(s, images, labels, o, start, r, steps, None, shift, step, augment)
+    one = lambda s, o, r: train_steps.__wrapped__(
+        s, images, labels, o, start, r, steps, None, shift, step, augment, unroll
+    )
     return jax.vmap(one)(states, orders, rngs)
 
 

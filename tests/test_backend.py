@@ -29,13 +29,23 @@ def test_the_backends_choices(backend):
     cpu = backend == "cpu"
     for stage in ("dense_relu", "conv_bn"):
         config = resolved(stage, seeds=3)
-        # The CPU runs a convolution inside a loop body several times slower: one step a call.
-        assert config.steps_per_call == (1 if cpu else 0)
+        # The CPU runs a convolution inside a loop body several times slower: K steps a call, unrolled.
+        assert config.steps_per_call == (startup.CPU_STEPS_PER_CALL if cpu else 0)
         # The CPU makes a convolution vmapped over per-seed weights a grouped one: in turn.
         assert config.seed_mode == ("turn" if cpu and stage == "conv_bn" else "vmap"), stage
         assert config.conv_grad == ("shifts" if cpu else "xla")
         assert config.xla_cpu == startup.xla_cpu_in_effect()  # recorded: what this process runs
         assert resolved(stage, seeds=1).seed_mode == "turn"  # one seed: nothing to vmap
+
+
+def test_the_cpus_unrolled_calls_only_where_the_run_repays_compiling_them(backend):
+    config = importlib.import_module("experiments.conv_bn").get_config()
+    runtime, repaid = startup.resolve(config), startup.UNROLL_REPAID
+    fit = lambda steps, c=config: startup.fit_to_run(runtime, c, steps).steps_per_call  # noqa: E731
+    assert (fit(repaid - 1), fit(repaid)) == ((1, startup.CPU_STEPS_PER_CALL) if backend == "cpu" else (0, 0))
+    config.steps_per_call = 5  # typed: kept, however short the run
+    runtime = startup.resolve(config)
+    assert fit(1) == fit(repaid) == 5
 
 
 def test_a_choice_made_is_kept_and_the_config_stays_as_typed(backend, monkeypatch):

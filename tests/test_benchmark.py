@@ -81,7 +81,7 @@ def test_seeds_throughput_counts_every_model(mnist_dir, monkeypatch):
 
     monkeypatch.setattr(loop.Group, "train", train)
     config = dense_relu.get_config()
-    config.steps_per_call = 1  # a call a step, on any backend (the CPU's own choice)
+    config.steps_per_call = 1  # a call a step, on any backend: 5 calls a window
     figures = {}
     for seeds in (1, 3):
         calls.clear()

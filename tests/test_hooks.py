@@ -16,8 +16,8 @@ def small(mnist_dir, epochs=2):
     config = linear.get_config()
     config.data.dir, config.data.train_limit, config.data.test_limit = str(mnist_dir), 1280, 500
     config.epochs, config.plots, config.log_every = epochs, False, 5
-    # One step a call on every backend (the CPU's default; a GPU's is the whole epoch, one sync
-    # an epoch): the host syncs at each --log-every, joining the calls between.
+    # One step a call on every backend (the CPU's default for a run this short; a GPU's is the whole
+    # epoch, one sync an epoch): the host syncs at each --log-every, joining the calls between.
     config.steps_per_call = 1
     return config
 

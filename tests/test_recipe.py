@@ -229,7 +229,7 @@ def test_allowed_changes_are_recorded_and_arithmetic_ones_said(linear_run, mnist
     last = metrics.read(tmp_path / recipe.HISTORY)[-1]
     assert last["step"] == 20
     assert last["changed"] == {"epochs": [2, 3], "log_every": [50, 5], "steps_per_call": [0, 2],
-                               "runtime.steps_per_call": [k, 2],  # 0: per backend, 1 on the CPU
+                               "runtime.steps_per_call": [k, 2],  # 0: per backend, 8 on the CPU
                                "workdir": [str(linear_run), str(tmp_path)]}  # fmt: skip
     assert json.loads((tmp_path / "config.json").read_text())["steps_per_call"] == 2
     assert [r["epoch"] for r in metrics.read(tmp_path / "metrics.jsonl")] == [1, 2, 3]
