@@ -17,8 +17,9 @@ alternating windows in one process; the machine's figures wander by about 10%):
     28-33 ms. Kept. The same trick for the forward and kernel gradient was slower (+1 to +3 ms).
   - im2col + matmul convolutions: slower (30 ms for one layer's forward alone).
   - a lax.scan over the epoch's steps: 460 ms/step against 51, XLA:CPU's loop-body convolutions
-    (jax-ml/jax#12868); so one jitted call per step, data on the device, metrics fetched every
-    50 steps.
+    (jax-ml/jax#12868); so no loop: data on the device, metrics fetched every 50 steps.
+  - 8 steps a call unrolled against one: 1.05-1.07x; the CPU's default for a conv net's run of
+    2,000 steps or more (--steps-per-call 1: one a call). Dense nets were slower so: one a call.
   - XLA flags (oneDNN, XNNPACK, YNNPACK fusions, fast math, the old runtime, no fusion
     emitters): convolutions kept from YNNPACK 1.2x (the CPU's default, --xla-cpu ynn-no-conv;
     the rest within the noise); single-threaded Eigen: 20% slower.

@@ -108,7 +108,7 @@ HELP = {
     "opt.ema": "average the weights and batch-norm statistics over the steps with this decay (0.999, say), evaluated and saved as the model (0: off)",
     "loss.name": "the training loss",
     "loss.label_smoothing": "move this much of each target's probability to the other classes (0: off)",
-    "steps_per_call": "training steps per compiled call (0: the whole epoch on GPU/TPU, 8 unrolled on the CPU)",
+    "steps_per_call": "training steps per compiled call (0: the whole epoch on GPU/TPU; on the CPU 8, unrolled, in a conv net's run of 2,000+ steps, else 1)",
     "log_every": "steps between training-metric samples (train_steps.jsonl, the progress bar)",
     "plots": "draw WORKDIR/plots/ at the end of the run",
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",

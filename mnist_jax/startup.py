@@ -103,9 +103,10 @@ def start(config: ml_collections.ConfigDict) -> None:
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 
 
-# On the CPU, steps a call, unrolled (train.train_steps): a call's fixed costs shared by 8 steps made conv_bn's
-# step ~10% faster (~1.5 ms), and its first call ~3 s slower to compile, repaid after ~2,000 steps: a shorter
-# run takes one step a call (fit_to_run). Measured: docs/performance.md.
+# On the CPU, a convolutional network's steps a call, unrolled (train.train_steps): 8 made conv_bn's step 5-10%
+# faster (~1 ms) and its first call ~3 s slower to compile, repaid after ~2,000 steps: a shorter run takes one
+# step a call (fit_to_run). The dense networks' steps were slower unrolled (dense_dropout's epoch 1.4x): one a
+# call. Measured: docs/performance.md.
 CPU_STEPS_PER_CALL, UNROLL_REPAID = 8, 2000
 
 
@@ -122,15 +123,18 @@ class Runtime:
 
 def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runtime:
     """The settings left to the backend (seeds: the runs trained together, default config.seeds). On the CPU, XLA:CPU
-    runs a convolution in a loop body several times slower (jax-ml/jax#12868: steps a call unrolled), makes one vmapped over
+    runs a convolution in a loop body several times slower (jax-ml/jax#12868: no loop), makes one vmapped over
     per-seed weights a grouped one, 4-5x slower (the conv stages' seeds in turn), and computes the stride-2 input
     gradient 4x faster as a stride-1 convolution (space_to_depth), and a one-channel first layer's 6x faster as shifted
     multiply-adds (shifts, which does both). Measured: performance.md."""
     cpu = jax.default_backend() == "cpu"
     alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
     auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"
+    k = config.steps_per_call
+    if k == 0 and cpu:  # a long run's (fit_to_run)
+        k = CPU_STEPS_PER_CALL if config.model.name == "conv" else 1
     return Runtime(
-        steps_per_call=CPU_STEPS_PER_CALL if config.steps_per_call == 0 and cpu else config.steps_per_call,
+        steps_per_call=k,
         seed_mode=auto_mode if config.seed_mode == "auto" else config.seed_mode,
         conv_grad=("shifts" if cpu else "xla") if config.conv_grad == "auto" else config.conv_grad,
         xla_cpu=xla_cpu_in_effect(),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from experiments import dense_dropout, dense_relu, linear
+from experiments import dense_dropout, dense_relu
 from mnist_jax import cli, evaluate, loop, metrics, parallel, startup, train
 from tests.conftest import assert_runs_alike
 
@@ -156,17 +156,20 @@ def test_five_seeds_in_turn_are_their_runs_alone(mnist_dir, tmp_path):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's choice: a GPU's is the whole epoch")
 def test_a_cpu_run_that_repays_compiling_them_takes_unrolled_calls(mnist_dir, tmp_path, monkeypatch):
-    """--steps-per-call 0 on the CPU: 8 steps a call from startup.UNROLL_REPAID steps in the run, recorded in
-    config_history.jsonl; one a call below."""
-    calls, real = [], loop.Group.train
+    """--steps-per-call 0 on the CPU: a conv net 8 steps a call from startup.UNROLL_REPAID steps in the run,
+    recorded in config_history.jsonl; one a call below, and a dense net's always."""
+    calls, real, repaid = [], loop.Group.train, 64  # for the test: 2,000 steps, where the rule is measured
     monkeypatch.setattr(loop.Group, "train", lambda self, *a: calls.append(a[-1]) or real(self, *a))
-    for n in (startup.UNROLL_REPAID - 1, startup.UNROLL_REPAID):  # batch 1, an epoch: n steps
+    monkeypatch.setattr(startup, "UNROLL_REPAID", repaid)
+    for stage, n in (("conv", repaid - 1), ("conv", repaid), ("linear", 128)):
         calls.clear()
-        cli.run(linear.get_config, ["--epochs", "1", "--batch-size", "1", "--data-train-limit", str(n),
-                "--data-test-limit", "100", "--plots", "false", "--data-dir", str(mnist_dir), "--workdir", str(tmp_path / str(n))])  # fmt: skip
-        k = 1 if n < startup.UNROLL_REPAID else startup.CPU_STEPS_PER_CALL
+        work = tmp_path / f"{stage}{n}"  # batch 1, an epoch: n steps
+        cli.run(importlib.import_module(f"experiments.{stage}").get_config, ["--epochs", "1", "--batch-size", "1",
+                "--data-train-limit", str(n), "--data-test-limit", "100", "--plots", "false",
+                "--data-dir", str(mnist_dir), "--workdir", str(work)])  # fmt: skip
+        k = startup.CPU_STEPS_PER_CALL if stage == "conv" and n >= repaid else 1
         assert calls == [k] * (n // k) and sum(calls) == n
-        assert metrics.read(tmp_path / str(n) / "config_history.jsonl")[-1]["runtime"]["steps_per_call"] == k
+        assert metrics.read(work / "config_history.jsonl")[-1]["runtime"]["steps_per_call"] == k
 
 
 def test_steps_per_call_keeps_the_run_and_its_logs(mnist_dir, tmp_path):
