@@ -61,7 +61,7 @@ def _indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
 
 def measure_ours(config, data_dir, windows: int, window_images: int, seeds: int = 1) -> dict:
     """Our training loop's work per step: the compiled call it makes (train.train_steps, K steps
-    as startup.resolve picks: 8 unrolled on the CPU), on device-resident uint8 data and indices.
+    as startup.resolve picks: 8 unrolled for a conv net on the CPU), on device-resident uint8 data and indices.
 
     seeds > 1: that many seeds in one vmapped program (train.train_seeds); images/s then counts
     every model's images (models x images per second).

@@ -103,9 +103,9 @@ def start(config: ml_collections.ConfigDict) -> None:
     parallel.initialize(config.distributed)  # before resolve: the seed mode needs the count
 
 
-# On the CPU, a convolutional network's steps a call, unrolled (train.train_steps): 8 made conv_bn's step 5-10%
-# faster (~1 ms) and its first call ~3 s slower to compile, repaid after ~2,000 steps: a shorter run takes one
-# step a call (fit_to_run). The dense networks' steps were slower unrolled (dense_dropout's epoch 1.4x): one a
+# On the CPU, a convolutional network's steps a call, unrolled (train.train_steps): 8 made conv_bn's step 1-1.5 ms
+# faster (the benchmark's medians; windows in one process) and its first call ~3 s slower to compile, repaid after
+# 2,000-3,000 steps: a shorter run takes one step a call (fit_to_run). The dense networks' steps were slower unrolled (dense_dropout's epoch 1.4x): one a
 # call. Measured: docs/performance.md.
 CPU_STEPS_PER_CALL, UNROLL_REPAID = 8, 2000
 

@@ -239,8 +239,8 @@ def train_steps(
 ):  # fmt: skip
     """`steps` steps (`step`: train_step's like) in a lax.scan over rows start.. of batch indices `order`
     [S, B], with each one's metrics. unroll: the steps as straight-line code, the CPU's choice: XLA:CPU runs
-    a convolution in a loop body ~9x slower (jax-ml/jax#12868), and unrolled, the steps of a call share
-    its fixed costs (docs/performance.md)."""
+    a convolution in a loop body ~9x slower (jax-ml/jax#12868), and 8 unrolled conv_bn steps a call were
+    faster than one (docs/performance.md)."""
     rows = jax.lax.dynamic_slice_in_dim(order, start, steps)
     one = lambda s, idx: _train_on(s, images, labels, idx, rng, sharding, shift, step, augment)
     if steps == 1:
