@@ -18,7 +18,7 @@ PARAMS = {
     "conv": 354_002,
     "conv_dropout": 354_002,
     "conv_bn": 354_002,
-    "conv_best": 1_046_422,  # beyond the codelab: conv_bn's kind of network, the widths its study chose
+    "conv_best": 694_402,  # beyond the codelab: four 3x3 convolutions, chosen on validation
 }
 
 

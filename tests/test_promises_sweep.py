@@ -132,7 +132,7 @@ def test_conv_bests_own_sweep_space_names_its_fields_and_each_end_builds():
     config = conv_best.get_config()
     space = sweep_lib.parse_space(conv_best.get_sweep(), config)
     leaves = dict(flags.leaves(config))
-    assert len(space) == 9 and all(name.split("[")[0] in leaves for name in space)
+    assert len(space) == 11 and all(name.split("[")[0] in leaves for name in space)
     for end in (0, -1):
         values = {k: d.choices[end] if hasattr(d, "choices") else (d.low, d.high)[end] for k, d in space.items()}
         trial = sweep_lib.trial_config(config, values)
