@@ -105,8 +105,8 @@ def start(config: ml_collections.ConfigDict) -> None:
 
 # On the CPU, a convolutional network's steps a call, unrolled (train.train_steps): 8 made conv_bn's step 1-1.5 ms
 # faster (the benchmark's medians; windows in one process) and its first call ~3 s slower to compile, repaid after
-# 2,000-3,000 steps: a shorter run takes one step a call (fit_to_run). The dense networks' steps were slower unrolled (dense_dropout's epoch 1.4x): one a
-# call. Measured: docs/performance.md.
+# 2,000-3,000 steps: a shorter run takes one step a call (fit_to_run). The dense networks' steps were slower
+# unrolled (dense_dropout's epoch 1.4x): one a call. Measured: docs/performance.md.
 CPU_STEPS_PER_CALL, UNROLL_REPAID = 8, 2000
 
 
@@ -131,7 +131,7 @@ def resolve(config: ml_collections.ConfigDict, seeds: int | None = None) -> Runt
     alone = (seeds or config.seeds) == 1 or jax.process_count() > 1
     auto_mode = "turn" if alone or (cpu and config.model.name == "conv") else "vmap"
     k = config.steps_per_call
-    if k == 0 and cpu:  # a long run's (fit_to_run)
+    if k == 0 and cpu:  # for a long run: fit_to_run gives a short one 1
         k = CPU_STEPS_PER_CALL if config.model.name == "conv" else 1
     return Runtime(
         steps_per_call=k,
