@@ -411,8 +411,11 @@ def optimize(
             now = study.get_trials(deepcopy=False)  # done: complete, pruned, or failed (not re-queued)
             done = sum(t.state.is_finished() and (t.state != TrialState.FAIL or "error" in t.user_attrs) for t in now)
             running = [t.number for t in now if t.state == TrialState.RUNNING]
-            free = trials - done - len(running)
-            if done >= trials:
+            # A killed trial's retry runs even past the budget: another process may have asked for a fresh
+            # trial while the retry was being queued (Optuna's ask pops a waiting trial only if it sees one).
+            retries = sum(t.state == TrialState.WAITING and "failed_trial" in t.system_attrs for t in now)
+            free = max(trials - done - len(running), retries)
+            if done >= trials and not retries:
                 return
             ready = [e for e, _ in held.values() if _claim(e)]
             for e in ready:

@@ -106,6 +106,22 @@ def test_the_pruner_warmup_lets_every_trial_train_its_epochs_first(mnist_dir, tm
     assert [r["epoch"] for r in rows(tmp_path / "trial_2/metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_killed_trials_retry_runs_though_the_budget_is_met(mnist_dir, tmp_path):
+    """Another process may ask for a fresh trial while a killed one's retry is being queued, and the
+    fresh one fill the budget: the retry still runs (seen in CI: it was left waiting)."""
+    config = dense_relu.get_config()
+    config.update(epochs=1, batch_size=100, plots=False, workdir=str(tmp_path))
+    config.data.update(dir=str(mnist_dir), train_limit=1000, val_split=500, test_limit=500)
+    space = sweep_lib.parse_space(["opt.lr=loguniform(1e-4,1e-2)"], config)
+    study = sweep_lib._create(f"sqlite:///{tmp_path / 'study.db'}", "s", 0, "tpe", "none")
+    sweep_lib.optimize(study, space, config, tmp_path, 1, say=lambda _: None)  # the budget: 1, met
+    killed = sweep_lib.ask(study, space, config, tmp_path)  # asked, then its process died
+    sweep_lib.requeue(study, [killed])
+    sweep_lib.optimize(study, space, config, tmp_path, 1, say=lambda _: None)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[2].params == killed.trial.params
+
+
 def sweep_process(tmp_path, mnist_dir, out, more=()):
     command = [sys.executable, "-m", "experiments.sweep", "dense_relu", "--trials", "4",
                "--heartbeat", "1", "--batch-trials", "1", "--pruner", "none", "--workdir", str(tmp_path / "s"),
